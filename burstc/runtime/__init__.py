@@ -1,0 +1,1 @@
+"""Executes ring plans: transports, ring drivers, the autograd function, local kernel back-ends."""

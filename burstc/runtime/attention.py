@@ -1,0 +1,167 @@
+"""`burst_attention`: the user-facing distributed attention, forward and backward (autograd)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from burstc.config import BurstConfig
+from burstc.runtime.kernels import LocalKernel, select_kernel
+from burstc.runtime.ring import ring_backward, ring_forward
+from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
+from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
+from burstc.runtime.validate import BurstInputError, CallMeta, agree_across_ranks, local_problem
+from burstc.schedule.cost import AttentionShape, choose_backward
+from burstc.schedule.plan import RingPlan, build_plan
+
+SEQ_DIM = 2
+
+
+@dataclass(frozen=True)
+class RingRun:
+    """Everything one call needs besides its tensors. `rank is None` means virtual: this process
+    runs all G ranks and the call's tensors are the full sequence."""
+
+    plan: RingPlan
+    kernel: LocalKernel
+    scheme: str
+    scale: float
+    group: Optional[dist.ProcessGroup]
+    rank: Optional[int]
+    timeout_s: float
+
+    @property
+    def virtual(self) -> bool:
+        return self.rank is None
+
+    def transport(self, phase: str, device: torch.device):
+        if self.virtual:
+            return VirtualTransport(self.plan, phase)
+        return GroupTransport(self.plan, phase, self.group, self.rank, self.timeout_s, device)
+
+    def to_ranks(self, x: torch.Tensor) -> Held:
+        """Padded shards of x for the ranks this process runs."""
+        p = self.plan
+        if not self.virtual:
+            return {self.rank: pad_shard(x.contiguous(), dim=SEQ_DIM, rows=p.local_len)}
+        return {r: pad_shard(shard_sequence(x, dim=SEQ_DIM, layout=p.layout, world_size=p.world_size, rank=r)
+                             .contiguous(), dim=SEQ_DIM, rows=p.local_len)
+                for r in range(p.world_size)}
+
+    def from_ranks(self, held: Held) -> torch.Tensor:
+        """This call's result tensor from per-rank padded shards."""
+        p = self.plan
+        if not self.virtual:
+            return held[self.rank].narrow(SEQ_DIM, 0, p.valid_lens[self.rank])
+        return assemble([held[r] for r in range(p.world_size)], dim=SEQ_DIM, layout=p.layout,
+                        seq_len=p.seq_len)
+
+
+class _BurstAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, run: RingRun):
+        qd, kd, vd = run.to_ranks(q), run.to_ranks(k), run.to_ranks(v)
+        out, lse = ring_forward(run.plan, run.transport("forward", q.device), run.kernel, qd, kd, vd, run.scale)
+        ctx.run = run
+        ctx.ranks = tuple(qd)
+        ctx.save_for_backward(*(d[r] for d in (qd, kd, vd, out, lse) for r in ctx.ranks))
+        return run.from_ranks(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        run: RingRun = ctx.run
+        n = len(ctx.ranks)
+        saved = ctx.saved_tensors
+        qd, kd, vd, out, lse = ({r: saved[i * n + j] for j, r in enumerate(ctx.ranks)} for i in range(5))
+        dd = run.to_ranks(dout.to(qd[ctx.ranks[0]].dtype))
+        dq, dk, dv = ring_backward(run.plan, run.transport("backward", dout.device), run.kernel, run.scheme,
+                                   qd, kd, vd, out, dd, lse, run.scale)
+        dtype = qd[ctx.ranks[0]].dtype
+        cast = lambda held: run.from_ranks({r: t.to(dtype) for r, t in held.items()})  # noqa: E731
+        return cast(dq), cast(dk), cast(dv), None
+
+
+def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, enable_gqa: bool = False,
+                    group: Optional[dist.ProcessGroup] = None, layout: Optional[str] = None,
+                    backward: Optional[str] = None, kernel: Optional[str] = None,
+                    virtual_world_size: Optional[int] = None, attn_mask=None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Exact attention over a sequence sharded across the ranks of `group` (BurstAttention).
+
+    q, k, v: this rank's shard, [B, H, S_local, d] like `F.scaled_dot_product_attention`'s inputs
+    (k, v may have fewer heads with enable_gqa=True), sharded by `burstc.shard_sequence` for
+    `layout`. Returns this rank's shard of the attention output, as single-device SDPA computes it on
+    the gathered sequence; differentiable.
+
+    causal: causal mask over *global* token positions. scale: default 1/sqrt(d).
+    group: the process group of the ring (default: the default group; none initialised means one
+        device). layout: 'contiguous', 'zigzag' (default) or 'striped'.
+    backward: 'query_ring' (BurstAttention: queries travel, K/V stay), 'kv_ring' (K/V travel) or
+        'auto' (default: the scheme that sends fewer bytes for these shapes and dtypes).
+    kernel: 'auto' (default), 'cpu', 'reference' (plain torch, float64 too) or 'triton'.
+    virtual_world_size: run the G-rank ring in this process (no group); q, k, v are then the full
+        tensors and so is the result.
+    attn_mask, dropout_p: accepted only as None / 0.0, for SDPA-compatible call sites; anything else
+        raises BurstInputError naming the fix.
+    Defaults of layout/backward/kernel and the transfer timeout come from BURST_* environment
+    variables (burstc.config).
+    """
+    cfg = BurstConfig.from_env()
+    layout = layout or cfg.layout
+    backward = backward or cfg.backward
+    kernel = kernel or cfg.kernel
+
+    if virtual_world_size is not None:
+        if group is not None:
+            raise BurstInputError("pass either group= (real ranks) or virtual_world_size= (one process), not both")
+        if virtual_world_size < 1:
+            raise BurstInputError(f"virtual_world_size must be >= 1, got {virtual_world_size}")
+        world_size, rank = virtual_world_size, None
+    elif dist.is_available() and dist.is_initialized():
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            raise BurstInputError("this process is not a member of the group passed to burst_attention")
+    elif group is not None:
+        raise BurstInputError("group= was given but torch.distributed is not initialised: call "
+                              "dist.init_process_group first (torchrun sets up the environment)")
+    else:
+        world_size, rank = 1, None
+
+    problem = local_problem(q, k, v, enable_gqa=enable_gqa, layout=layout, backward=backward,
+                            attn_mask=attn_mask, dropout_p=dropout_p)
+    local_kernel = None
+    if problem is None:
+        try:
+            local_kernel = select_kernel(kernel, q)
+        except ValueError as e:
+            problem = str(e)
+    meta = None
+    if problem is None:
+        meta = CallMeta(batch=q.shape[0], heads_q=q.shape[1], heads_kv=k.shape[1], head_dim=q.shape[3],
+                        local_len=q.shape[SEQ_DIM], dtype=q.dtype, causal=bool(causal), layout=layout,
+                        backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
+                        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    distributed = rank is not None and world_size > 1
+    if distributed:
+        metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device)
+        seq_len = sum(m.local_len for m in metas)
+    else:
+        if problem is not None:
+            raise BurstInputError(f"burst_attention: {problem}")
+        seq_len = q.shape[SEQ_DIM]
+        rank = None  # one process runs every rank of the plan
+    if seq_len < 1:
+        raise BurstInputError("burst_attention needs at least one token")
+
+    plan = build_plan(world_size, layout, seq_len, bool(causal))
+    shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
+                           head_dim=meta.head_dim, local_rows=plan.local_len, world_size=world_size,
+                           dtype=meta.dtype)
+    run = RingRun(plan=plan, kernel=local_kernel, scheme=choose_backward(shape, backward), scale=meta.scale,
+                  group=group, rank=rank, timeout_s=cfg.timeout_s)
+    return _BurstAttention.apply(q, k, v, run)
+

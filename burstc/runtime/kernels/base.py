@@ -1,0 +1,72 @@
+"""The local-kernel interface: what one rank computes for one ring step, independent of the ring.
+
+A ring step hands a kernel a list of `WorkItem`s: rectangles of (local query rows x visiting key
+rows), each either fully visible or top-left causal. Every mask a layout produces (contiguous,
+zigzag, striped, uneven tails) is decomposed into such rectangles by the plan, so kernels never see
+positions or masks of their own.
+
+Forward: `forward_init` makes the running state of this rank's queries, `forward_step` folds one
+item into it (the cross-rank online-softmax merge happens here), `forward_finalize` turns it into
+the output (input dtype) and the natural-log log-sum-exp (float32, float64 for float64 inputs).
+
+Backward: `backward_step` adds one item's exact gradients into the caller's accumulators, given the
+*global* lse and D = rowsum(dO * O) of the query rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+
+from burstc.schedule.work import WorkItem  # noqa: F401  (part of the kernel interface)
+
+
+@dataclass
+class QueryBundle:
+    """Everything the backward of one query chunk needs, wherever it is computed.
+
+    q, dout: [B, H_q, L, d] in the input dtype; lse, delta: [B, H_q, L] in the accumulation dtype.
+    `out` is the chunk's forward output when it is at hand (KV ring), else None (query ring: only
+    delta travels)."""
+
+    q: torch.Tensor
+    dout: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    out: Optional[torch.Tensor] = None
+    cache: dict = None  # per-bundle scratch a kernel may fill (e.g. a derived tensor reused by items)
+
+    def __post_init__(self):
+        if self.cache is None:
+            self.cache = {}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LocalKernel(Protocol):
+    """A local attention back-end. Implementations: cpu.py, reference.py (and codegen's Triton)."""
+
+    name: str
+
+    def supports(self, q: torch.Tensor) -> Optional[str]:
+        """None if this kernel can run on tensors like q, else the reason it cannot."""
+
+    def forward_init(self, q: torch.Tensor) -> Any:
+        """The running state for query rows of q ([B, H_q, L, d]) before any key was seen."""
+
+    def forward_step(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     item: WorkItem, scale: float) -> None:
+        """Fold attention of q[:, :, item.q rows] on k/v[:, :, item.k rows] into state, in place."""
+
+    def forward_finalize(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [B, H_q, L, d] in q's dtype, lse [B, H_q, L] in the accumulation dtype).
+        Rows that saw no key get out = 0 and lse = -inf."""
+
+    def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
+                      scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """Add the item's gradients into dq ([B, H_q, L_q, d]) and dk, dv ([B, H_kv, L_k, d]),
+        accumulation dtype, at the item's rows."""

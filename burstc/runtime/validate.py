@@ -1,0 +1,127 @@
+"""Input checks of burst_attention: local checks, then one small metadata exchange so that every rank
+raises the same error, naming the fix, before any ring transfer starts (never a hang, never a silent
+wrong result)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from burstc.schedule import layout as layouts
+from burstc.schedule.cost import BACKWARD_SCHEMES
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BurstInputError(ValueError):
+    """Inputs burst_attention cannot compute exactly; the message says how to fix the call."""
+
+
+@dataclass(frozen=True)
+class CallMeta:
+    """What every rank's call must agree on, plus its local sequence length."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    local_len: int
+    dtype: torch.dtype
+    causal: bool
+    layout: str
+    backward: str
+    scale: float
+    needs_grad: bool
+
+    AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
+              "scale", "needs_grad")
+
+    def encode(self) -> list[int]:
+        scale_bits = int(torch.tensor([self.scale], dtype=torch.float64).view(torch.int64))
+        return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
+                _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
+                BACKWARD_SCHEMES.index(self.backward), scale_bits, int(self.needs_grad)]
+
+    @classmethod
+    def decode(cls, v: list[int]) -> "CallMeta":
+        scale = float(torch.tensor([v[9]], dtype=torch.int64).view(torch.float64))
+        return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
+                   BACKWARD_SCHEMES[v[8]], scale, bool(v[10]))
+
+
+def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, attn_mask, dropout_p) -> Optional[str]:
+    """Why this rank's call cannot run (None if it can)."""
+    if attn_mask is not None:
+        return ("attn_mask is not supported: a general mask cannot follow the sequence around the ring. "
+                "Pass causal=True for a causal mask, or call F.scaled_dot_product_attention for this attention")
+    if dropout_p:
+        return ("dropout_p > 0 is not supported (the ring would need one dropout mask across ranks); "
+                "use dropout_p=0.0, e.g. evaluate the model in eval() mode")
+    if layout not in layouts.LAYOUTS:
+        return f"unknown layout {layout!r}: choose one of {', '.join(layouts.LAYOUTS)}"
+    if backward not in BACKWARD_SCHEMES:
+        return f"unknown backward scheme {backward!r}: choose one of {', '.join(BACKWARD_SCHEMES)}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {getattr(t, 'shape', type(t))}"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return f"q, k, v must share one floating dtype of {[str(d) for d in _DTYPES]}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim"
+    if q.shape[2] != k.shape[2]:
+        return (f"q holds {q.shape[2]} tokens but k holds {k.shape[2]}: burst attention is self-attention over "
+                "one sharded sequence, so q, k, v must be shards of the same tokens")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
+    if hq != hkv and not enable_gqa:
+        return f"q has {hq} heads and k/v {hkv}: pass enable_gqa=True for grouped-query attention"
+    return None
+
+
+def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, rank: int,
+                       world_size: int, device: torch.device) -> list[CallMeta]:
+    """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
+    rank has a problem, the ranks disagree, or a local length is not the layout's share."""
+    width = 12
+    mine = torch.zeros(width, dtype=torch.int64)
+    if problem is None:
+        mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)
+    else:
+        mine[0] = 1
+    comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = mine.to(comm_device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = [g.cpu().tolist() for g in gathered]
+    failing = [r for r, row in enumerate(rows) if row[0]]
+    if failing:
+        problems = [None] * world_size
+        dist.all_gather_object(problems, problem, group=group)
+        lines = "; ".join(f"rank {r}: {problems[r]}" for r in failing)
+        raise BurstInputError(f"burst_attention rejected its inputs on {len(failing)} rank(s): {lines}")
+    metas = [CallMeta.decode(row[1:]) for row in rows]
+    for field in CallMeta.AGREED:
+        values = [getattr(m, field) for m in metas]
+        if len(set(values)) > 1:
+            hint = (" (some ranks build an autograd graph and others do not: run every rank under the "
+                    "same grad mode with the same requires_grad)") if field == "needs_grad" else ""
+            raise BurstInputError(f"burst_attention: ranks disagree on {field}: "
+                                  f"{dict(enumerate(values))}; every rank must call it with the same "
+                                  f"shapes (except the sequence), dtype and options{hint}")
+    seq_len = sum(m.local_len for m in metas)
+    layout = metas[0].layout
+    expected = [layouts.local_length(seq_len, layout, world_size, r) for r in range(world_size)]
+    actual = [m.local_len for m in metas]
+    if actual != expected:
+        raise BurstInputError(
+            f"burst_attention: local sequence lengths {actual} are not the {layout!r} layout's shards of "
+            f"the {seq_len}-token sequence over {world_size} ranks (expected {expected}); shard inputs with "
+            f"burstc.shard_sequence(x, dim=2, layout={layout!r}, world_size={world_size}, rank=rank)")
+    return metas

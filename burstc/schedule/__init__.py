@@ -1,0 +1,1 @@
+"""The ring plan as data: layouts, topology, per-pair work, cost model."""

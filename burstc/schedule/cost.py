@@ -1,0 +1,89 @@
+"""Communication cost model: bytes each rank sends per attention call, per scheme (sympy expressions,
+so sizes may be symbolic), and the choice of backward scheme.
+
+Every hop moves one rank's padded shard of L rows. A ring of G ranks makes G - 1 hops of each
+travelling payload, and the trailing accumulators (partial gradients of the travelling chunk) also
+make G - 1 hops: a chunk's owner keeps its own step-0 partial and receives the sum of the others.
+
+  forward          K, V                      2 * H_kv * d * e
+  query ring       Q, dO (e), D, lse (a);    H_q * (2 * d * e + 2 * a)   + H_q * d * a   (dQ)
+  KV ring          K, V (e)                  2 * H_kv * d * e            + 2 * H_kv * d * a  (dK, dV)
+
+per row and hop, times B * L * (G - 1); e is the input element size and a the accumulation element
+size (4, or 8 for float64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import sympy
+import torch
+
+Size = Union[int, sympy.Expr]
+QUERY_RING, KV_RING = "query_ring", "kv_ring"
+BACKWARD_SCHEMES = ("auto", QUERY_RING, KV_RING)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Per-rank shape of one attention call: B, H_q, H_kv, d, padded local rows L, world size G."""
+
+    batch: Size
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    local_rows: Size
+    world_size: int
+    dtype: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def acc_itemsize(self) -> int:
+        return 8 if self.dtype == torch.float64 else 4
+
+
+def _hop_rows(s: AttentionShape) -> Size:
+    return s.batch * s.local_rows * (s.world_size - 1)
+
+
+def forward_bytes(s: AttentionShape) -> Size:
+    """Bytes one rank sends in the forward ring."""
+    return _hop_rows(s) * 2 * s.heads_kv * s.head_dim * s.itemsize
+
+
+def backward_bytes_per_row(s: AttentionShape, scheme: str) -> int:
+    """Bytes one hop of the backward ring of `scheme` moves per local row (payload + accumulator)."""
+    e, a, d = s.itemsize, s.acc_itemsize, s.head_dim
+    if scheme == QUERY_RING:
+        return s.heads_q * (2 * d * e + 2 * a) + s.heads_q * d * a
+    if scheme == KV_RING:
+        return 2 * s.heads_kv * d * e + 2 * s.heads_kv * d * a
+    raise ValueError(f"unknown backward scheme {scheme!r}: choose one of {', '.join(BACKWARD_SCHEMES)}")
+
+
+def backward_bytes(s: AttentionShape, scheme: str) -> Size:
+    """Bytes one rank sends in the backward ring of `scheme`."""
+    return _hop_rows(s) * backward_bytes_per_row(s, scheme)
+
+
+def choose_backward(s: AttentionShape, requested: str = "auto") -> str:
+    """The requested scheme, or for 'auto' the one that sends fewer bytes (query ring on ties).
+    Both costs share the factor B * L * (G - 1), so the choice never depends on the sequence length."""
+    if requested != "auto":
+        backward_bytes_per_row(s, requested)  # validates the name
+        return requested
+    q, kv = (backward_bytes_per_row(s, k) for k in (QUERY_RING, KV_RING))
+    return QUERY_RING if q <= kv else KV_RING
+
+
+def describe(s: AttentionShape) -> dict:
+    """The numbers behind a plan: bytes per scheme and the choice (for dumps and tables)."""
+    return {
+        "forward_bytes": forward_bytes(s),
+        "backward_bytes": {k: backward_bytes(s, k) for k in (QUERY_RING, KV_RING)},
+        "backward_auto": choose_backward(s),
+    }
