@@ -1,8 +1,9 @@
-"""Run a function on G spawned gloo ranks over 127.0.0.1 and collect what each rank returns.
+"""Run a function on G spawned gloo ranks over 127.0.0.1 and collect what each rank returns: burst
+attention on one machine's CPUs without torchrun (tests, benchmarks, experiments).
 
-Each rank's exception comes back to the test with its traceback; ranks that hang past the timeout
-are killed and reported. Spawning costs a few seconds of `import torch` per rank, so tests run many
-cases inside one spawn."""
+Each rank's exception comes back to the caller with its traceback; ranks that hang past the
+timeout are killed and reported. Spawning costs a few seconds of `import torch` per rank, so run
+many cases inside one spawn. `fn` must be importable (a module-level function)."""
 from __future__ import annotations
 
 import datetime
@@ -21,12 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, out_dir, timeout_s):
+def _entry(rank, world_size, port, fn, args, out_dir, timeout_s, threads):
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     result = None
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
@@ -41,12 +42,14 @@ def _entry(rank, world_size, port, fn, args, out_dir, timeout_s):
             dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn, *args, timeout_s: float = 240.0) -> list:
-    """fn(rank, world_size, *args) on every rank; returns the list of results by rank."""
+def run_ranks(world_size: int, fn, *args, timeout_s: float = 240.0, group_timeout_s: float = 120.0,
+              threads: int = 1) -> list:
+    """fn(rank, world_size, *args) on every rank of a fresh gloo group; returns the results by rank.
+    timeout_s bounds the whole run, group_timeout_s each collective; threads is torch's per rank."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out_dir, timeout_s / 2))
+        procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, out_dir, group_timeout_s, threads))
                  for r in range(world_size)]
         for p in procs:
             p.start()
