@@ -22,8 +22,12 @@ SEQ_DIM = 2
 
 @dataclass(frozen=True)
 class RingRun:
-    """Everything one call needs besides its tensors. `rank is None` means virtual: this process
-    runs all G ranks and the call's tensors are the full sequence."""
+    """Everything one call needs besides its tensors.
+
+    inputs: what the call's tensors are. "shard": this rank's shard (burst_attention under a group).
+    "full": the whole sequence, identical on every rank of the group (the compiled op); each rank
+    computes its shard and the results are gathered. "virtual": the whole sequence, and this process
+    runs all G ranks (rank is None)."""
 
     plan: RingPlan
     kernel: LocalKernel
@@ -32,39 +36,55 @@ class RingRun:
     group: Optional[dist.ProcessGroup]
     rank: Optional[int]
     timeout_s: float
-
-    @property
-    def virtual(self) -> bool:
-        return self.rank is None
+    inputs: str = "shard"
 
     def transport(self, phase: str, device: torch.device):
-        if self.virtual:
+        if self.rank is None:
             return VirtualTransport(self.plan, phase)
         return GroupTransport(self.plan, phase, self.group, self.rank, self.timeout_s, device)
 
     def to_ranks(self, x: torch.Tensor) -> Held:
         """Padded shards of x for the ranks this process runs."""
         p = self.plan
-        if not self.virtual:
-            return {self.rank: pad_shard(x.contiguous(), dim=SEQ_DIM, rows=p.local_len)}
-        return {r: pad_shard(shard_sequence(x, dim=SEQ_DIM, layout=p.layout, world_size=p.world_size, rank=r)
-                             .contiguous(), dim=SEQ_DIM, rows=p.local_len)
-                for r in range(p.world_size)}
+        pad = lambda t: pad_shard(t.contiguous(), dim=SEQ_DIM, rows=p.local_len)  # noqa: E731
+        if self.inputs == "shard":
+            return {self.rank: pad(x)}
+        ranks = range(p.world_size) if self.rank is None else [self.rank]
+        return {r: pad(shard_sequence(x, dim=SEQ_DIM, layout=p.layout, world_size=p.world_size, rank=r))
+                for r in ranks}
 
     def from_ranks(self, held: Held) -> torch.Tensor:
         """This call's result tensor from per-rank padded shards."""
         p = self.plan
-        if not self.virtual:
+        if self.inputs == "shard":
             return held[self.rank].narrow(SEQ_DIM, 0, p.valid_lens[self.rank])
-        return assemble([held[r] for r in range(p.world_size)], dim=SEQ_DIM, layout=p.layout,
-                        seq_len=p.seq_len)
+        if self.rank is None:
+            shards = [held[r] for r in range(p.world_size)]
+        else:
+            mine = held[self.rank].contiguous()
+            shards = [torch.empty_like(mine) for _ in range(p.world_size)]
+            dist.all_gather(shards, mine, group=self.group)
+        return assemble(shards, dim=SEQ_DIM, layout=p.layout, seq_len=p.seq_len)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Held, ...]:
+        """(out, lse, q, k, v) as per-rank padded shards."""
+        qd, kd, vd = self.to_ranks(q), self.to_ranks(k), self.to_ranks(v)
+        out, lse = ring_forward(self.plan, self.transport("forward", q.device), self.kernel, qd, kd, vd, self.scale)
+        return out, lse, qd, kd, vd
+
+    def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor):
+        """(dq, dk, dv) tensors of the call's kind (shards or full), in the input dtype."""
+        dtype = next(iter(qd.values())).dtype
+        dd = self.to_ranks(dout.to(dtype))
+        grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
+                              qd, kd, vd, out, dd, lse, self.scale)
+        return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
 
 class _BurstAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: RingRun):
-        qd, kd, vd = run.to_ranks(q), run.to_ranks(k), run.to_ranks(v)
-        out, lse = ring_forward(run.plan, run.transport("forward", q.device), run.kernel, qd, kd, vd, run.scale)
+        out, lse, qd, kd, vd = run.forward(q, k, v)
         ctx.run = run
         ctx.ranks = tuple(qd)
         ctx.save_for_backward(*(d[r] for d in (qd, kd, vd, out, lse) for r in ctx.ranks))
@@ -72,16 +92,10 @@ class _BurstAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        run: RingRun = ctx.run
         n = len(ctx.ranks)
         saved = ctx.saved_tensors
         qd, kd, vd, out, lse = ({r: saved[i * n + j] for j, r in enumerate(ctx.ranks)} for i in range(5))
-        dd = run.to_ranks(dout.to(qd[ctx.ranks[0]].dtype))
-        dq, dk, dv = ring_backward(run.plan, run.transport("backward", dout.device), run.kernel, run.scheme,
-                                   qd, kd, vd, out, dd, lse, run.scale)
-        dtype = qd[ctx.ranks[0]].dtype
-        cast = lambda held: run.from_ranks({r: t.to(dtype) for r, t in held.items()})  # noqa: E731
-        return cast(dq), cast(dk), cast(dv), None
+        return ctx.run.backward(qd, kd, vd, out, lse, dout) + (None,)
 
 
 def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -110,6 +124,18 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     Defaults of layout/backward/kernel and the transfer timeout come from BURST_* environment
     variables (burstc.config).
     """
+    run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=group, layout=layout,
+                      backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
+                      attn_mask=attn_mask, dropout_p=dropout_p)
+    return _BurstAttention.apply(q, k, v, run)
+
+
+def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,
+                group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
+                kernel: Optional[str], virtual_world_size: Optional[int] = None, attn_mask=None,
+                dropout_p: float = 0.0, full_sequence: bool = False) -> RingRun:
+    """Validate a call (on every rank) and build its RingRun. full_sequence: q, k, v are the whole
+    sequence on every rank of the group (the compiled op) instead of this rank's shard."""
     cfg = BurstConfig.from_env()
     layout = layout or cfg.layout
     backward = backward or cfg.backward
@@ -147,8 +173,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     distributed = rank is not None and world_size > 1
     if distributed:
-        metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device)
-        seq_len = sum(m.local_len for m in metas)
+        metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)
+        seq_len = metas[0].local_len if full_sequence else sum(m.local_len for m in metas)
     else:
         if problem is not None:
             raise BurstInputError(f"burst_attention: {problem}")
@@ -161,7 +187,7 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
                            head_dim=meta.head_dim, local_rows=plan.local_len, world_size=world_size,
                            dtype=meta.dtype)
-    run = RingRun(plan=plan, kernel=local_kernel, scheme=choose_backward(shape, backward), scale=meta.scale,
-                  group=group, rank=rank, timeout_s=cfg.timeout_s)
-    return _BurstAttention.apply(q, k, v, run)
+    inputs = "virtual" if rank is None else "full" if full_sequence else "shard"
+    return RingRun(plan=plan, kernel=local_kernel, scheme=choose_backward(shape, backward), scale=meta.scale,
+                   group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs)
 

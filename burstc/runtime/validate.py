@@ -86,9 +86,10 @@ def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, attn
 
 
 def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, rank: int,
-                       world_size: int, device: torch.device) -> list[CallMeta]:
+                       world_size: int, device: torch.device, full_sequence: bool = False) -> list[CallMeta]:
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
-    rank has a problem, the ranks disagree, or a local length is not the layout's share."""
+    rank has a problem, the ranks disagree, or a local length is not the layout's share (with
+    full_sequence: not the same full length everywhere)."""
     width = 12
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
@@ -115,10 +116,15 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
             raise BurstInputError(f"burst_attention: ranks disagree on {field}: "
                                   f"{dict(enumerate(values))}; every rank must call it with the same "
                                   f"shapes (except the sequence), dtype and options{hint}")
-    seq_len = sum(m.local_len for m in metas)
+    actual = [m.local_len for m in metas]
+    if full_sequence:
+        if len(set(actual)) > 1:
+            raise BurstInputError(f"burst attention over replicated inputs: ranks hold sequences of lengths "
+                                  f"{actual}; every rank must pass the same full-sequence tensors")
+        return metas
+    seq_len = sum(actual)
     layout = metas[0].layout
     expected = [layouts.local_length(seq_len, layout, world_size, r) for r in range(world_size)]
-    actual = [m.local_len for m in metas]
     if actual != expected:
         raise BurstInputError(
             f"burst_attention: local sequence lengths {actual} are not the {layout!r} layout's shards of "
