@@ -1,0 +1,72 @@
+"""The torch.compile backend "burst": the pass pipeline over Dynamo's graph, then the inner compiler.
+
+    canonicalize (hand-written attention -> SDPA) -> find_attention -> plan -> rewrite -> inner compiler
+
+Registered as the `torch_dynamo_backends` entry point `burst`, so `torch.compile(model,
+backend="burst")` needs no import; `burstc.backend.burst_backend` is the same callable.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from burstc.config import BurstConfig
+from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.plan import plan_sites
+from burstc.passes.rewrite import rewrite_sites
+
+log = logging.getLogger("burstc.backend")
+_graph_ids = itertools.count()
+
+
+def _world(cfg: BurstConfig) -> tuple[int, str]:
+    """(world size of the ring's group, the group's name for the op; '' is the default group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, ""
+    return dist.get_world_size(cfg.group), (cfg.group.group_name if cfg.group is not None else "")
+
+
+def _canonicalize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    try:
+        from burstc.passes.canonicalize import canonicalize_attention
+    except ImportError:  # pass not available in this build
+        return gm
+    result = canonicalize_attention(gm, example_inputs)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
+    """torch.compile backend: rewrite attention into burst attention, compile the rest."""
+    cfg = BurstConfig.from_options(kwargs.get("options"))
+    world_size, group_name = _world(cfg)
+    graph_id = f"g{next(_graph_ids)}."
+    gm = _canonicalize(gm, example_inputs)
+    plans = plan_sites(find_attention_sites(gm), cfg, world_size)
+    gm = rewrite_sites(gm, plans, cfg, group_name, graph_id)
+    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id[:-1],
+             sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size)
+    return inner_compile(gm, example_inputs, cfg.inner, kwargs.get("mode"))
+
+
+def convert(model, *, fullgraph: bool = False, dynamic=None, **options):
+    """`torch.compile(model, backend="burst", options=options)`: every attention of the model becomes
+    burst attention over the default process group (or options['group'])."""
+    BurstConfig.from_options(options)  # fail early on a bad option
+    return torch.compile(model, backend=burst_backend, fullgraph=fullgraph, dynamic=dynamic,
+                         options=options or None)

@@ -1,0 +1,69 @@
+"""find_attention: every SDPA call of a Dynamo graph becomes an AttentionSite (shapes, scale, causal
+flag, mask kind, GQA ratio, dropout, source line); the graph is not changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass
+class AttentionSite:
+    """One attention call of the graph, as the passes see it."""
+
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    attn_mask: Any  # None, or the mask's node
+    dropout_p: Any  # a float, or a node when it is computed
+    is_causal: Any
+    scale: Any
+    enable_gqa: Any
+    source: str  # "file:line  code" of the user's call, or "" when Dynamo kept no stack
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def tensor(self, which: str) -> Optional[torch.Tensor]:
+        """The fake tensor (shapes may be SymInts) of query/key/value, if Dynamo recorded it."""
+        return getattr(self, which).meta.get("example_value")
+
+    @property
+    def mask_kind(self) -> str:
+        if self.attn_mask is not None:
+            return "tensor"
+        return "causal" if self.is_causal is True else "none" if self.is_causal is False else "dynamic"
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            bound = dict(_DEFAULTS)
+            bound.update(zip(_PARAMS, node.args))
+            bound.update(node.kwargs)
+            sites.append(AttentionSite(node=node, source=source_line(node), **bound))
+    return sites
+
+
+def source_line(node: fx.Node) -> str:
+    """The innermost user frame of the node's stack trace, as 'file:line  code'."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            where = lines[i].split(",")
+            file = where[0][len("File "):].strip('"')
+            line = where[1].strip().removeprefix("line ") if len(where) > 1 else "?"
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{file}:{line}  {code}"
+    return ""

@@ -1,0 +1,83 @@
+"""plan: per attention site, decide whether it converts exactly and with what ring (layout, backward
+scheme by the cost model, sizes as sympy expressions when the sequence length is dynamic); sites
+that cannot convert get the reason. The graph is not changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import sympy
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from burstc.config import BurstConfig
+from burstc.passes.find_attention import AttentionSite
+from burstc.schedule import cost
+from burstc.schedule.layout import chunk_count
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class SitePlan:
+    site: AttentionSite
+    reason: Optional[str] = None  # why the site stays plain SDPA; None: it converts
+    causal: bool = False
+    scale: Optional[float] = None
+    enable_gqa: bool = False
+    layout: str = "zigzag"
+    backward: str = "auto"  # the scheme the cost model chose
+    seq_len: object = None  # int or sympy expression
+    cost: dict = field(default_factory=dict)  # cost.describe() of the per-rank shape
+
+    @property
+    def converts(self) -> bool:
+        return self.reason is None
+
+
+def _expr(size) -> object:
+    """int, or the sympy expression of a SymInt."""
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePlan:
+    leave = lambda why: SitePlan(site, reason=why)  # noqa: E731
+    if site.name in cfg.exclude:
+        return leave("excluded by the 'exclude' option")
+    q, k, v = site.tensor("query"), site.tensor("key"), site.tensor("value")
+    if q is None or k is None or v is None:
+        return leave("Dynamo recorded no example values for q/k/v")
+    if site.attn_mask is not None:
+        return leave("it passes an explicit attn_mask; burst converts causal or unmasked attention only")
+    if not isinstance(site.dropout_p, (int, float)) or site.dropout_p != 0:
+        return leave(f"dropout_p={site.dropout_p} (training-mode dropout cannot be reproduced across the ring)")
+    for name, value in (("is_causal", site.is_causal), ("enable_gqa", site.enable_gqa)):
+        if not isinstance(value, bool):
+            return leave(f"{name} is computed at run time ({value}), not a constant")
+    if site.scale is not None and not isinstance(site.scale, (int, float)):
+        return leave(f"scale is computed at run time ({site.scale}), not a constant")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return leave(f"tensors are not 4-D [batch, heads, seq, dim] (q is {q.dim()}-D)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return leave(f"dtype {q.dtype}/{k.dtype}/{v.dtype} is not one floating dtype burst supports")
+    if not statically_known_true(q.shape[2] == k.shape[2]):
+        return leave("query and key lengths may differ (cross-attention or a KV cache), not one sharded sequence")
+    if not statically_known_true(v.shape[3] == q.shape[3]):
+        return leave("value head dim differs from the query's")
+    if not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int) or not isinstance(q.shape[3], int):
+        return leave("head counts or head dim are dynamic")
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    if heads_q % heads_kv or (heads_q != heads_kv and not site.enable_gqa):
+        return leave(f"{heads_q} query heads over {heads_kv} key/value heads without enable_gqa")
+    seq_len = _expr(q.shape[2])
+    chunks = chunk_count(cfg.layout, world_size)
+    local_rows = sympy.ceiling(sympy.sympify(seq_len) / chunks) * chunks / world_size
+    shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+                                local_rows=local_rows, world_size=world_size, dtype=q.dtype)
+    return SitePlan(site, causal=site.is_causal, scale=None if site.scale is None else float(site.scale),
+                    enable_gqa=site.enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
+                    seq_len=seq_len, cost=cost.describe(shape))
+
+
+def plan_sites(sites: list[AttentionSite], cfg: BurstConfig, world_size: int) -> list[SitePlan]:
+    return [plan_site(s, cfg, world_size) for s in sites]

@@ -1,0 +1,100 @@
+"""`burst::attention`: burst attention as one opaque, differentiable torch.library op for compiled graphs.
+
+The op takes the whole sequence (identical on every rank of the group), computes this rank's shard
+of the ring and gathers the output, so a graph rewritten to call it computes what it computed
+before. All point-to-point transfers stay inside the op (never traced into a graph). Its backward is
+the op `burst::attention_backward`, which gathers full dq, dk, dv: every rank holds the same upstream
+gradient, so taking its own shard of each gathered gradient is the exact adjoint.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from burstc.runtime.attention import prepare_run
+from burstc.runtime.kernels import accumulation_dtype
+
+_verified_sites: set[str] = set()
+
+
+class BurstVerificationError(RuntimeError):
+    """A converted attention disagreed with plain SDPA on the same inputs (options verify=True)."""
+
+
+def resolve_group(group_name: str) -> Optional[dist.ProcessGroup]:
+    """'' is the default group; otherwise a process group's `group_name`."""
+    if not group_name:
+        return None
+    return dist.distributed_c10d._resolve_process_group(group_name)
+
+
+def _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name):
+    return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
+                       layout=layout, backward=backward, kernel=kernel, full_sequence=True)
+
+
+@torch.library.custom_op("burst::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: Optional[float],
+              enable_gqa: bool, layout: str, backward: str, kernel: str, group_name: str,
+              verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
+    verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
+    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    out, lse, *_ = run.forward(q, k, v)
+    out, lse = run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
+    if verify_site and verify_site not in _verified_sites:
+        _verify(verify_site, q, k, v, out, causal, scale, enable_gqa)
+        _verified_sites.add(verify_site)
+    return out, lse
+
+
+@attention.register_fake
+def _(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, verify_site):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("burst::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, causal: bool, scale: Optional[float], enable_gqa: bool, layout: str,
+                       backward: str, kernel: str, group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) over the full sequence, given the forward's out and lse."""
+    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
+    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, enable_gqa, layout, backward, kernel, group_name):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.options = options[:-1]  # everything but verify_site
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _verify(site, q, k, v, out, causal, scale, enable_gqa) -> None:
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
+    err = (out.double() - want.double()).abs().max().item()
+    bound = {torch.float64: 1e-9, torch.float32: 1e-4}.get(q.dtype, 3e-2) * max(1.0, want.abs().max().item())
+    if not math.isfinite(err) or err > bound:
+        raise BurstVerificationError(
+            f"burst: attention site {site} differs from F.scaled_dot_product_attention by {err:.3e} "
+            f"(allowed {bound:.1e} for {q.dtype}). This is a burstc bug: please report it with the site's "
+            f"plan (options dump_dir); meanwhile compile with options={{'exclude': ['{site}']}}.")
