@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch._dynamo.utils import counters
 
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import find_attention_sites
@@ -54,12 +55,13 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> 
 def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     """torch.compile backend: rewrite attention into burst attention, compile the rest."""
     cfg = BurstConfig.from_options(kwargs.get("options"))
+    counters["burst"]["graphs"] += 1
     world_size, group_name = _world(cfg)
-    graph_id = f"g{next(_graph_ids)}."
+    graph_id = f"g{next(_graph_ids)}"
     gm = _canonicalize(gm, example_inputs)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
     gm = rewrite_sites(gm, plans, cfg, group_name, graph_id)
-    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id[:-1],
+    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id,
              sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size)
     return inner_compile(gm, example_inputs, cfg.inner, kwargs.get("mode"))
 

@@ -9,7 +9,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | timeout_s | BURST_TIMEOUT_S   | 300      | seconds a rank waits for a ring transfer before raising |
 | inner     | BURST_INNER       | inductor | compiler for the rest of the graph: inductor, aot_eager or eager |
 | verify    | BURST_VERIFY      | False    | first call of each converted site also runs plain SDPA and raises on a mismatch |
-| exclude   | BURST_EXCLUDE     | ()       | attention sites (node names, comma-separated in the env) left as plain SDPA |
+| exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
 | group     | -                 | None     | the ring's torch.distributed process group (None: the default group) |
 """
 from __future__ import annotations

@@ -31,7 +31,13 @@ class AttentionSite:
 
     @property
     def name(self) -> str:
+        """The node's name in the graph (Dynamo derives it from the user's variable, e.g. 'y_1')."""
         return self.node.name
+
+    def matches(self, entry: str) -> bool:
+        """Whether an 'exclude' entry names this site: its node name, or its 'file.py:line'."""
+        where = self.source.split()[0] if self.source else ""
+        return entry == self.name or (":" in entry and where.endswith(entry))
 
     def tensor(self, which: str) -> Optional[torch.Tensor]:
         """The fake tensor (shapes may be SymInts) of query/key/value, if Dynamo recorded it."""

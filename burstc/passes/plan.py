@@ -8,6 +8,7 @@ from typing import Optional
 
 import sympy
 import torch
+import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.config import BurstConfig
@@ -40,16 +41,26 @@ def _expr(size) -> object:
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
+def _is_zero(value) -> bool:
+    """Whether dropout_p is 0: a constant, or a symbolic float (dynamic=True) that is 0 now — then a
+    guard on it is installed, so a later non-zero value recompiles instead of being ignored."""
+    if isinstance(value, fx.Node):
+        value = value.meta.get("example_value")
+    if isinstance(value, torch.SymFloat):
+        return bool(value == 0)
+    return isinstance(value, (int, float)) and value == 0
+
+
 def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePlan:
     leave = lambda why: SitePlan(site, reason=why)  # noqa: E731
-    if site.name in cfg.exclude:
+    if any(site.matches(entry) for entry in cfg.exclude):
         return leave("excluded by the 'exclude' option")
     q, k, v = site.tensor("query"), site.tensor("key"), site.tensor("value")
     if q is None or k is None or v is None:
         return leave("Dynamo recorded no example values for q/k/v")
     if site.attn_mask is not None:
         return leave("it passes an explicit attn_mask; burst converts causal or unmasked attention only")
-    if not isinstance(site.dropout_p, (int, float)) or site.dropout_p != 0:
+    if not _is_zero(site.dropout_p):
         return leave(f"dropout_p={site.dropout_p} (training-mode dropout cannot be reproduced across the ring)")
     for name, value in (("is_causal", site.is_causal), ("enable_gqa", site.enable_gqa)):
         if not isinstance(value, bool):
@@ -64,9 +75,8 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
         return leave("query and key lengths may differ (cross-attention or a KV cache), not one sharded sequence")
     if not statically_known_true(v.shape[3] == q.shape[3]):
         return leave("value head dim differs from the query's")
-    if not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int) or not isinstance(q.shape[3], int):
-        return leave("head counts or head dim are dynamic")
-    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    # head counts and head dim specialise (int() guards on them): kernels and costs depend on them
+    heads_q, heads_kv, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     if heads_q % heads_kv or (heads_q != heads_kv and not site.enable_gqa):
         return leave(f"{heads_q} query heads over {heads_kv} key/value heads without enable_gqa")
     seq_len = _expr(q.shape[2])

@@ -31,7 +31,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
             continue
         graph = gm.graph
         with graph.inserting_before(site.node):
-            verify_site = f"{graph_id}{site.name}" if cfg.verify else ""
+            verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
             call = graph.call_function(torch.ops.burst.attention.default, (
                 site.query, site.key, site.value, plan.causal, plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, group_name, verify_site))

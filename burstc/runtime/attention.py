@@ -13,7 +13,8 @@ from burstc.runtime.kernels import LocalKernel, select_kernel
 from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
-from burstc.runtime.validate import BurstInputError, CallMeta, agree_across_ranks, local_problem
+from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, local_problem,
+                                     replicated_checksum)
 from burstc.schedule.cost import AttentionShape, choose_backward
 from burstc.schedule.plan import RingPlan, build_plan
 
@@ -170,7 +171,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         meta = CallMeta(batch=q.shape[0], heads_q=q.shape[1], heads_kv=k.shape[1], head_dim=q.shape[3],
                         local_len=q.shape[SEQ_DIM], dtype=q.dtype, causal=bool(causal), layout=layout,
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
-                        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+                        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+                        checksum=replicated_checksum(q, k, v) if full_sequence and world_size > 1 else (0.0, 0.0))
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)

@@ -97,4 +97,4 @@ def _verify(site, q, k, v, out, causal, scale, enable_gqa) -> None:
         raise BurstVerificationError(
             f"burst: attention site {site} differs from F.scaled_dot_product_attention by {err:.3e} "
             f"(allowed {bound:.1e} for {q.dtype}). This is a burstc bug: please report it with the site's "
-            f"plan (options dump_dir); meanwhile compile with options={{'exclude': ['{site}']}}.")
+            f"plan; meanwhile compile with options={{'exclude': ['{site.split('/')[-1]}']}}.")

@@ -34,21 +34,31 @@ class CallMeta:
     backward: str
     scale: float
     needs_grad: bool
+    checksum: tuple[float, float] = (0.0, 0.0)  # (fingerprint, magnitude) of replicated inputs
 
     AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
               "scale", "needs_grad")
 
     def encode(self) -> list[int]:
-        scale_bits = int(torch.tensor([self.scale], dtype=torch.float64).view(torch.int64))
+        floats = torch.tensor([self.scale, *self.checksum], dtype=torch.float64).view(torch.int64).tolist()
         return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
                 _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
-                BACKWARD_SCHEMES.index(self.backward), scale_bits, int(self.needs_grad)]
+                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats]
 
     @classmethod
     def decode(cls, v: list[int]) -> "CallMeta":
-        scale = float(torch.tensor([v[9]], dtype=torch.int64).view(torch.float64))
+        scale, fingerprint, magnitude = torch.tensor(v[10:13], dtype=torch.int64).view(torch.float64).tolist()
         return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
-                   BACKWARD_SCHEMES[v[8]], scale, bool(v[10]))
+                   BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude))
+
+
+def replicated_checksum(*tensors: torch.Tensor) -> tuple[float, float]:
+    """An order-sensitive fingerprint of full-sequence inputs (one pass over each tensor) and its
+    magnitude, so ranks can check they hold the same sequence up to summation-order rounding."""
+    rows = sum(t.sum(dim=(0, 1, 3), dtype=torch.float64) for t in tensors)  # [N] per-position sums
+    weights = torch.cos(torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071)
+    terms = rows * weights
+    return float(terms.sum()), float(terms.abs().sum())
 
 
 def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, attn_mask, dropout_p) -> Optional[str]:
@@ -90,7 +100,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
     rank has a problem, the ranks disagree, or a local length is not the layout's share (with
     full_sequence: not the same full length everywhere)."""
-    width = 12
+    width = 14
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
         mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)
@@ -121,6 +131,14 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
         if len(set(actual)) > 1:
             raise BurstInputError(f"burst attention over replicated inputs: ranks hold sequences of lengths "
                                   f"{actual}; every rank must pass the same full-sequence tensors")
+        fingerprints = [m.checksum[0] for m in metas]
+        tolerance = 1e-6 * max(max(m.checksum[1] for m in metas), 1e-30)
+        if max(fingerprints) - min(fingerprints) > tolerance:
+            raise BurstInputError(
+                "burst attention over replicated inputs: the ranks' q/k/v differ (fingerprints "
+                f"{dict(enumerate(fingerprints))}). A model compiled with backend='burst' must see the same "
+                "inputs and weights on every rank (seed every rank alike, broadcast the batch), or pass a "
+                "group of one rank per model replica.")
         return metas
     seq_len = sum(actual)
     layout = metas[0].layout

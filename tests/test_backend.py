@@ -1,0 +1,147 @@
+"""torch.compile(model, backend="burst") end to end: one process and 2 gloo ranks, outputs and every
+parameter gradient against eager; recompilation; verify=True; the custom ops' registration."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import burstc.runtime.op  # noqa: F401
+from burstc.launch import run_ranks
+from tests.models import TinyGPT, loss_and_grads
+
+
+def assert_close_to_eager(model, compiled, idx, tol=2e-5):
+    want_loss, want = loss_and_grads(model, idx)
+    got_loss, got = loss_and_grads(compiled, idx)
+    assert abs(got_loss - want_loss) <= tol, (got_loss, want_loss)
+    for name in want:
+        err = (got[name] - want[name]).abs().max().item()
+        assert err <= tol * max(1.0, want[name].abs().max().item()), (name, err)
+
+
+def test_backend_resolves_by_name_without_import():
+    from burstc.backend import burst_backend
+
+    assert torch._dynamo.lookup_backend("burst") is burst_backend
+
+
+def test_custom_ops_pass_opcheck():
+    q = torch.randn(2, 4, 10, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 10, 8, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.burst.attention.default,
+                          (q, k, v, True, None, True, "zigzag", "auto", "auto", "", ""))
+    out, lse = torch.ops.burst.attention(q, k, v, True, 0.3, True, "zigzag", "auto", "auto", "", "")
+    torch.library.opcheck(torch.ops.burst.attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                           True, 0.3, True, "zigzag", "auto", "auto", ""))
+
+
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "mqa"])
+def test_single_process_fullgraph_matches_eager(inner, heads):
+    torch.manual_seed(0)
+    model = TinyGPT(layers=2, heads=heads[0], kv_heads=heads[1])
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="burst", fullgraph=True, options={"inner": inner})
+    assert_close_to_eager(model, compiled, torch.randint(0, 50, (2, 33)))
+    assert counters["burst"]["sites_converted"] == 2 and counters["burst"]["sites_left"] == 0
+
+
+def test_dynamic_lengths_compile_once():
+    torch.manual_seed(1)
+    model = TinyGPT(layers=1)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="burst", dynamic=True, options={"inner": "aot_eager"})
+    for length in (17, 40, 64):
+        assert_close_to_eager(model, compiled, torch.randint(0, 50, (1, length)))
+    assert counters["stats"]["unique_graphs"] == 1  # one compiled graph serves every length
+
+
+def test_unconvertible_site_stays_exact():
+    class Masked(torch.nn.Module):
+        def forward(self, q, mask):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask) * 2
+
+    q = torch.randn(1, 2, 9, 8)
+    mask = torch.rand(9, 9) > 0.3
+    mask.fill_diagonal_(True)
+    counters.clear()
+    torch._dynamo.reset()
+    out = torch.compile(Masked(), backend="burst", options={"inner": "eager"})(q, mask)
+    assert torch.equal(out, Masked()(q, mask))
+    assert counters["burst"]["sites_left"] == 1 and counters["burst"]["sites_converted"] == 0
+
+
+def _compiled_gpt_on_ranks(rank, world_size, cases):
+    torch.manual_seed(0)
+    results = []
+    for layout, heads, inner, length in cases:
+        model = TinyGPT(layers=2, heads=heads[0], kv_heads=heads[1])
+        idx = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(length))
+        want_loss, want = loss_and_grads(model, idx)
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="burst", fullgraph=True,
+                                 options={"layout": layout, "inner": inner, "verify": True})
+        got_loss, got = loss_and_grads(compiled, idx)
+        err = max((got[n] - want[n]).abs().max().item() for n in want)
+        results.append((layout, heads, abs(got_loss - want_loss).item(), err, counters["burst"]["sites_converted"]))
+    return results
+
+
+def test_two_gloo_ranks_match_single_device_eager():
+    cases = [("zigzag", (4, 2), "aot_eager", 30), ("striped", (4, 4), "aot_eager", 33),
+             ("zigzag", (4, 4), "inductor", 32)]
+    for rank_results in run_ranks(2, _compiled_gpt_on_ranks, cases, timeout_s=600):
+        for layout, heads, loss_err, grad_err, converted in rank_results:
+            assert loss_err <= 2e-5 and grad_err <= 5e-5, (layout, heads, loss_err, grad_err)
+            assert converted >= 2
+
+
+def _verify_with_fault(rank, world_size, inject):
+    import burstc.runtime.attention as attention
+    from burstc.runtime.op import BurstVerificationError
+
+    if inject:  # a broken conversion: gather the output shards as if they were striped
+        original = attention.assemble
+        attention.assemble = lambda shards, *, dim, layout, seq_len: original(
+            shards, dim=dim, layout="striped" if layout == "zigzag" else "zigzag", seq_len=seq_len)
+    torch.manual_seed(0)  # the same model and inputs on every rank
+    model = TinyGPT(layers=1)
+    compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True})
+    try:
+        compiled(torch.randint(0, 50, (1, 16)))
+    except BurstVerificationError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("inject", [True, False], ids=["broken", "correct"])
+def test_verify_catches_a_broken_conversion(inject):
+    for message in run_ranks(2, _verify_with_fault, inject):
+        if inject:
+            assert message is not None and "differs from F.scaled_dot_product_attention" in message
+        else:
+            assert message is None
+
+
+def _different_inputs_per_rank(rank, world_size):
+    import burstc
+
+    torch.manual_seed(0)
+    model = TinyGPT(layers=1)
+    compiled = torch.compile(model, backend="burst", options={"inner": "eager"})
+    idx = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(rank))  # not the same batch
+    try:
+        compiled(idx)
+    except burstc.BurstInputError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_with_different_inputs_get_an_error_not_a_wrong_answer():
+    for message in run_ranks(2, _different_inputs_per_rank):
+        assert message is not None and "q/k/v differ" in message and "same inputs" in message
