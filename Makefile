@@ -23,6 +23,7 @@ test: setup
 
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/ring_demo.py --seq-len $(SEQ)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/train_llama.py
 
 bench: setup
 	$(PY) benchmarks/ring_cpu.py

@@ -101,6 +101,39 @@ def test_two_gloo_ranks_match_single_device_eager():
             assert converted >= 2
 
 
+def _llama_on_ranks(rank, world_size, length):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    idx = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        m.zero_grad()
+        loss = m(idx, labels=idx).loss
+        loss.backward()
+        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in m.named_parameters()}
+
+    want_loss, want = run(model)
+    counters.clear()
+    torch._dynamo.reset()
+    got_loss, got = run(torch.compile(copy.deepcopy(model), backend="burst", fullgraph=True,
+                                      options={"inner": "aot_eager"}))
+    return (abs(got_loss - want_loss).item(), max((got[n] - want[n]).abs().max().item() for n in want),
+            counters["burst"]["sites_converted"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_hf_llama_causal_gqa_matches_eager(world_size):
+    pytest.importorskip("transformers")
+    for loss_err, grad_err, converted in run_ranks(world_size, _llama_on_ranks, 37):
+        assert converted == 2
+        assert loss_err <= 1e-5 and grad_err <= 5e-5, (loss_err, grad_err)
+
+
 def _verify_with_fault(rank, world_size, inject):
     import burstc.runtime.attention as attention
     from burstc.runtime.op import BurstVerificationError
