@@ -1,5 +1,8 @@
-"""Small models for the compile tests: a GPT with F.scaled_dot_product_attention (MHA or GQA)."""
+"""Small models for the compile tests: a GPT with F.scaled_dot_product_attention (MHA or GQA) or with
+nanoGPT-style hand-written attention (hand_written=True)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -24,11 +27,34 @@ class SdpaAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, c))
 
 
+class HandWrittenAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention without flash: q @ k^T / sqrt(d), a tril buffer, softmax, dropout."""
+
+    def __init__(self, dim=32, heads=4, block_size=128, dropout=0.0, **_):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
 class Block(nn.Module):
-    def __init__(self, dim, **attn):
+    def __init__(self, dim, hand_written=False, **attn):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = SdpaAttention(dim, **attn)
+        self.attn = (HandWrittenAttention if hand_written else SdpaAttention)(dim, **attn)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x):

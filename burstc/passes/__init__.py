@@ -1,0 +1,22 @@
+"""FX passes of the burst backend, each ``GraphModule -> GraphModule`` with a one-line contract at
+the top of its module. They run on the Dynamo-level graph (before AOTAutograd), in this order:
+
+1. ``canonicalize.canonicalize_attention`` — hand-written attention (matmul / softmax / matmul,
+   einsum, baddbmm, masks, scales, no-op dropouts) -> one ``torch._C._nn.scaled_dot_product_attention``
+   call per site, only where the rewrite is exact; records what it did in ``gm.meta``.
+2. ``find_attention.find_attention_sites`` — every SDPA call becomes an AttentionSite with shapes,
+   scale, mask kind, GQA ratio, dropout and the user's source line.
+3. ``plan.plan_sites`` — per site: convert or the reason not to; layout, backward scheme by the cost
+   model, sizes as sympy expressions when the sequence length is dynamic.
+4. ``rewrite.rewrite_sites`` — converting sites become ``burst::attention`` calls; the others stay
+   SDPA with their reason logged once.
+
+``burstc.backend.burst_backend`` runs them and hands the graph to the inner compiler.
+"""
+from burstc.passes.canonicalize import (
+    CanonicalizedSite, CanonicalizeResult, SkippedSite, canonicalize_attention, canonicalize_result,
+)
+
+__all__ = [
+    "CanonicalizeResult", "CanonicalizedSite", "SkippedSite", "canonicalize_attention", "canonicalize_result",
+]
