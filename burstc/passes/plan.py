@@ -41,13 +41,21 @@ def _expr(size) -> object:
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
-def _is_zero(value) -> bool:
-    """Whether dropout_p is 0: a constant, or a symbolic float (dynamic=True) that is 0 now — then a
-    guard on it is installed, so a later non-zero value recompiles instead of being ignored."""
+def _specialized(value):
+    """A constant argument, or the current value of a symbolic scalar (dynamic=True turns module
+    float attributes into SymFloats) with a guard installed on it, so a later different value
+    recompiles instead of being ignored. None when the value is a tensor or unknown."""
     if isinstance(value, fx.Node):
         value = value.meta.get("example_value")
     if isinstance(value, torch.SymFloat):
-        return bool(value == 0)
+        return float(value)
+    if isinstance(value, torch.SymBool):
+        return bool(value)
+    return value if isinstance(value, (bool, int, float)) or value is None else None
+
+
+def _is_zero(value) -> bool:
+    value = _specialized(value)
     return isinstance(value, (int, float)) and value == 0
 
 
@@ -65,7 +73,8 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     for name, value in (("is_causal", site.is_causal), ("enable_gqa", site.enable_gqa)):
         if not isinstance(value, bool):
             return leave(f"{name} is computed at run time ({value}), not a constant")
-    if site.scale is not None and not isinstance(site.scale, (int, float)):
+    scale = _specialized(site.scale)
+    if site.scale is not None and not isinstance(scale, (int, float)):
         return leave(f"scale is computed at run time ({site.scale}), not a constant")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return leave(f"tensors are not 4-D [batch, heads, seq, dim] (q is {q.dim()}-D)")
@@ -84,7 +93,7 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     local_rows = sympy.ceiling(sympy.sympify(seq_len) / chunks) * chunks / world_size
     shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                 local_rows=local_rows, world_size=world_size, dtype=q.dtype)
-    return SitePlan(site, causal=site.is_causal, scale=None if site.scale is None else float(site.scale),
+    return SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
                     enable_gqa=site.enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
                     seq_len=seq_len, cost=cost.describe(shape))
 
