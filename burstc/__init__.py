@@ -7,9 +7,13 @@ Public API:
                                                  layouts: who holds which tokens
     build_plan                                   the ring plan (printable, checked)
     comm_stats                                   bytes / steps / skipped pairs of the calls in a block
+    trace                                        Chrome trace + summary of the ring steps in a block
+    convert / backend                            torch.compile(model, backend="burst")
     BurstConfig, BurstInputError
 """
+from burstc.backend import burst_backend, convert
 from burstc.config import BurstConfig
+from burstc.debug.trace import trace
 from burstc.runtime.attention import burst_attention
 from burstc.runtime.sharding import shard_sequence, unshard_sequence
 from burstc.runtime.stats import CommStats, comm_stats
@@ -19,6 +23,7 @@ from burstc.schedule.plan import RingPlan, build_plan
 
 __all__ = [
     "BurstConfig", "BurstInputError", "CommStats", "LAYOUTS", "RingPlan", "build_plan", "burst_attention",
-    "comm_stats", "local_length", "shard_positions", "shard_sequence", "unshard_sequence",
+    "burst_backend", "comm_stats", "convert", "local_length", "shard_positions", "shard_sequence", "trace",
+    "unshard_sequence",
 ]
 __version__ = "0.1.0"

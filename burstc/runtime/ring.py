@@ -10,10 +10,12 @@ All tensors are per-rank dicts over `transport.ranks` of padded shards.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
+from burstc.debug.trace import COMPUTE, POST, WAIT, maybe_span
 from burstc.runtime import stats
 from burstc.runtime.kernels.base import LocalKernel, QueryBundle, accumulation_dtype
 from burstc.runtime.transport import Held
@@ -29,22 +31,38 @@ def _visit_done(visit: PairPlan) -> None:
         stats.count("skipped_pairs", 1)
 
 
+@contextlib.contextmanager
+def _comm_span(transport, phase: str, step: int, kind: str, device: torch.device):
+    """A trace span for posting or waiting on transfers (real transports only: virtual hops are free)."""
+    if len(transport.ranks) == 1 and transport.plan.world_size > 1:
+        with maybe_span(transport.ranks[0], phase, step, kind, device):
+            yield
+    else:
+        yield
+
+
 def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Held, v: Held,
                  scale: float) -> tuple[Held, Held]:
     """Per rank (out [B, H_q, L, d] in the input dtype, lse [B, H_q, L] in the accumulation dtype)."""
     ranks = transport.ranks
     states = {r: kernel.forward_init(q[r]) for r in ranks}
     held = {r: (k[r], v[r]) for r in ranks}
+    device = q[ranks[0]].device
     for step in range(plan.steps):
-        incoming = transport.shift(held, _TAG_PAYLOAD + _TAG_STRIDE * step) if step < plan.steps - 1 else None
+        incoming = None
+        if step < plan.steps - 1:
+            with _comm_span(transport, "forward", step, POST, device):
+                incoming = transport.shift(held, _TAG_PAYLOAD + _TAG_STRIDE * step)
         for r in ranks:
             visit = plan.kv_visit(step, r)
-            for item in visit.items:
-                kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item, scale)
+            with maybe_span(r, "forward", step, COMPUTE, device):
+                for item in visit.items:
+                    kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item, scale)
             _visit_done(visit)
         stats.count("steps", 1)
         if incoming is not None:
-            held = incoming.wait()
+            with _comm_span(transport, "forward", step, WAIT, device):
+                held = incoming.wait()
     transport.finish()
     results = {r: kernel.forward_finalize(states[r]) for r in ranks}
     return {r: o for r, (o, _) in results.items()}, {r: lse for r, (_, lse) in results.items()}
@@ -105,25 +123,38 @@ def _trailing_ring(plan: RingPlan, transport, payload: Held, partial_like: Held,
     shift, compute, then add the received accumulator and send the sum on. The predecessor's
     accumulator arrives while this rank computes."""
     ranks = transport.ranks
+    device = next(iter(partial_like.values()))[0].device
+    span = lambda step, kind: _comm_span(transport, "backward", step, kind, device)  # noqa: E731
     own: Held = {}
     for step in range(plan.steps):
-        acc_in = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (step - 1)) if step >= 2 else None
-        incoming = transport.shift(payload, _TAG_PAYLOAD + _TAG_STRIDE * step) if step < plan.steps - 1 else None
-        partial = {r: compute(r, step, payload[r]) for r in ranks}
+        acc_in = incoming = None
+        with span(step, POST):
+            if step >= 2:
+                acc_in = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (step - 1))
+            if step < plan.steps - 1:
+                incoming = transport.shift(payload, _TAG_PAYLOAD + _TAG_STRIDE * step)
+        partial = {}
+        for r in ranks:
+            with maybe_span(r, "backward", step, COMPUTE, device):
+                partial[r] = compute(r, step, payload[r])
         stats.count("steps", 1)
         if step == 0:
             own = partial
         else:
             if acc_in is not None:
-                received = acc_in.wait()
+                with span(step, WAIT):
+                    received = acc_in.wait()
                 for r in ranks:
                     for mine, theirs in zip(partial[r], received[r]):
                         mine.add_(theirs)
-            transport.send(partial, _TAG_PARTIAL + _TAG_STRIDE * step)
+            with span(step, POST):
+                transport.send(partial, _TAG_PARTIAL + _TAG_STRIDE * step)
         if incoming is not None:
-            payload = incoming.wait()
+            with span(step, WAIT):
+                payload = incoming.wait()
     if plan.steps > 1:
-        returned = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (plan.steps - 1)).wait()
+        with span(plan.steps - 1, WAIT):
+            returned = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (plan.steps - 1)).wait()
         for r in ranks:
             for mine, theirs in zip(own[r], returned[r]):
                 mine.add_(theirs)
