@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -17,6 +18,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from burstc.config import BurstConfig
+from burstc.debug.dump import CompilationDump
+from burstc.debug.dump import log as dump_log
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
@@ -41,6 +44,16 @@ def _canonicalize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     return result[0] if isinstance(result, tuple) else result
 
 
+def kernel_sources(plans, cfg: BurstConfig) -> dict[str, str]:
+    """Source of the Triton kernels the converted sites would run, keyed by kernel variant name;
+    empty where the codegen is not available."""
+    try:
+        from burstc.codegen import sources_for_sites
+    except ImportError:
+        return {}
+    return sources_for_sites(plans, cfg)
+
+
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> Callable:
     if inner == "eager":
         return gm.forward
@@ -52,15 +65,30 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _dump_wanted(cfg: BurstConfig) -> bool:
+    """Dumps cost a little per compile: only when asked for (dump_dir, TORCH_TRACE, DEBUG logs)."""
+    return bool(cfg.dump_dir or os.environ.get("TORCH_TRACE") or dump_log.isEnabledFor(logging.DEBUG))
+
+
 def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     """torch.compile backend: rewrite attention into burst attention, compile the rest."""
     cfg = BurstConfig.from_options(kwargs.get("options"))
     counters["burst"]["graphs"] += 1
     world_size, group_name = _world(cfg)
     graph_id = f"g{next(_graph_ids)}"
+    rank = dist.get_rank(cfg.group) if dist.is_available() and dist.is_initialized() else 0
+    dump = CompilationDump(graph_id, rank, world_size, cfg.dump_dir) if _dump_wanted(cfg) else None
+    if dump:
+        dump.add_graph("dynamo", gm)
     gm = _canonicalize(gm, example_inputs)
+    if dump:
+        dump.add_graph("canonicalize", gm)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
     gm = rewrite_sites(gm, plans, cfg, group_name, graph_id)
+    if dump:
+        dump.add_graph("rewrite", gm)
+        dump.add_plans(plans, kernel_sources(plans, cfg))
+        dump.write()
     log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id,
              sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size)
     return inner_compile(gm, example_inputs, cfg.inner, kwargs.get("mode"))

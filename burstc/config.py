@@ -9,6 +9,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | timeout_s | BURST_TIMEOUT_S   | 300      | seconds a rank waits for a ring transfer before raising |
 | inner     | BURST_INNER       | inductor | compiler for the rest of the graph: inductor, aot_eager or eager |
 | verify    | BURST_VERIFY      | False    | first call of each converted site also runs plain SDPA and raises on a mismatch |
+| dump_dir  | BURST_DUMP_DIR    | None     | write graphs, plans, pictures and kernels of each compiled graph there |
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
 | group     | -                 | None     | the ring's torch.distributed process group (None: the default group) |
 """
@@ -31,6 +32,7 @@ class BurstConfig:
     inner: str = "inductor"
     verify: bool = False
     exclude: tuple[str, ...] = ()
+    dump_dir: Optional[str] = None
     group: Optional[Any] = None  # torch.distributed.ProcessGroup
 
     @classmethod

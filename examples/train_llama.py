@@ -29,6 +29,12 @@ def build_model(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def factory(seq_len: int):
+    """(model, example_args) of a tiny LLaMA, for `python -m burstc explain examples.train_llama:factory`."""
+    args = argparse.Namespace(vocab=512, hidden=128, layers=2, heads=8, kv_heads=2, seq_len=seq_len)
+    return build_model(args), (torch.randint(0, args.vocab, (1, seq_len)),)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5)

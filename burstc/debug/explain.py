@@ -1,0 +1,106 @@
+"""explain: what `backend="burst"` would do to a model on G ranks, without running anything distributed.
+
+    python -m burstc explain module.path:factory --world-size 8 --seq-len 32768
+
+`factory(seq_len)` returns `(model, example_args)`. The model is traced by Dynamo on fake inputs (no
+compute, any length), the pass pipeline plans for G ranks (a number: no process group is created), and the
+report lists every attention site: converted or left (and why), its plan, the bytes each rank sends
+and an estimate of each rank's attention working memory against one device's.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from burstc.backend import _canonicalize
+from burstc.config import BurstConfig
+from burstc.debug.render import plan_report
+from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.plan import SitePlan, plan_sites
+from burstc.schedule.cost import AttentionShape
+from burstc.schedule.layout import local_padded_length
+from burstc.schedule.plan import build_plan
+
+
+def load_factory(spec: str) -> Callable:
+    """'package.module:function' -> the function."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"expected module.path:factory, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def trace_plans(model, args, cfg: BurstConfig, world_size: int) -> list[SitePlan]:
+    """Run Dynamo on fake copies of args and the burst passes with G simulated ranks."""
+    captured: list[SitePlan] = []
+
+    def capture(gm, example_inputs):
+        gm = _canonicalize(gm, example_inputs)
+        captured.extend(plan_sites(find_attention_sites(gm), cfg, world_size))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        torch.compile(model, backend=capture)(*fake_args)
+    torch._dynamo.reset()
+    return captured
+
+
+def attention_memory(shape: AttentionShape, rows: int, ring: bool) -> int:
+    """Bytes of one attention's working set on a rank holding `rows` rows: q, k, v, out (input dtype),
+    the fp32 running state (out + lse), and for a ring two K/V receive buffers."""
+    e, a, b, d = shape.itemsize, shape.acc_itemsize, shape.batch, shape.head_dim
+    tensors = b * rows * d * e * (2 * shape.heads_q + 2 * shape.heads_kv)
+    state = b * rows * shape.heads_q * (d + 1) * a
+    buffers = 2 * b * rows * 2 * shape.heads_kv * d * e if ring else 0
+    return tensors + state + buffers
+
+
+def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> str:
+    plans = trace_plans(model, args, cfg, world_size)
+    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {cfg.layout}", ""]
+    for plan in plans:
+        site = plan.site
+        where = f" ({site.source})" if site.source else ""
+        if not plan.converts:
+            lines += [f"## site {site.name}: left as plain SDPA{where}", f"reason: {plan.reason}", ""]
+            continue
+        q, k = site.tensor("query"), site.tensor("key")
+        n = int(q.shape[2])
+        ring = build_plan(world_size, plan.layout, n, plan.causal)
+        rows = local_padded_length(n, plan.layout, world_size)
+        shape = AttentionShape(int(q.shape[0]), int(q.shape[1]), int(k.shape[1]), int(q.shape[3]), rows,
+                               world_size, q.dtype)
+        single = AttentionShape(int(q.shape[0]), int(q.shape[1]), int(k.shape[1]), int(q.shape[3]), n, 1, q.dtype)
+        mine, alone = attention_memory(shape, rows, world_size > 1), attention_memory(single, n, False)
+        notes = [f"source: {site.source or '(no stack trace)'}",
+                 f"attention working memory per rank ~{mine / 2**20:.1f} MiB vs {alone / 2**20:.1f} MiB on one "
+                 f"device ({mine / alone:.2f}x)"]
+        lines.append(plan_report(ring, shape, title=f"site {site.name}: converted", scale=plan.scale,
+                                 scheme=plan.backward, notes=notes))
+    left = [p for p in plans if not p.converts]
+    lines.append(f"summary: {len(plans) - len(left)} converted, {len(left)} left as SDPA")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m burstc explain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("factory", help="module.path:factory, factory(seq_len) -> (model, example_args)")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--layout", default=None, help="contiguous, zigzag (default) or striped")
+    p.add_argument("--backward", default=None, help="auto (default), query_ring or kv_ring")
+    a = p.parse_args(argv)
+    options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward)) if v}
+    cfg = BurstConfig.from_options(options)
+    model, args = load_factory(a.factory)(a.seq_len)
+    print(explain(model, args, world_size=a.world_size, seq_len=a.seq_len, cfg=cfg))
+    return 0
+

@@ -1,0 +1,83 @@
+"""Render a site's ring plan: a markdown report (shapes, scale, mask, layout, backward scheme and why,
+ring order, steps x ranks with mask class and bytes) and a picture of the schedule (matplotlib)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, backward_bytes, forward_bytes
+from burstc.schedule.plan import DIAGONAL, FULL, SKIPPED, RingPlan
+
+_COLORS = {FULL: "#4c78a8", DIAGONAL: "#f58518", SKIPPED: "#e0e0e0"}
+
+
+def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, scheme: str,
+                notes: Optional[list[str]] = None) -> str:
+    """Markdown: what the site is, how its ring runs, and the table of steps x ranks."""
+    fwd = forward_bytes(shape)
+    bwd = {k: backward_bytes(shape, k) for k in (QUERY_RING, KV_RING)}
+    hops = max(plan.steps - 1, 1)
+    lines = [
+        f"# {title}", "",
+        f"- q: [B={shape.batch}, H_q={shape.heads_q}, N={plan.seq_len}, d={shape.head_dim}], "
+        f"k/v heads H_kv={shape.heads_kv} (GQA group {shape.heads_q // shape.heads_kv}), dtype {shape.dtype}",
+        f"- scale: {scale if scale is not None else f'1/sqrt({shape.head_dim}) (default)'}; mask: "
+        f"{'causal (global positions)' if plan.causal else 'none'}",
+        f"- layout: {plan.layout}; ring order: {' -> '.join(map(str, plan.order))}"
+        f"{' -> ' + str(plan.order[0]) if plan.world_size > 1 else ''}; rows per rank: {plan.local_len} "
+        f"(real tokens per rank: {list(plan.valid_lens)})",
+        f"- forward bytes sent per rank: {fwd} (K, V: 2*H_kv*d*e per row and hop)",
+        f"- backward scheme: **{scheme}**; bytes per rank: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
+        f"({'the smaller' if bwd[scheme] == min(bwd.values()) else 'requested explicitly'})",
+        f"- skipped (fully masked) pairs: {plan.skipped_pairs()} of {plan.world_size ** 2}",
+    ]
+    lines += [f"- {n}" for n in notes or []]
+    lines += ["", "## Forward steps (KV ring): key chunk each rank's queries meet, mask class", "",
+              plan.table(bytes_per_step=fwd // hops if plan.world_size > 1 else 0), "",
+              "## Work items per pair (rows are local, padded indices)", ""]
+    for q_rank in range(plan.world_size):
+        for k_rank in range(plan.world_size):
+            pair = plan.pair(q_rank, k_rank)
+            items = ", ".join(f"q[{i.q_start}:{i.q_stop}] x k[{i.k_start}:{i.k_stop}] {'causal' if i.causal else 'full'}"
+                              for i in pair.items) or "-"
+            lines.append(f"- q{q_rank} x k{k_rank}: {pair.mask}, {pair.visible_pairs} visible pairs: {items}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_picture(plan: RingPlan, path: str, title: str = "") -> Optional[str]:
+    """Ranks x steps: a box per (rank, step) coloured by mask class, annotated with the key chunk and
+    the share of compute; arrows for the K/V hop to the successor. Returns the path, or None when
+    matplotlib is missing (pip install burstc[debug])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        return None
+    g = plan.world_size
+    most = max((plan.pair(r, k).visible_pairs for r in range(g) for k in range(g)), default=1) or 1
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * plan.steps, 0.9 + 0.7 * g))
+    for step in range(plan.steps):
+        for rank in range(g):
+            pair = plan.kv_visit(step, rank)
+            ax.add_patch(plt.Rectangle((step, rank), 0.8, 0.7, color=_COLORS[pair.mask]))
+            share = pair.visible_pairs / most
+            ax.text(step + 0.4, rank + 0.35, f"k{pair.k_rank}\n{share:.0%}", ha="center", va="center", fontsize=8)
+            if step < plan.steps - 1 and g > 1:
+                dst = plan.next_rank(rank)
+                ax.annotate("", xy=(step + 1.0, dst + 0.35), xytext=(step + 0.8, rank + 0.35),
+                            arrowprops=dict(arrowstyle="->", color="#888888", lw=0.8))
+    ax.set_xlim(-0.2, plan.steps)
+    ax.set_ylim(g, -0.3)
+    ax.set_xticks([s + 0.4 for s in range(plan.steps)], [f"step {s}" for s in range(plan.steps)])
+    ax.set_yticks([r + 0.35 for r in range(g)], [f"rank {r}" for r in range(g)])
+    ax.set_title(title or f"{plan.layout} ring, G={g}, N={plan.seq_len}, causal={plan.causal}", fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=m) for m, c in _COLORS.items()], loc="upper left",
+              bbox_to_anchor=(1.0, 1.0), fontsize=8, title="compute (% of largest pair)", title_fontsize=7)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
