@@ -1,0 +1,171 @@
+"""The "triton" local kernel: base.py's LocalKernel protocol on burstc's fused Triton kernels.
+
+Runs on CUDA devices of compute capability 8.0 or newer; with TRITON_INTERPRET=1 in the
+environment it runs anywhere (CPU tensors included) in Triton's interpreter. A WorkItem's rows are
+passed to the kernels as views (pointer offset + the tensors' own strides), never copied.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from burstc.codegen import cache
+from burstc.codegen.spec import (BACKWARD_DKDV, BACKWARD_DQ, DELTA, FINALIZE, FORWARD_STEP, MAX_HEAD_DIM,
+                                 TORCH_DTYPES, KernelSpec, arch_of)
+from burstc.runtime.kernels.base import QueryBundle, WorkItem
+
+
+@dataclass
+class TritonState:
+    """Running forward state of a query chunk, all float32 and unnormalised. `m` is the running row
+    maximum of the scores in base-2 units (S * scale * log2 e), the kernels' internal currency."""
+
+    acc: torch.Tensor  # [B, H_q, L, d]
+    m: torch.Tensor  # [B, H_q, L]
+    l: torch.Tensor  # [B, H_q, L]
+    dtype: torch.dtype  # of the output
+
+
+def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The rows [start, stop) along L of a [B, H, L, ...] tensor, as a view."""
+    return t[:, :, start:stop]
+
+
+class TritonKernel:
+    name = "triton"
+
+    def supports(self, q: torch.Tensor) -> Optional[str]:
+        if q.dtype == torch.float64:
+            return "float64 is not supported: the Triton kernels accumulate in float32 (use kernel='reference')"
+        if q.dtype not in TORCH_DTYPES:
+            return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+        if q.dim() != 4:
+            return f"expected [B, H, L, d] tensors, got {q.dim()} dims"
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+        if cache.interpreting():
+            if q.dtype == torch.bfloat16:
+                # triton-lang/triton#11584: the interpreter multiplies bfloat16 tl.dot operands' raw bits
+                return "bfloat16 under TRITON_INTERPRET: Triton's interpreter computes bfloat16 tl.dot wrongly"
+            return None
+        if q.device.type != "cuda":
+            return f"{q.device.type} tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter)"
+        if torch.version.hip is not None:
+            return "ROCm devices are not supported (the kernels are tuned and checked for NVIDIA sm_80/sm_90)"
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "the Triton kernels need compute capability 8.0 or newer"
+        return None
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward_init(self, q: torch.Tensor) -> TritonState:
+        b, h, length, d = q.shape
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return TritonState(acc=torch.zeros(b, h, length, d, **f32), m=torch.full((b, h, length), float("-inf"), **f32),
+                           l=torch.zeros(b, h, length, **f32), dtype=q.dtype)
+
+    def forward_step(self, state: TritonState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     item: WorkItem, scale: float) -> None:
+        if item.q_len == 0 or item.k_len == 0:
+            return
+        batch, heads = q.shape[:2]
+        spec = self._spec(FORWARD_STEP, q, k, item.causal)
+        qs = _rows(q, item.q_start, item.q_stop)
+        ks = _rows(k, item.k_start, item.k_stop)
+        vs = _rows(v, item.k_start, item.k_stop)
+        acc = _rows(state.acc, item.q_start, item.q_stop)
+        m = _rows(state.m, item.q_start, item.q_stop)
+        l = _rows(state.l, item.q_start, item.q_stop)
+        grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
+        self._launch(spec, grid, qs, ks, vs, acc, m, l,
+                     *qs.stride(), *ks.stride(), *vs.stride(), *acc.stride(), *m.stride(),
+                     heads, item.q_len, item.k_len, scale)
+
+    def forward_finalize(self, state: TritonState) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, length, d = state.acc.shape
+        out = state.acc.new_empty((batch, heads, length, d), dtype=state.dtype)
+        lse = state.acc.new_empty((batch, heads, length))
+        if out.numel() == 0:
+            return out, lse
+        spec = self._spec_for(FINALIZE, d, state.dtype, state.acc.device)
+        grid = (triton.cdiv(length, spec.config.block_m), batch * heads)
+        self._launch(spec, grid, state.acc, state.m, state.l, out, lse,
+                     *state.acc.stride(), *state.m.stride(), *out.stride(), *lse.stride(), heads, length)
+        return out, lse
+
+    # -- backward ------------------------------------------------------------------------------
+
+    def delta(self, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        """D = rowsum(dout * out), float32 [B, H, L] (backward preprocess)."""
+        batch, heads, length, d = out.shape
+        delta = torch.empty((batch, heads, length), dtype=torch.float32, device=out.device)
+        if delta.numel() == 0:
+            return delta
+        spec = self._spec_for(DELTA, d, out.dtype, out.device)
+        grid = (triton.cdiv(length, spec.config.block_m), batch * heads)
+        self._launch(spec, grid, out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), heads, length)
+        return delta
+
+    def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
+                      scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        if item.q_len == 0 or item.k_len == 0:
+            return
+        for name, acc in (("dq", dq), ("dk", dk), ("dv", dv)):
+            if acc.dtype != torch.float32:
+                raise TypeError(f"{name} accumulator must be float32, got {acc.dtype}")
+        batch, heads = bundle.q.shape[:2]
+        kv_heads = k.shape[1]
+        q = _rows(bundle.q, item.q_start, item.q_stop)
+        do = _rows(bundle.dout, item.q_start, item.q_stop)
+        lse = _rows(bundle.lse, item.q_start, item.q_stop)
+        delta = _rows(bundle.delta, item.q_start, item.q_stop)
+        ks = _rows(k, item.k_start, item.k_stop)
+        vs = _rows(v, item.k_start, item.k_stop)
+        dqs = _rows(dq, item.q_start, item.q_stop)
+        dks = _rows(dk, item.k_start, item.k_stop)
+        dvs = _rows(dv, item.k_start, item.k_stop)
+        common = (*q.stride(), *ks.stride(), *vs.stride(), *do.stride(), *lse.stride(), *delta.stride())
+
+        spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal)
+        grid = (triton.cdiv(item.k_len, spec.config.block_n), batch * kv_heads)
+        self._launch(spec, grid, q, ks, vs, do, lse, delta, dks, dvs, *common, *dks.stride(), *dvs.stride(),
+                     kv_heads, item.q_len, item.k_len, scale)
+
+        spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal)
+        grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
+        self._launch(spec, grid, q, ks, vs, do, lse, delta, dqs, *common, *dqs.stride(),
+                     heads, item.q_len, item.k_len, scale)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _spec(self, kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> KernelSpec:
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if heads % kv_heads:
+            raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+        if k.dtype != q.dtype:
+            raise TypeError(f"q is {q.dtype} but k/v are {k.dtype}")
+        return self._spec_for(kind, q.shape[-1], q.dtype, q.device, heads // kv_heads, causal)
+
+    @staticmethod
+    def _spec_for(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device,
+                  group: int = 1, causal: bool = False) -> KernelSpec:
+        arch = "interpreter" if cache.interpreting() else arch_of(device)
+        return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch)
+
+    @staticmethod
+    def _launch(spec: KernelSpec, grid: tuple, *args) -> None:
+        interpret = spec.arch == "interpreter"
+        kernel = cache.kernel(spec.kind, interpret)
+        device = args[0].device
+        if interpret:
+            context = cache.stdlib_mode(interpret=True)
+        elif device.type == "cuda":
+            context = torch.cuda.device(device)
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            kernel[grid](*args, **spec.constexprs(), **spec.launch_options())
