@@ -7,4 +7,19 @@ them is burstc.runtime.kernels.triton.TritonKernel.
 """
 from burstc.codegen.spec import KernelSpec, TileConfig, select_config
 
-__all__ = ["KernelSpec", "TileConfig", "select_config"]
+
+def sources_for_sites(plans, cfg) -> dict[str, str]:
+    """variant name -> specialised source, for the kernels the converted sites run on GPU (dumps)."""
+    from burstc.codegen.source import kernel_source, site_specs, variant_name
+
+    sources = {}
+    for plan in plans:
+        if not plan.converts:
+            continue
+        q, k = plan.site.tensor("query"), plan.site.tensor("key")
+        for spec in site_specs(q.dtype, int(q.shape[3]), int(q.shape[1]) // int(k.shape[1]), plan.causal):
+            sources.setdefault(variant_name(spec), kernel_source(spec))
+    return sources
+
+
+__all__ = ["KernelSpec", "TileConfig", "select_config", "sources_for_sites"]

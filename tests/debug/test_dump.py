@@ -51,3 +51,14 @@ def test_plan_table_matches_the_plan_object(dumped):
     assert plan.table(bytes_per_step=0) in report
     for q_rank in range(plan.world_size):
         assert f"q{q_rank} x k{q_rank}: {plan.pair(q_rank, q_rank).mask}" in report
+
+
+def test_kernel_sources_of_the_sites_are_dumped(dumped):
+    summary = json.loads((dumped / "summary.json").read_text())
+    kernels = summary["kernels"]
+    assert any("forward_step" in k and "causal" in k for k in kernels)  # diagonal pairs
+    assert any("forward_step" in k and "causal" not in k for k in kernels)  # off-diagonal pairs
+    source = (dumped / next(k for k in kernels if "backward_dq" in k)).read_text()
+    assert "# constexprs: {'HEAD_DIM': 8" in source and "@triton.jit" in source
+    assert "def backward_dq_kernel(" in source
+    ast.parse(source)
