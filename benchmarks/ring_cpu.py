@@ -6,8 +6,10 @@ PyTorch's own context-parallel ring on the same ranks and shapes, all measured i
 Every configuration runs in fresh spawned processes with `--threads` torch threads each (default 1),
 so peak memory is per configuration. Time: forward+backward of one attention (B=1, H heads, d),
 median over --iters after one warm-up; for the rings, the slowest rank's time. Peak memory: the
-process's peak RSS minus its RSS after imports (`ru_maxrss`), max over ranks. Bytes: what one rank
-sent (burstc.comm_stats), per backward scheme.
+process's peak RSS minus its RSS after imports (`ru_maxrss`), max over ranks; every process runs with
+MALLOC_MMAP_THRESHOLD_=1 MiB so that freed tensors leave the RSS (otherwise glibc keeps them and the
+peak measures the allocator, not the live tensors). Bytes: what one rank sent (burstc.comm_stats),
+per backward scheme.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ def _rss_mib() -> float:
 
 
 def _inputs(seq_len, heads, head_dim, seed=0):
+    """Fresh random q, k, v, dout of this process's length (a rank makes only its own shard, so peak
+    memory is not inflated by a full-sequence copy; correctness is the tests' job)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, seq_len, head_dim, generator=g) for _ in range(4)]  # q, k, v, dout
+    return [torch.randn(1, heads, seq_len, head_dim, generator=g) for _ in range(4)]
 
 
 def _timed(step, iters, sync=lambda: None):
@@ -63,10 +67,8 @@ def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, schem
     import burstc
 
     base = _rss_mib()
-    full = _inputs(seq_len, heads, head_dim)
-    q, k, v, dout = (burstc.shard_sequence(t, dim=2, layout=layout, world_size=world_size, rank=rank)
-                     for t in full)
-    del full
+    local = burstc.local_length(seq_len, layout, world_size, rank)
+    q, k, v, dout = _inputs(local, heads, head_dim, seed=rank)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def step():
@@ -82,12 +84,10 @@ def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, schem
 def torch_cp_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters):
     import torch.distributed as dist
 
-    from torch_cp_baseline import torch_cp_attention, torch_cp_shard
+    from torch_cp_baseline import torch_cp_attention
 
     base = _rss_mib()
-    full = _inputs(seq_len, heads, head_dim)
-    q, k, v, dout = (torch_cp_shard(t, dim=2, rank=rank, world_size=world_size, causal=causal) for t in full)
-    del full
+    q, k, v, dout = _inputs(seq_len // world_size, heads, head_dim, seed=rank)  # its ring needs N % 2G == 0
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def step():
@@ -106,10 +106,11 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--skip-torch-cp", action="store_true", help="leave out PyTorch's ring")
     args = p.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # read by each spawned process
     g = args.world_size
     shape = (args.heads, args.head_dim)
     rows = []

@@ -17,7 +17,7 @@ import torch
 
 from burstc.debug.trace import COMPUTE, POST, WAIT, maybe_span
 from burstc.runtime import stats
-from burstc.runtime.kernels.base import LocalKernel, QueryBundle, accumulation_dtype
+from burstc.runtime.kernels.base import GradSum, LocalKernel, QueryBundle, accumulation_dtype
 from burstc.runtime.transport import Held
 from burstc.schedule.cost import KV_RING, QUERY_RING
 from burstc.schedule.plan import SKIPPED, PairPlan, RingPlan
@@ -73,46 +73,53 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
     """Per rank (dq, dk, dv) in the accumulation dtype."""
     ranks = transport.ranks
     acc = accumulation_dtype(q[ranks[0]].dtype)
-    delta = {r: (dout[r].to(acc) * out[r].to(acc)).sum(dim=-1) for r in ranks}
-    zeros = lambda x: torch.zeros(x.shape, dtype=acc, device=x.device)  # noqa: E731
+    # D = rowsum(dO * O) as a batched dot product: no [B, H, L, d] temporary
+    delta = {r: torch.matmul(dout[r].to(acc).unsqueeze(-2), out[r].to(acc).unsqueeze(-1)).reshape(lse[r].shape)
+             for r in ranks}
+    grad_sum = lambda x: GradSum(x.shape, acc, x.device)  # noqa: E731
 
     if scheme == KV_RING:
         bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out[r]) for r in ranks}
-        dq = {r: zeros(q[r]) for r in ranks}
+        dq = {r: grad_sum(q[r]) for r in ranks}
 
         def compute(r: int, step: int, payload) -> tuple[torch.Tensor, ...]:
             kv_k, kv_v = payload
-            dk_part, dv_part = zeros(kv_k), zeros(kv_v)
+            dk_part, dv_part = grad_sum(kv_k), grad_sum(kv_v)
             visit = plan.kv_visit(step, r)
             for item in visit.items:
                 kernel.backward_step(bundles[r], kv_k, kv_v, item, scale, dq[r], dk_part, dv_part)
             _visit_done(visit)
-            return dk_part, dv_part
+            return dk_part.tensor(), dv_part.tensor()
 
         payload = {r: (k[r], v[r]) for r in ranks}
-        partial_like = {r: (torch.empty_like(k[r], dtype=acc), torch.empty_like(v[r], dtype=acc)) for r in ranks}
+        partial_like = {r: (_like(k[r], acc), _like(v[r], acc)) for r in ranks}
         own = _trailing_ring(plan, transport, payload, partial_like, compute)
-        return dq, {r: own[r][0] for r in ranks}, {r: own[r][1] for r in ranks}
+        return {r: dq[r].tensor() for r in ranks}, {r: own[r][0] for r in ranks}, {r: own[r][1] for r in ranks}
 
     if scheme == QUERY_RING:
-        dk = {r: zeros(k[r]) for r in ranks}
-        dv = {r: zeros(v[r]) for r in ranks}
+        dk = {r: grad_sum(k[r]) for r in ranks}
+        dv = {r: grad_sum(v[r]) for r in ranks}
 
         def compute(r: int, step: int, payload) -> tuple[torch.Tensor, ...]:
-            bundle = QueryBundle(*payload)
-            dq_part = zeros(bundle.q)
+            bundle = QueryBundle(*payload, out=out[r] if step == 0 else None)  # step 0: own queries
+            dq_part = grad_sum(bundle.q)
             visit = plan.query_visit(step, r)
             for item in visit.items:
                 kernel.backward_step(bundle, k[r], v[r], item, scale, dq_part, dk[r], dv[r])
             _visit_done(visit)
-            return (dq_part,)
+            return (dq_part.tensor(),)
 
         payload = {r: (q[r], dout[r], lse[r], delta[r]) for r in ranks}
-        partial_like = {r: (torch.empty_like(q[r], dtype=acc),) for r in ranks}
+        partial_like = {r: (_like(q[r], acc),) for r in ranks}
         own = _trailing_ring(plan, transport, payload, partial_like, compute)
-        return {r: own[r][0] for r in ranks}, dk, dv
+        return {r: own[r][0] for r in ranks}, {r: dk[r].tensor() for r in ranks}, {r: dv[r].tensor() for r in ranks}
 
     raise ValueError(f"unknown backward scheme {scheme!r}")
+
+
+def _like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A shape/dtype/device template that owns no memory (transports allocate receive buffers from it)."""
+    return torch.empty((), dtype=dtype, device=x.device).expand(x.shape)
 
 
 def _trailing_ring(plan: RingPlan, transport, payload: Held, partial_like: Held,

@@ -102,7 +102,7 @@ class GroupTransport:
 
     def shift(self, held: Held, tag: int) -> Pending:
         send = held[self._rank]
-        recv = tuple(torch.empty_like(t) for t in send)
+        recv = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in send)
         stats.count(self._field, _nbytes(send))
         works = dist.batch_isend_irecv(self._ops(send, recv, tag))
 
@@ -114,13 +114,13 @@ class GroupTransport:
     def send(self, held: Held, tag: int) -> None:
         send = held[self._rank]
         stats.count(self._field, _nbytes(send))
-        while len(self._sends) >= 2:  # bound the accumulators kept alive for in-flight sends
+        while self._sends:  # at most one accumulator send in flight: its buffer stays alive until done
             works, _ = self._sends.pop(0)
             self._wait_all(works, "its own accumulator send to complete")
         self._sends.append((dist.batch_isend_irecv(self._ops(send, (), tag)), send))
 
     def recv(self, like: Held, tag: int) -> Pending:
-        recv = tuple(torch.empty_like(t) for t in like[self._rank])
+        recv = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like[self._rank])
         works = dist.batch_isend_irecv(self._ops((), recv, tag))
 
         def wait():

@@ -42,6 +42,46 @@ class QueryBundle:
             self.cache = {}
 
 
+class GradSum:
+    """A gradient sum over [B, H, L, d] rows in the accumulation dtype. Its first contribution that
+    covers every row is adopted instead of added to zeros, which saves a buffer and a pass per ring
+    step (the CPU kernels return fresh gradient tensors). Kernels that add in place take `rows()`.
+    Wrapping an existing tensor (`GradSum.wrap`) makes every contribution add into it."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self._tensor: Optional[torch.Tensor] = None
+
+    @classmethod
+    def wrap(cls, tensor: torch.Tensor) -> "GradSum":
+        acc = cls(tensor.shape, tensor.dtype, tensor.device)
+        acc._tensor = tensor
+        return acc
+
+    def add_(self, start: int, stop: int, value: torch.Tensor) -> None:
+        """Add value (rows [start, stop); the caller hands over ownership) into the sum."""
+        adoptable = (self._tensor is None and start == 0 and stop == self.shape[2] and value.dtype == self.dtype
+                     and tuple(value.shape) == self.shape and value.is_contiguous())
+        if adoptable:
+            self._tensor = value
+        else:
+            self.rows(start, stop).add_(value)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """A view of rows [start, stop) to add into in place (materialises zeros first if needed)."""
+        return self.tensor()[:, :, start:stop]
+
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self._tensor
+
+
+def as_grad_sum(acc) -> GradSum:
+    """Kernels accept a GradSum or a plain tensor to add into."""
+    return acc if isinstance(acc, GradSum) else GradSum.wrap(acc)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -67,6 +107,6 @@ class LocalKernel(Protocol):
         Rows that saw no key get out = 0 and lse = -inf."""
 
     def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
-                      scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-        """Add the item's gradients into dq ([B, H_q, L_q, d]) and dk, dv ([B, H_kv, L_k, d]),
-        accumulation dtype, at the item's rows."""
+                      scale: float, dq, dk, dv) -> None:
+        """Add the item's gradients into dq ([B, H_q, L_q, d]) and dk, dv ([B, H_kv, L_k, d]) at the
+        item's rows: GradSum accumulators (or plain tensors) in the accumulation dtype."""

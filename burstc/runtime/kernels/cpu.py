@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from burstc.runtime.kernels import lse_state
-from burstc.runtime.kernels.base import QueryBundle, WorkItem
+from burstc.runtime.kernels.base import QueryBundle, WorkItem, as_grad_sum
 
 aten = torch.ops.aten
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -66,6 +66,6 @@ class CpuKernel:
             bundle.dout[:, :, rows].to(compute), bundle.q[:, :, rows].to(compute),
             k[:, :, cols].to(compute), v[:, :, cols].to(compute), carrier, lse,
             0.0, item.causal, scale=scale)
-        dq[:, :, rows] += g_q
-        dk[:, :, cols] += g_k
-        dv[:, :, cols] += g_v
+        as_grad_sum(dq).add_(item.q_start, item.q_stop, g_q)
+        as_grad_sum(dk).add_(item.k_start, item.k_stop, g_k)
+        as_grad_sum(dv).add_(item.k_start, item.k_stop, g_v)

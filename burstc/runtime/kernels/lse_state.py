@@ -40,7 +40,9 @@ def merge_block(state: LseState, start: int, stop: int, o_b: torch.Tensor, lse_b
     else:
         new_lse = torch.logaddexp(lse, lse_b)
         out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
-        out.add_(o_b * torch.exp(lse_b - new_lse).unsqueeze(-1))
+        weighted = o_b.mul_(torch.exp(lse_b - new_lse).unsqueeze(-1)) if o_b.is_contiguous() else \
+            o_b * torch.exp(lse_b - new_lse).unsqueeze(-1)  # in place when o_b is the kernel's fresh result
+        out.add_(weighted)
         lse.copy_(new_lse)
     state.touched[start:stop] = True
 

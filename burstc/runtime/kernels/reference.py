@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from burstc.runtime.kernels import lse_state
-from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype
+from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype, as_grad_sum
 
 
 def _expand_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
@@ -54,6 +54,7 @@ class ReferenceKernel:
         return lse_state.finalize(state)
 
     def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv) -> None:
+        dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         acc = dq.dtype
         h, h_kv = bundle.q.shape[1], k.shape[1]
         rows, cols = slice(item.q_start, item.q_stop), slice(item.k_start, item.k_stop)
@@ -66,6 +67,6 @@ class ReferenceKernel:
         p = torch.exp(_scores(q, ks, item, scale) - lse)
         dp = torch.matmul(do, vs.transpose(-1, -2))
         ds = p * (dp - delta) * scale
-        dq[:, :, rows] += torch.matmul(ds, ks)
-        dk[:, :, cols] += _reduce_heads(torch.matmul(ds.transpose(-1, -2), q), h_kv)
-        dv[:, :, cols] += _reduce_heads(torch.matmul(p.transpose(-1, -2), do), h_kv)
+        dq.add_(item.q_start, item.q_stop, torch.matmul(ds, ks))
+        dk.add_(item.k_start, item.k_stop, _reduce_heads(torch.matmul(ds.transpose(-1, -2), q), h_kv).contiguous())
+        dv.add_(item.k_start, item.k_stop, _reduce_heads(torch.matmul(p.transpose(-1, -2), do), h_kv).contiguous())

@@ -16,7 +16,7 @@ import triton
 from burstc.codegen import cache
 from burstc.codegen.spec import (BACKWARD_DKDV, BACKWARD_DQ, DELTA, FINALIZE, FORWARD_STEP, MAX_HEAD_DIM,
                                  TORCH_DTYPES, KernelSpec, arch_of)
-from burstc.runtime.kernels.base import QueryBundle, WorkItem
+from burstc.runtime.kernels.base import QueryBundle, WorkItem, as_grad_sum
 
 
 @dataclass
@@ -114,6 +114,7 @@ class TritonKernel:
                       scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
         if item.q_len == 0 or item.k_len == 0:
             return
+        dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         for name, acc in (("dq", dq), ("dk", dk), ("dv", dv)):
             if acc.dtype != torch.float32:
                 raise TypeError(f"{name} accumulator must be float32, got {acc.dtype}")
@@ -125,9 +126,9 @@ class TritonKernel:
         delta = _rows(bundle.delta, item.q_start, item.q_stop)
         ks = _rows(k, item.k_start, item.k_stop)
         vs = _rows(v, item.k_start, item.k_stop)
-        dqs = _rows(dq, item.q_start, item.q_stop)
-        dks = _rows(dk, item.k_start, item.k_stop)
-        dvs = _rows(dv, item.k_start, item.k_stop)
+        dqs = dq.rows(item.q_start, item.q_stop)
+        dks = dk.rows(item.k_start, item.k_stop)
+        dvs = dv.rows(item.k_start, item.k_stop)
         common = (*q.stride(), *ks.stride(), *vs.stride(), *do.stride(), *lse.stride(), *delta.stride())
 
         spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal)
