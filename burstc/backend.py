@@ -65,9 +65,17 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _dump_dir(cfg: BurstConfig):
+    """The dump_dir option, else a `burst/` folder beside Inductor's under TORCH_COMPILE_DEBUG=1."""
+    if cfg.dump_dir or os.environ.get("TORCH_COMPILE_DEBUG") != "1":
+        return cfg.dump_dir
+    return os.path.join(torch._dynamo.utils.get_debug_dir(), "burst")
+
+
 def _dump_wanted(cfg: BurstConfig) -> bool:
-    """Dumps cost a little per compile: only when asked for (dump_dir, TORCH_TRACE, DEBUG logs)."""
-    return bool(cfg.dump_dir or os.environ.get("TORCH_TRACE") or dump_log.isEnabledFor(logging.DEBUG))
+    """Dumps cost a little per compile: only when asked for (dump_dir, TORCH_COMPILE_DEBUG,
+    TORCH_TRACE, DEBUG logs)."""
+    return bool(_dump_dir(cfg) or os.environ.get("TORCH_TRACE") or dump_log.isEnabledFor(logging.DEBUG))
 
 
 def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
@@ -77,7 +85,7 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     world_size, group_name = _world(cfg)
     graph_id = f"g{next(_graph_ids)}"
     rank = dist.get_rank(cfg.group) if dist.is_available() and dist.is_initialized() else 0
-    dump = CompilationDump(graph_id, rank, world_size, cfg.dump_dir) if _dump_wanted(cfg) else None
+    dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
     gm = _canonicalize(gm, example_inputs)

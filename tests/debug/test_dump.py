@@ -62,3 +62,13 @@ def test_kernel_sources_of_the_sites_are_dumped(dumped):
     assert "# constexprs: {'HEAD_DIM': 8" in source and "@triton.jit" in source
     assert "def backward_dq_kernel(" in source
     ast.parse(source)
+
+
+def test_torch_compile_debug_gets_burst_dumps(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "debug_dir_root", str(tmp_path / "torch_compile_debug"))
+    monkeypatch.setenv("TORCH_COMPILE_DEBUG", "1")
+    torch._dynamo.reset()
+    torch.compile(TinyGPT(layers=1), backend="burst", options={"inner": "eager"})(torch.randint(0, 50, (1, 8)))
+    torch._dynamo.reset()
+    summaries = list(tmp_path.rglob("burst/*/summary.json"))
+    assert len(summaries) == 1 and "torch_compile_debug" in str(summaries[0])
