@@ -17,9 +17,11 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from burstc.codegen import sources_for_sites
 from burstc.config import BurstConfig
 from burstc.debug.dump import CompilationDump
 from burstc.debug.dump import log as dump_log
+from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
@@ -33,25 +35,6 @@ def _world(cfg: BurstConfig) -> tuple[int, str]:
     if not (dist.is_available() and dist.is_initialized()):
         return 1, ""
     return dist.get_world_size(cfg.group), (cfg.group.group_name if cfg.group is not None else "")
-
-
-def _canonicalize(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    try:
-        from burstc.passes.canonicalize import canonicalize_attention
-    except ImportError:  # pass not available in this build
-        return gm
-    result = canonicalize_attention(gm, example_inputs)
-    return result[0] if isinstance(result, tuple) else result
-
-
-def kernel_sources(plans, cfg: BurstConfig) -> dict[str, str]:
-    """Source of the Triton kernels the converted sites would run, keyed by kernel variant name;
-    empty where the codegen is not available."""
-    try:
-        from burstc.codegen import sources_for_sites
-    except ImportError:
-        return {}
-    return sources_for_sites(plans, cfg)
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> Callable:
@@ -88,14 +71,14 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
-    gm = _canonicalize(gm, example_inputs)
+    gm = canonicalize_attention(gm, example_inputs)
     if dump:
         dump.add_graph("canonicalize", gm)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
     gm = rewrite_sites(gm, plans, cfg, group_name, graph_id)
     if dump:
         dump.add_graph("rewrite", gm)
-        dump.add_plans(plans, kernel_sources(plans, cfg))
+        dump.add_plans(plans, sources_for_sites(plans))
         dump.write()
     log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id,
              sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size)

@@ -8,7 +8,7 @@ them is burstc.runtime.kernels.triton.TritonKernel.
 from burstc.codegen.spec import KernelSpec, TileConfig, select_config
 
 
-def sources_for_sites(plans, cfg) -> dict[str, str]:
+def sources_for_sites(plans) -> dict[str, str]:
     """variant name -> specialised source, for the kernels the converted sites run on GPU (dumps)."""
     from burstc.codegen.source import kernel_source, site_specs, variant_name
 

@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from burstc.backend import _canonicalize
 from burstc.config import BurstConfig
 from burstc.debug.render import plan_report
+from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import SitePlan, plan_sites
 from burstc.schedule.cost import AttentionShape
@@ -38,7 +38,7 @@ def trace_plans(model, args, cfg: BurstConfig, world_size: int) -> list[SitePlan
     captured: list[SitePlan] = []
 
     def capture(gm, example_inputs):
-        gm = _canonicalize(gm, example_inputs)
+        gm = canonicalize_attention(gm, example_inputs)
         captured.extend(plan_sites(find_attention_sites(gm), cfg, world_size))
         return gm.forward
 

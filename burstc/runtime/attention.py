@@ -134,9 +134,10 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,
                 group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
                 kernel: Optional[str], virtual_world_size: Optional[int] = None, attn_mask=None,
-                dropout_p: float = 0.0, full_sequence: bool = False) -> RingRun:
+                dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True) -> RingRun:
     """Validate a call (on every rank) and build its RingRun. full_sequence: q, k, v are the whole
-    sequence on every rank of the group (the compiled op) instead of this rank's shard."""
+    sequence on every rank of the group (the compiled op) instead of this rank's shard;
+    check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v)."""
     cfg = BurstConfig.from_env()
     layout = layout or cfg.layout
     backward = backward or cfg.backward
@@ -172,7 +173,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         local_len=q.shape[SEQ_DIM], dtype=q.dtype, causal=bool(causal), layout=layout,
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-                        checksum=replicated_checksum(q, k, v) if full_sequence and world_size > 1 else (0.0, 0.0))
+                        checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
+                        else (0.0, 0.0))
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)

@@ -32,9 +32,10 @@ def resolve_group(group_name: str) -> Optional[dist.ProcessGroup]:
     return dist.distributed_c10d._resolve_process_group(group_name)
 
 
-def _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name):
+def _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, check_replicas):
     return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
-                       layout=layout, backward=backward, kernel=kernel, full_sequence=True)
+                       layout=layout, backward=backward, kernel=kernel, full_sequence=True,
+                       check_replicas=check_replicas)
 
 
 @torch.library.custom_op("burst::attention", mutates_args=())
@@ -43,7 +44,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
               verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
-    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, check_replicas=True)
     out, lse, *_ = run.forward(q, k, v)
     out, lse = run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
     if verify_site and verify_site not in _verified_sites:
@@ -62,7 +63,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        lse: torch.Tensor, causal: bool, scale: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) over the full sequence, given the forward's out and lse."""
-    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
+    run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, check_replicas=False)
     qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
     return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
 

@@ -34,8 +34,8 @@ def _visit_done(visit: PairPlan) -> None:
 @contextlib.contextmanager
 def _comm_span(transport, phase: str, step: int, kind: str, device: torch.device):
     """A trace span for posting or waiting on transfers (real transports only: virtual hops are free)."""
-    if len(transport.ranks) == 1 and transport.plan.world_size > 1:
-        with maybe_span(transport.ranks[0], phase, step, kind, device):
+    if transport.traced_rank is not None:
+        with maybe_span(transport.traced_rank, phase, step, kind, device):
             yield
     else:
         yield

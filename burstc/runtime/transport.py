@@ -40,6 +40,7 @@ class VirtualTransport:
     def __init__(self, plan: RingPlan, phase: str):
         self.plan = plan
         self.ranks = tuple(range(plan.world_size))
+        self.traced_rank = None  # hops are free: no communication spans
         self._field = f"{phase}_bytes"
         self._mailbox: dict[int, Held] = {}
 
@@ -71,6 +72,7 @@ class GroupTransport:
         self.plan = plan
         self._uses_cuda = device.type == "cuda"
         self.ranks = (rank,)
+        self.traced_rank = rank
         self._rank = rank
         self._group = group
         self._field = f"{phase}_bytes"

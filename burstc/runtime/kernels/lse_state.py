@@ -30,7 +30,8 @@ def init_state(q: torch.Tensor) -> LseState:
 
 
 def merge_block(state: LseState, start: int, stop: int, o_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-    """Fold a normalised block result for rows [start, stop) into the state, in place."""
+    """Fold a normalised block result for rows [start, stop) into the state, in place. o_b is
+    consumed (scaled in place): callers pass the kernel's fresh result."""
     out, lse = state.out[:, :, start:stop], state.lse[:, :, start:stop]
     o_b = o_b.to(out.dtype)
     lse_b = lse_b.to(lse.dtype)
@@ -40,9 +41,7 @@ def merge_block(state: LseState, start: int, stop: int, o_b: torch.Tensor, lse_b
     else:
         new_lse = torch.logaddexp(lse, lse_b)
         out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
-        weighted = o_b.mul_(torch.exp(lse_b - new_lse).unsqueeze(-1)) if o_b.is_contiguous() else \
-            o_b * torch.exp(lse_b - new_lse).unsqueeze(-1)  # in place when o_b is the kernel's fresh result
-        out.add_(weighted)
+        out.add_(o_b.mul_(torch.exp(lse_b - new_lse).unsqueeze(-1)))
         lse.copy_(new_lse)
     state.touched[start:stop] = True
 
