@@ -1,6 +1,9 @@
 """The torch.compile backend "burst": the pass pipeline over Dynamo's graph, then the inner compiler.
 
-    canonicalize (hand-written attention -> SDPA) -> find_attention -> plan -> rewrite -> inner compiler
+    canonicalize (hand-written attention -> SDPA) -> find_attention -> plan -> [shard] -> rewrite -> inner compiler
+
+In sequence mode (the default on more than one rank) the shard pass partitions the whole graph along the
+sequence; where it cannot do so exactly, the graph keeps attention-parallel mode and the reason is logged.
 
 Registered as the `torch_dynamo_backends` entry point `burst`, so `torch.compile(model,
 backend="burst")` needs no import; `burstc.backend.burst_backend` is the same callable.
@@ -25,6 +28,7 @@ from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
+from burstc.passes.shard import ShardingError, shard_graph
 
 log = logging.getLogger("burstc.backend")
 _graph_ids = itertools.count()
@@ -75,14 +79,45 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     if dump:
         dump.add_graph("canonicalize", gm)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
-    gm = rewrite_sites(gm, plans, cfg, group_name, graph_id)
+    sharding = None
+    if cfg.sequence_mode(world_size) and any(p.converts for p in plans):
+        gm, plans, sharding = _sequence_parallel(gm, example_inputs, plans, cfg, world_size, rank, group_name, graph_id)
+        if dump and sharding:
+            dump.add_graph("shard", gm)
+            dump.add_text("sharding.md", sharding.table())
+    gm = rewrite_sites(gm, plans, cfg, group_name, graph_id, local=sharding is not None)
     if dump:
         dump.add_graph("rewrite", gm)
         dump.add_plans(plans, sources_for_sites(plans))
         dump.write()
-    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d", graph_id,
-             sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size)
+    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", graph_id,
+             sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size,
+             "sequence" if sharding else "attention-parallel")
     return inner_compile(gm, example_inputs, cfg.inner, kwargs.get("mode"))
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _sequence_parallel(gm, example_inputs, plans, cfg, world_size, rank, group_name, graph_id):
+    """(graph, plans, ShardingPlan) partitioned along the sequence, or the graph unchanged with sharding None
+    (attention-parallel mode) and the reason logged when the shard pass cannot do it exactly."""
+    work = _copy(gm)
+    work_plans = plan_sites(find_attention_sites(work), cfg, world_size)
+    try:
+        sharding = shard_graph(work, example_inputs, work_plans, layout=cfg.layout, world_size=world_size,
+                               rank=rank, group_name=group_name, local_outputs=cfg.outputs == "local")
+    except ShardingError as e:
+        counters["burst"]["seq_fallbacks"] += 1
+        log.warning("burst: graph %s stays attention-parallel (every rank runs the whole sequence outside "
+                    "attention): %s", graph_id, e)
+        return gm, plans, None
+    log.info("burst: graph %s is sequence-parallel: %d tensors sharded, %d boundaries\n%s", graph_id,
+             len(sharding.sharded), len(sharding.boundaries), sharding.table())
+    return work, work_plans, sharding
 
 
 def convert(model, *, fullgraph: bool = False, dynamic=None, **options):

@@ -11,6 +11,8 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | verify    | BURST_VERIFY      | False    | first call of each converted site also runs plain SDPA and raises on a mismatch |
 | dump_dir  | BURST_DUMP_DIR    | None     | write graphs, plans, pictures and kernels of each compiled graph there |
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
+| parallel  | BURST_PARALLEL    | auto     | sequence: every rank runs the whole model on its own tokens; attention: only attention is split, the rest runs replicated; auto: sequence when the group has more than one rank |
+| outputs   | BURST_OUTPUTS     | gathered | sequence mode: graph outputs with the sequence dim are gathered on every rank, or 'local' (this rank's rows, see burstc.shard_positions) |
 | group     | -                 | None     | the ring's torch.distributed process group (None: the default group) |
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+PARALLEL_MODES = ("auto", "sequence", "attention")
+OUTPUT_MODES = ("gathered", "local")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -33,6 +37,8 @@ class BurstConfig:
     verify: bool = False
     exclude: tuple[str, ...] = ()
     dump_dir: Optional[str] = None
+    parallel: str = "auto"
+    outputs: str = "gathered"
     group: Optional[Any] = None  # torch.distributed.ProcessGroup
 
     @classmethod
@@ -63,6 +69,11 @@ class BurstConfig:
         if "exclude" in options:
             options["exclude"] = tuple(options["exclude"])
         cfg = replace(cls.from_env(environ), **options)
-        if cfg.inner not in INNER_COMPILERS:
-            raise ValueError(f"unknown inner compiler {cfg.inner!r}: choose one of {', '.join(INNER_COMPILERS)}")
+        for name, allowed in (("inner", INNER_COMPILERS), ("parallel", PARALLEL_MODES), ("outputs", OUTPUT_MODES)):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
         return cfg
+
+    def sequence_mode(self, world_size: int) -> bool:
+        """Whether graphs are partitioned along the sequence (a group of one rank has nothing to split)."""
+        return world_size > 1 and self.parallel in ("auto", "sequence")

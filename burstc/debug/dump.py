@@ -69,6 +69,10 @@ class CompilationDump:
         index = sum(name.endswith(".py") for name in self.files)
         self.files[f"{index}_{stage}.py"] = graph_code(gm)
 
+    def add_text(self, name: str, text: str) -> None:
+        """A report of a pass (e.g. the sharding table) under its file name."""
+        self.files[name] = text
+
     def add_plans(self, plans: list[SitePlan], kernel_sources: Optional[dict[str, str]] = None) -> None:
         sites = []
         for plan in plans:

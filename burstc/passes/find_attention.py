@@ -50,15 +50,22 @@ class AttentionSite:
         return "causal" if self.is_causal is True else "none" if self.is_causal is False else "dynamic"
 
 
+def _bind(node: fx.Node) -> dict:
+    bound = dict(_DEFAULTS)
+    bound.update(zip(_PARAMS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SDPA_TARGETS:
-            bound = dict(_DEFAULTS)
-            bound.update(zip(_PARAMS, node.args))
-            bound.update(node.kwargs)
-            sites.append(AttentionSite(node=node, source=source_line(node), **bound))
-    return sites
+    return [AttentionSite(node=node, source=source_line(node), **_bind(node)) for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in SDPA_TARGETS]
+
+
+def rebind(site: AttentionSite) -> None:
+    """Point the site at its node's current arguments (after a pass replaced some of its inputs)."""
+    for name, value in _bind(site.node).items():
+        setattr(site, name, value)
 
 
 def source_line(node: fx.Node) -> str:

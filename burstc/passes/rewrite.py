@@ -18,7 +18,10 @@ _logged: set[tuple[str, str]] = set()
 
 
 def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, group_name: str,
-                  graph_id: str = "") -> fx.GraphModule:
+                  graph_id: str = "", local: bool = False) -> fx.GraphModule:
+    """local: the graph is sequence-sharded (the shard pass ran), so sites take and return this rank's
+    shards (`burst::attention_local`); otherwise they take the full sequence (`burst::attention`)."""
+    op = torch.ops.burst.attention_local.default if local else torch.ops.burst.attention.default
     for plan in plans:
         site = plan.site
         if not plan.converts:
@@ -32,7 +35,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
         graph = gm.graph
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
-            call = graph.call_function(torch.ops.burst.attention.default, (
+            call = graph.call_function(op, (
                 site.query, site.key, site.value, plan.causal, plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, group_name, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
@@ -40,7 +43,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
         site.node.replace_all_uses_with(out)
         graph.erase_node(site.node)
         counters["burst"]["sites_converted"] += 1
-        log.info("burst: attention %s -> burst::attention (layout %s, backward %s)%s", site.name,
+        log.info("burst: attention %s -> %s (layout %s, backward %s)%s", site.name, op,
                  plan.layout, plan.backward, f" at {site.source}" if site.source else "")
     gm.graph.lint()
     gm.recompile()

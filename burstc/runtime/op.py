@@ -1,10 +1,11 @@
 """`burst::attention`: burst attention as one opaque, differentiable torch.library op for compiled graphs.
 
-The op takes the whole sequence (identical on every rank of the group), computes this rank's shard
-of the ring and gathers the output, so a graph rewritten to call it computes what it computed
+`burst::attention` (attention-parallel mode) takes the whole sequence (identical on every rank of the
+group), computes this rank's shard of the ring and gathers the output, so a graph rewritten to call it computes what it computed
 before. All point-to-point transfers stay inside the op (never traced into a graph). Its backward is
 the op `burst::attention_backward`, which gathers full dq, dk, dv: every rank holds the same upstream
 gradient, so taking its own shard of each gathered gradient is the exact adjoint.
+`burst::attention_local` (sequence mode) takes and returns this rank's shards: nothing is gathered.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from burstc.runtime.attention import prepare_run
 from burstc.runtime.kernels import accumulation_dtype
+from burstc.runtime.sharding import unshard_sequence
 
 _verified_sites: set[str] = set()
 
@@ -100,3 +102,56 @@ def _verify(site, q, k, v, out, causal, scale, enable_gqa) -> None:
             f"burst: attention site {site} differs from F.scaled_dot_product_attention by {err:.3e} "
             f"(allowed {bound:.1e} for {q.dtype}). This is a burstc bug: please report it with the site's "
             f"plan; meanwhile compile with options={{'exclude': ['{site.split('/')[-1]}']}}.")
+
+
+# --- sequence mode: q, k, v are this rank's shard (the graph itself is sharded) -----------------------
+
+def _run_local(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name):
+    return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
+                       layout=layout, backward=backward, kernel=kernel)
+
+
+@torch.library.custom_op("burst::attention_local", mutates_args=())
+def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: Optional[float],
+                    enable_gqa: bool, layout: str, backward: str, kernel: str, group_name: str,
+                    verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
+    tokens in the layout's order (sequence mode). No gather: the output stays sharded."""
+    run = _run_local(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    out, lse, *_ = run.forward(q, k, v)
+    out, lse = run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
+    if verify_site and verify_site not in _verified_sites:
+        full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
+        _verify(verify_site, *full, causal, scale, enable_gqa)
+        _verified_sites.add(verify_site)
+    return out, lse
+
+
+@attention_local.register_fake
+def _(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, verify_site):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("burst::attention_local_backward", mutates_args=())
+def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: Optional[float],
+                             enable_gqa: bool, layout: str, backward: str, kernel: str,
+                             group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shards, given the forward's out and lse shards."""
+    run = _run_local(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
+    qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
+    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+
+
+@attention_local_backward.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, enable_gqa, layout, backward, kernel, group_name):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _local_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_local_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+attention_local.register_autograd(_local_backward, setup_context=_setup_context)

@@ -1,0 +1,479 @@
+"""shard: sequence mode. Every tensor of the graph becomes sequence-sharded (this rank's tokens, in the
+attention layout's order) or replicated, and boundary ops are inserted where the two meet, so that each
+rank runs the token-wise work of the whole model on its own tokens and only attention and reductions
+talk across ranks. Exact in forward and backward (see burstc/runtime/sequence_ops.py for the adjoints).
+
+Two sweeps over the graph:
+1. backward from the attention sites: which tensors *want* to be sharded, through token-wise ops back to
+   the graph inputs, stopping where a tensor has a user that needs it whole (so input ids are sharded
+   before the embedding, and labels stay whole until they meet the sharded logits);
+2. forward in graph order: each op's placement follows from its inputs and its want; replicated tensors
+   entering sharded ops take this rank's positions (`burst::seq_shard`), replicated tensors that need
+   gradients entering sharded ops get them summed over the ranks (`grad_sum`, one bucket for all
+   parameters), sharded tensors reaching an op that mixes tokens are gathered (`burst::seq_gather`,
+   logged with the source line and bytes), reductions over the sequence become a local reduction and an
+   all-reduce, and sharded graph outputs are gathered (or left local with outputs="local").
+
+The result is checked by running the rewritten graph on fake tensors of the local shapes; anything the
+pass cannot do exactly raises ShardingError, and the backend then keeps the graph attention-parallel.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from burstc.passes.find_attention import rebind, source_line
+from burstc.passes.plan import SitePlan
+from burstc.passes.shard_rules import (RESIZED, SeqDim, is_tensor, op_name, reduced_dims, rule_for,
+                                       set_local_size, shape, tensor_inputs, value)
+from burstc.runtime import sequence_ops
+from burstc.schedule.layout import chunk_count, local_length, shard_positions
+
+log = logging.getLogger("burstc.passes")
+GATHER_WARN_BYTES = 1 << 30
+_logged: set[tuple[str, str]] = set()
+
+
+class ShardingError(Exception):
+    """The graph cannot be partitioned exactly; the message says why."""
+
+
+@dataclass
+class Boundary:
+    """One inserted boundary op, for the sharding table."""
+
+    kind: str  # shard, gather, grad_sum, reduce, output_gather
+    tensor: str
+    spec: str
+    bytes_per_rank: int
+    reason: str = ""
+    source: str = ""
+
+
+@dataclass
+class ShardingPlan:
+    """What the pass decided: the placement of every tensor and every boundary it inserted."""
+
+    seq_len: int
+    layout: str
+    world_size: int
+    rank: int
+    local_len: int
+    placements: dict[str, str] = field(default_factory=dict)  # node name -> "seq@d" or "replicated"
+    ops: dict[str, str] = field(default_factory=dict)  # node name -> op name
+    boundaries: list[Boundary] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> list[str]:
+        return [n for n, p in self.placements.items() if p != "replicated"]
+
+    def table(self) -> str:
+        lines = [f"sequence mode: {self.seq_len} tokens, layout {self.layout}, {self.world_size} ranks; rank "
+                 f"{self.rank} holds {self.local_len} tokens",
+                 f"{len(self.sharded)} of {len(self.placements)} tensors sharded", "",
+                 "| tensor | op | placement |", "|---|---|---|"]
+        lines += [f"| {n} | {self.ops.get(n, '')} | {p} |" for n, p in self.placements.items()]
+        lines += ["", "| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
+                  for b in self.boundaries]
+        return "\n".join(lines)
+
+
+def _nbytes(node: fx.Node) -> int:
+    v = value(node)
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def _requires_grad(node: fx.Node) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) and v.requires_grad
+
+
+def seq_positions(start: int, seq_len: int, layout: str, world_size: int, rank: int, dtype, device):
+    """`torch.arange(start, start + seq_len)` at this rank's positions."""
+    return (shard_positions(seq_len, layout, world_size, rank) + start).to(dtype=dtype, device=device)
+
+
+class _Sharder:
+    def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
+                 rank: int, group_name: str, local_outputs: bool):
+        self.gm, self.graph = gm, gm.graph
+        self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
+        self.group_name, self.local_outputs = group_name, local_outputs
+        self.local_len = local_length(seq_len, layout, world_size, rank)
+        self.sites = {p.site.node: p for p in plans if p.converts}
+        self.want: dict[fx.Node, SeqDim] = {}
+        self.place: dict[fx.Node, Optional[SeqDim]] = {}
+        self.entered: dict[tuple, fx.Node] = {}
+        self.grad_sums: list[tuple[fx.Node, fx.Node]] = []  # (consumer, replicated input)
+        self.plan = ShardingPlan(seq_len, layout, world_size, rank, self.local_len)
+
+    # -- rules ------------------------------------------------------------------------------------
+    def rule(self, node: fx.Node):
+        if node in self.sites:
+            return _AttentionRule(self.sites[node].site)
+        try:
+            return rule_for(node, self.seq_len)
+        except (TypeError, ValueError, IndexError, KeyError):
+            return None
+
+    def _is_seq_reduction(self, node: fx.Node, spec: SeqDim) -> bool:
+        name = op_name(node)
+        if name in ("sum", "mean") and node.args and node.args[0] is not None:
+            dims = reduced_dims(node)
+            return dims is not None and spec.dim in dims and not (set(node.kwargs) - {"dim", "keepdim"})
+        return name == "cross_entropy"
+
+    def accepts(self, user: fx.Node, node: fx.Node, spec: SeqDim) -> bool:
+        """Whether `user` can take `node` sharded as `spec` without a gather."""
+        if user.op == "output":
+            return True
+        if self._is_seq_reduction(user, spec) and user.args[0] is node:
+            return True
+        rule = self.rule(user)
+        if rule is None:
+            return False
+        if user in self.want:
+            need = rule.inputs_for(self.want[user])
+            return need is not None and need.get(node) == spec
+        return rule.output_for(node, spec) is not None
+
+    # -- sweep 1: wants, from attention back to the inputs ----------------------------------------
+    def propagate_wants(self) -> None:
+        proposals: dict[fx.Node, set[SeqDim]] = {}
+        for site in self.sites.values():
+            for t in (site.site.query, site.site.key, site.site.value):
+                proposals.setdefault(t, set()).add(SeqDim(2))
+        for node in reversed(list(self.graph.nodes)):
+            wanted = proposals.get(node)
+            if not wanted or len(wanted) > 1 or not is_tensor(node):
+                continue
+            spec = next(iter(wanted))
+            if not all(self.accepts(u, node, spec) for u in node.users):
+                continue
+            self.want[node] = spec
+            rule = self.rule(node)
+            if rule is None or node.op == "placeholder":
+                continue
+            need = rule.inputs_for(spec)
+            for a, s in (need or {}).items():
+                if s is not None:
+                    proposals.setdefault(a, set()).add(s)
+
+    # -- sweep 2: placements and boundaries -------------------------------------------------------
+    def run(self) -> ShardingPlan:
+        self.propagate_wants()
+        for node in list(self.graph.nodes):
+            if node.op in ("placeholder", "get_attr"):
+                self.place[node] = None
+                if node in self.want and node.users:
+                    self.place[node] = self._shard_source(node, self.want[node])
+            elif node.op == "output":
+                self._outputs(node)
+            elif node.op in ("call_function", "call_method"):
+                self._visit(node)
+        self._bucket_grad_sums()
+        for node in reversed(list(self.graph.nodes)):  # what the boundaries replaced (an arange) is dead
+            if op_name(node) == "arange" and not node.users:
+                self.graph.erase_node(node)
+        for node in self.graph.nodes:
+            if is_tensor(node) and node.op != "output":
+                spec = self.place.get(node)
+                self.plan.placements[node.name] = str(spec) if spec else "replicated"
+                self.plan.ops[node.name] = op_name(node)
+        self.graph.lint()
+        self.gm.recompile()
+        return self.plan
+
+    def _shard_source(self, node: fx.Node, spec: SeqDim) -> SeqDim:
+        """A graph input wanted sharded: shard it once, right after the placeholder."""
+        users = list(node.users)
+        entered = self._enter(node, spec, check=node.name)
+        for u in users:
+            u.replace_input_with(node, entered)
+        self.entered[(node, spec)] = entered
+        self.place[entered] = spec
+        return None  # the placeholder itself stays replicated; its users see the shard
+
+    def _visit(self, node: fx.Node) -> None:
+        inputs = tensor_inputs(node)
+        sharded = [(a, self.place[a]) for a in inputs if self.place.get(a)]
+        if sharded and self._is_seq_reduction(node, sharded[0][1]) and node.args[0] is sharded[0][0]:
+            return self._reduce(node, sharded)
+        rule = self.rule(node)
+        if rule is None:
+            self.place[node] = None
+            if sharded:
+                self._gather_inputs(node, sharded, f"{op_name(node)} is not token-wise (or not known to burst)")
+            return
+        out = None
+        for a, s in sharded:
+            out = rule.output_for(a, s)
+            if out is not None:
+                break
+        if out is None and node in self.want and not sharded:
+            out = self.want[node]
+        need = rule.inputs_for(out) if out is not None else None
+        if need is None:
+            self.place[node] = None
+            if sharded:
+                self._gather_inputs(node, sharded, f"{op_name(node)} mixes tokens along the sequence")
+            return
+        if op_name(node) in RESIZED and not set_local_size(node, out, self._global(out), self._local(out)):
+            self.place[node] = None
+            if sharded:
+                self._gather_inputs(node, sharded, f"{op_name(node)}'s size argument is not a literal")
+            return
+        for a in inputs:
+            self._fix_edge(node, a, need.get(a))
+        self.place[node] = out
+
+    def _global(self, spec: SeqDim) -> int:
+        return spec.outer * self.seq_len * spec.inner
+
+    def _local(self, spec: SeqDim) -> int:
+        return spec.outer * self.local_len * spec.inner
+
+    def _fix_edge(self, consumer: fx.Node, a: fx.Node, need: Optional[SeqDim]) -> None:
+        have = self.place.get(a)
+        if need == have:
+            if need is None and _requires_grad(a):
+                self.grad_sums.append((consumer, a))
+            return
+        if need is None:
+            raise ShardingError(f"{consumer.name} ({op_name(consumer)}) would combine the sharded {a.name} "
+                                "with a dim that is not the sequence")
+        source = a
+        if have is not None:
+            source = self._gather(a, have, f"{consumer.name} needs it sharded as {need}", consumer)
+        key = (source, need)
+        if key not in self.entered:
+            self.entered[key] = self._enter(source, need, check=source.name)
+            self.place[self.entered[key]] = need
+        consumer.replace_input_with(a, self.entered[key])
+
+    # -- boundary builders ------------------------------------------------------------------------
+    def _spec_args(self, spec: SeqDim) -> tuple:
+        return (spec.dim, spec.outer, spec.inner, self.seq_len, self.layout, self.group_name)
+
+    def _after(self, node: fx.Node) -> fx.Node:
+        """Where to insert a node computed from `node`: after it, or after the last graph input."""
+        return [n for n in self.graph.nodes if n.op == "placeholder"][-1] if node.op == "placeholder" else node
+
+    def _enter(self, node: fx.Node, spec: SeqDim, check: str) -> fx.Node:
+        """Replicated -> this rank's positions; an `arange` over the sequence becomes the positions."""
+        if op_name(node) == "arange" and spec == SeqDim(0) and self._is_plain_arange(node):
+            start = node.args[0] if len(node.args) >= 2 else 0
+            with self.graph.inserting_after(node):
+                new = self.graph.call_function(seq_positions, (
+                    start, self.seq_len, self.layout, self.world_size, self.rank, value(node).dtype,
+                    value(node).device))
+            self._record("shard", node, spec, 0, "arange over the sequence: this rank's positions")
+        else:
+            with self.graph.inserting_after(self._after(node)):
+                new = self.graph.call_function(torch.ops.burst.seq_shard.default,
+                                               (node, *self._spec_args(spec), check))
+            self._record("shard", node, spec, 0, "replicated value meets sharded work")
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        return new
+
+    def _is_plain_arange(self, node: fx.Node) -> bool:
+        ends = [a for a in node.args if not isinstance(a, fx.Node)]
+        if len(ends) != len(node.args) or not 1 <= len(ends) <= 2 or node.kwargs.get("step", 1) != 1:
+            return False
+        start = ends[0] if len(ends) == 2 else 0
+        return ends[-1] - start == self.seq_len
+
+    def _gather(self, a: fx.Node, spec: SeqDim, reason: str, consumer: fx.Node) -> fx.Node:
+        key = ("gathered", a)
+        if key not in self.entered:
+            with self.graph.inserting_after(self._after(a)):
+                g = self.graph.call_function(torch.ops.burst.seq_gather.default, (a, *self._spec_args(spec)))
+            self.entered[key] = g
+            self.place[g] = None
+            full = _nbytes(a)  # example values are still the global ones during the sweep
+            src = source_line(consumer)
+            self._record("gather", a, spec, full, reason, src)
+            counters["burst"]["seq_gathers"] += 1
+            if (src, reason) not in _logged:
+                _logged.add((src, reason))
+                log.warning("burst: sequence mode gathers %s (%d bytes per rank) before %s: %s%s", a.name, full,
+                            consumer.name, reason, f" (at {src})" if src else "")
+        return self.entered[key]
+
+    def _gather_inputs(self, node: fx.Node, sharded, reason: str) -> None:
+        for a, spec in sharded:
+            node.replace_input_with(a, self._gather(a, spec, reason, node))
+
+    def _record(self, kind, node, spec, nbytes, reason, src="") -> None:
+        self.plan.boundaries.append(Boundary(kind, node.name, str(spec) if spec else "", nbytes, reason, src))
+
+    def _reduce(self, node: fx.Node, sharded) -> None:
+        """A reduction over the sharded sequence: local reduction + all-reduce (means over the global count)."""
+        src, spec = sharded[0]
+        name = op_name(node)
+        if name == "cross_entropy":
+            self._cross_entropy(node, src, spec)
+        else:
+            dims = reduced_dims(node)
+            keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+            full = [int(s) for s in shape(src)]
+            full[spec.dim] = self._global(spec)
+            count = 1
+            for d in dims:
+                count *= full[d]
+            all_dims = len(dims) == len(full)
+            with self.graph.inserting_before(node):
+                new = self.graph.call_function(sequence_ops.sharded_sum, (
+                    src, self.group_name, None if all_dims and "dim" not in node.kwargs and len(node.args) < 2
+                    else dims, keepdim, float(count) if name == "mean" else 1.0))
+            self._replace(node, new)
+        self._record("reduce", src, spec, 0, f"{name} over the sequence: local {name} + all-reduce")
+        self.place[node] = None
+
+    def _cross_entropy(self, node: fx.Node, logits: fx.Node, spec: SeqDim) -> None:
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+                 "label_smoothing")
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        reduction = bound.get("reduction", "mean")
+        weight, smoothing = bound.get("weight"), bound.get("label_smoothing", 0.0)
+        if bound.get("size_average") is not None or bound.get("reduce") is not None:
+            raise ShardingError("cross_entropy with the deprecated size_average/reduce arguments")
+        if reduction not in ("mean", "sum") or (weight is not None and smoothing):
+            raise ShardingError(f"cross_entropy(reduction={reduction!r}, weight and label_smoothing together)")
+        if spec.dim == 1:
+            raise ShardingError("cross_entropy over a class dim that carries the sequence")
+        if isinstance(weight, fx.Node) and _requires_grad(weight):
+            raise ShardingError("cross_entropy with class weights that require a gradient")
+        target = bound["target"]
+        tspec = SeqDim(spec.dim if spec.dim == 0 else spec.dim - 1, spec.outer, spec.inner)
+        self._fix_edge(node, target, tspec)
+        target = node.args[1] if len(node.args) > 1 else node.kwargs["target"]
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(sequence_ops.sharded_cross_entropy, (logits, target, self.group_name), {
+                "weight": weight,
+                "ignore_index": bound.get("ignore_index", -100), "reduction": reduction,
+                "label_smoothing": smoothing})
+        self._replace(node, new)
+
+    def _replace(self, old: fx.Node, new: fx.Node) -> None:
+        new.meta.update(old.meta)
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+        self.place[new] = None
+
+    def _outputs(self, node: fx.Node) -> None:
+        def fix(a):
+            spec = self.place.get(a) if isinstance(a, fx.Node) else None
+            if spec is None:
+                return a
+            full = _nbytes(a)
+            if self.local_outputs:
+                self._record("output", a, spec, 0, "left local (outputs='local')")
+                return a
+            if full > GATHER_WARN_BYTES:
+                log.warning("burst: sequence mode gathers the %.1f GiB output %s on every rank; compile with "
+                            "options={'outputs': 'local'} to keep this rank's rows (burstc.shard_positions "
+                            "relates them to tokens)", full / 2**30, a.name)
+            with self.graph.inserting_before(node):
+                g = self.graph.call_function(torch.ops.burst.seq_gather.default, (a, *self._spec_args(spec)))
+            self._record("output_gather", a, spec, full, "graph output")
+            return g
+
+        node.args = fx.node.map_arg(node.args, fix)
+
+    def _bucket_grad_sums(self) -> None:
+        """Parameters (graph inputs) needing a gradient sum go into one bucket after the last input;
+        replicated intermediates get their own, right after they are computed."""
+        inputs = [a for _, a in self.grad_sums if a.op in ("placeholder", "get_attr")]
+        bucket = list(dict.fromkeys(inputs))
+        views: dict[fx.Node, fx.Node] = {}
+        if bucket:
+            last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+            with self.graph.inserting_after(last):
+                call = self.graph.call_function(sequence_ops.grad_sum, (self.group_name, *bucket))
+            anchor = call
+            for i, a in enumerate(bucket):
+                with self.graph.inserting_after(anchor):
+                    views[a] = anchor = self.graph.call_function(operator.getitem, (call, i))
+            self._record("grad_sum", call, None, 0, f"{len(bucket)} replicated inputs: gradients summed over "
+                                                     "the ranks in one all-reduce")
+            counters["burst"]["seq_grad_sum_inputs"] += len(bucket)
+        for consumer, a in self.grad_sums:
+            if a not in views:
+                with self.graph.inserting_after(self._after(a)):
+                    call = self.graph.call_function(sequence_ops.grad_sum, (self.group_name, a))
+                with self.graph.inserting_after(call):
+                    views[a] = self.graph.call_function(operator.getitem, (call, 0))
+                self._record("grad_sum", a, None, 0, "replicated value with a gradient meets sharded work")
+            consumer.replace_input_with(a, views[a])
+
+
+class _AttentionRule:
+    """A converted attention site: q, k, v and the output are sharded along dim 2 ([B, H, N, d])."""
+
+    def __init__(self, site):
+        self.inputs = [site.query, site.key, site.value]
+
+    def inputs_for(self, out: SeqDim):
+        return {a: SeqDim(2) for a in self.inputs} if out == SeqDim(2) else None
+
+    def output_for(self, a, spec: SeqDim):
+        return SeqDim(2) if spec == SeqDim(2) else None
+
+
+def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local: dict) -> None:
+    """Run the rewritten graph on fake tensors: every op must accept the local shapes, and every sharded
+    tensor must have its local size on its sequence dim."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    try:
+        FakeTensorProp(gm, mode).propagate(*fakes)
+    except Exception as e:  # noqa: BLE001 - any failure means the local program is not valid
+        raise ShardingError(f"the sharded graph does not run on local shapes: {type(e).__name__}: {e}") from e
+    for node in gm.graph.nodes:
+        spec = place.get(node)
+        val = node.meta.get("val")
+        if spec is not None and isinstance(val, torch.Tensor) and int(val.shape[spec.dim]) != local[spec]:
+            raise ShardingError(f"{node.name} has {val.shape[spec.dim]} rows on its sequence dim, expected "
+                                f"{local[spec]}")
+
+
+def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
+                rank: int, group_name: str, local_outputs: bool = False) -> ShardingPlan:
+    """Partition gm (in place) along the sequence of its converting attention sites; raises
+    ShardingError (gm then unusable: pass a copy) when that cannot be done exactly."""
+    converting = [p for p in plans if p.converts]
+    lengths = {p.seq_len for p in converting}
+    if len(lengths) != 1:
+        raise ShardingError(f"the attention sites have sequence lengths {sorted(map(str, lengths))}; sequence "
+                            "mode shards one sequence per graph")
+    seq_len = lengths.pop()
+    if not isinstance(seq_len, int):
+        raise ShardingError(f"the sequence length is symbolic ({seq_len}); sequence mode needs static shapes "
+                            "(compile with dynamic=False, or mark the batch dynamic but not the sequence)")
+    if seq_len < chunk_count(layout, world_size):
+        raise ShardingError(f"{seq_len} tokens are fewer than the {chunk_count(layout, world_size)} chunks of "
+                            f"the {layout} layout on {world_size} ranks")
+    sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, local_outputs)
+    plan = sharder.run()
+    local = {s: sharder._local(s) for s in set(sharder.place.values()) if s is not None}
+    _check_local_shapes(gm, example_inputs, sharder.place, local)
+    for p in converting:  # the rewrite reads the sites' inputs: some are now boundary ops
+        rebind(p.site)
+    for node in gm.graph.nodes:  # later passes read example values: give them the local ones
+        if "val" in node.meta and "example_value" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+    counters["burst"]["seq_graphs"] += 1
+    counters["burst"]["seq_sharded_tensors"] += len(plan.sharded)
+    return plan

@@ -1,0 +1,335 @@
+"""shard_rules: how the sequence dim of a tensor maps through one op of a Dynamo graph, for the
+sequence-mode sharding pass. A rule says, for an op that is token-wise (every output token depends only
+on the same token of its inputs), which dim of each input carries the sequence when a given dim of the
+output does, and the other way round. Ops without a rule mix tokens (or are not known to us): the pass
+gathers their sharded inputs first, which is always exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class SeqDim:
+    """A tensor sharded along the sequence: dim `dim` has the global size `outer * seq_len * inner`,
+    the sequence being the middle factor (outer, inner > 1 when a view merged it with its neighbours,
+    e.g. the batch in `logits.view(-1, vocab)`)."""
+
+    dim: int
+    outer: int = 1
+    inner: int = 1
+
+    def __str__(self) -> str:
+        merged = "" if self.outer == self.inner == 1 else f" (outer {self.outer}, inner {self.inner})"
+        return f"seq@{self.dim}{merged}"
+
+
+# ---- what a node is -------------------------------------------------------------------------------
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def value(node: Any):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def shape(node: Any) -> Optional[tuple[int, ...]]:
+    """The static shape of a tensor node (of one element for a tuple of equal tensors); None if not a
+    tensor or the shape is symbolic."""
+    v = value(node)
+    if isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        v = v[0]
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in v.shape)
+    except TypeError:
+        return None
+
+
+def is_tensor(node: Any) -> bool:
+    return shape(node) is not None
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The distinct tensor-valued nodes among the node's arguments, in order."""
+    seen: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: seen.append(a) if is_tensor(a) and a not in seen else None)
+    return seen
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+# ---- rules ----------------------------------------------------------------------------------------
+
+class DimMap:
+    """For each tensor input, the output dims that are that input's dims unchanged: {out_dim: in_dim}.
+    Sharding passes through such a pair with its outer/inner factors as they are."""
+
+    def __init__(self, maps: dict[fx.Node, dict[int, int]]):
+        self.maps = maps
+
+    def inputs_for(self, out: SeqDim) -> dict[fx.Node, Optional[SeqDim]]:
+        return {a: (replace(out, dim=m[out.dim]) if out.dim in m else None) for a, m in self.maps.items()}
+
+    def output_for(self, a: fx.Node, spec: SeqDim) -> Optional[SeqDim]:
+        for out_dim, in_dim in self.maps.get(a, {}).items():
+            if in_dim == spec.dim:
+                return replace(spec, dim=out_dim)
+        return None
+
+
+class ViewMap:
+    """view/reshape/flatten/unflatten: the sequence factor keeps its place in row-major element order,
+    so its dim (and outer/inner factors) follow from the two shapes and the sequence length."""
+
+    def __init__(self, src: fx.Node, in_shape, out_shape, seq_len: int):
+        self.src, self.in_shape, self.out_shape, self.seq_len = src, in_shape, out_shape, seq_len
+
+    def _move(self, spec: SeqDim, from_shape, to_shape) -> Optional[SeqDim]:
+        stride = spec.inner * math.prod(from_shape[spec.dim + 1:])  # elements between consecutive tokens
+        for j in range(len(to_shape)):
+            below = math.prod(to_shape[j + 1:])
+            span = below * to_shape[j]
+            if stride % below == 0 and span % (stride * self.seq_len) == 0:
+                return SeqDim(j, outer=span // (stride * self.seq_len), inner=stride // below)
+        return None
+
+    def inputs_for(self, out: SeqDim) -> Optional[dict[fx.Node, Optional[SeqDim]]]:
+        spec = self._move(out, self.out_shape, self.in_shape)
+        return None if spec is None else {self.src: spec}
+
+    def output_for(self, a: fx.Node, spec: SeqDim) -> Optional[SeqDim]:
+        return self._move(spec, self.in_shape, self.out_shape) if a is self.src else None
+
+
+def _broadcast(out_shape, inputs: list[fx.Node], skip_out=()) -> DimMap:
+    """Elementwise with broadcasting: inputs align to the output from the right; a broadcast (size-1 or
+    missing) dim carries no sequence."""
+    maps = {}
+    n = len(out_shape)
+    for a in inputs:
+        s = shape(a)
+        m = {}
+        for d in range(n):
+            i = d - (n - len(s))
+            if i >= 0 and s[i] == out_shape[d] and d not in skip_out:
+                m[d] = i
+        maps[a] = m
+    return DimMap(maps)
+
+
+def _same_order(src: fx.Node, out_shape, skip_in=()) -> DimMap:
+    """Output dims are the input's dims in the same order, less size-1 dims added or removed
+    (unsqueeze, squeeze) and less the dims in skip_in."""
+    in_shape = shape(src)
+    ins = [i for i, s in enumerate(in_shape) if s != 1 and i not in skip_in]
+    outs = [o for o, s in enumerate(out_shape) if s != 1]
+    kept = [i for i, s in enumerate(in_shape) if s != 1]
+    if len(kept) != len(outs):
+        return DimMap({src: {}})
+    pairs = dict(zip(outs, kept))
+    return DimMap({src: {o: i for o, i in pairs.items() if i in ins}})
+
+
+POINTWISE = {
+    "add", "sub", "mul", "truediv", "div", "floordiv", "neg", "pos", "pow", "rsqrt", "sqrt", "exp", "exp2",
+    "log", "log1p", "log2", "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu",
+    "mish", "softplus", "hardtanh", "hardswish", "hardsigmoid", "cos", "sin", "abs", "erf", "sign", "square",
+    "reciprocal", "clamp", "clip", "maximum", "minimum", "where", "masked_fill", "float", "half", "bfloat16",
+    "double", "to", "type", "contiguous", "clone", "detach", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
+    "logical_and", "logical_or", "bitwise_not", "and_", "or_", "invert", "mod", "remainder", "lerp", "addcmul",
+    "dropout", "dropout1d", "dropout2d", "alpha_dropout", "nan_to_num", "tril_", "softcap", "int", "long",
+    "bool", "sub_", "add_", "mul_", "div_", "masked_fill_", "clamp_", "copy_", "requires_grad_",
+}
+SOFTMAX = {"softmax", "log_softmax"}
+REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "prod", "any", "all"}
+SAME_ORDER = {"unsqueeze", "squeeze"}
+VIEWS = {"view", "reshape", "flatten", "unflatten"}
+
+
+def reduced_dims(node: fx.Node) -> Optional[tuple[int, ...]]:
+    """The dims a reduction op reduces over (all of them when no dim is given); None if unknown."""
+    src = node.args[0]
+    ndim = len(shape(src))
+    dims = arg(node, 1, "dim")
+    if dims is None:
+        return tuple(range(ndim))
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(sorted(_dim(d, ndim) for d in dims))
+
+
+def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
+    src, index = node.args
+    if isinstance(value(src), (tuple, list)):  # an element of a split/unbind: same dims as the tuple
+        return DimMap({src: {d: d for d in range(len(out_shape))}})
+    in_shape = shape(src)
+    index = index if isinstance(index, tuple) else (index,)
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: list = []
+    for i in index:
+        expanded.extend([slice(None)] * (len(in_shape) - used) if i is Ellipsis else [i])
+    expanded.extend([slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None)))
+    m, in_d, out_d = {}, 0, 0
+    for i in expanded:
+        if i is None:
+            out_d += 1
+        elif isinstance(i, int):
+            in_d += 1
+        elif isinstance(i, slice):
+            if in_d < len(in_shape) and out_shape[out_d] == in_shape[in_d] and i.step in (None, 1):
+                m[out_d] = in_d
+            out_d += 1
+            in_d += 1
+        else:  # tensor indices: not token-wise for us
+            return None
+    return DimMap({src: m})
+
+
+def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
+    """The DimMap or ViewMap of a token-wise op, or None when the op is unknown or mixes tokens."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    out_shape = shape(node)
+    if out_shape is None:
+        return None
+    name = op_name(node)
+    inputs = tensor_inputs(node)
+    if not inputs:
+        return None
+    src = node.args[0] if node.args else None
+    if name in POINTWISE:
+        if name in ("dropout", "dropout1d", "dropout2d", "alpha_dropout", "type_as"):
+            inputs = [src]
+        return _broadcast(out_shape, inputs)
+    if name == "type_as":
+        return _broadcast(out_shape, [src])
+    if name in SOFTMAX:
+        return _broadcast(out_shape, [src], skip_out={_dim(arg(node, 1, "dim"), len(out_shape))})
+    if name in REDUCE:
+        dims = reduced_dims(node)
+        if dims is None:
+            return None
+        keep = [d for d in range(len(shape(src))) if d not in dims]
+        keepdim = arg(node, 2, "keepdim", False)
+        return DimMap({src: ({d: d for d in keep} if keepdim else {o: d for o, d in enumerate(keep)})})
+    if name == "linear":
+        return DimMap({a: ({d: d for d in range(len(out_shape) - 1)} if a is src else {}) for a in inputs})
+    if name in ("matmul", "bmm", "__matmul__"):
+        a, b = node.args[:2]
+        sa, sb, n = shape(a), shape(b), len(out_shape)
+        if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+            return None
+        batch = _broadcast(out_shape[:-2], [a, b]).maps if n > 2 else {a: {}, b: {}}
+        ma = {d: i for d, i in batch.get(a, {}).items() if i < len(sa) - 2}
+        mb = {d: i for d, i in batch.get(b, {}).items() if i < len(sb) - 2}
+        ma[n - 2] = len(sa) - 2
+        mb[n - 1] = len(sb) - 1
+        return DimMap({a: ma, b: mb} if a is not b else {a: ma})
+    if name == "embedding":
+        ids = arg(node, 0, "input")
+        return DimMap({a: ({d: d for d in range(len(shape(ids)))} if a is ids else {}) for a in inputs})
+    if name in ("layer_norm", "rms_norm"):
+        normalized = arg(node, 1, "normalized_shape")
+        count = len(normalized) if isinstance(normalized, (tuple, list)) else 1
+        return DimMap({a: ({d: d for d in range(len(out_shape) - count)} if a is src else {}) for a in inputs})
+    if name in ("transpose", "swapaxes"):
+        d0, d1 = (_dim(d, len(out_shape)) for d in node.args[1:3])
+        perm = list(range(len(out_shape)))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return DimMap({src: dict(enumerate(perm))})
+    if name == "t":
+        return DimMap({src: {0: 1, 1: 0} if len(out_shape) == 2 else {0: 0}})
+    if name == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return DimMap({src: {o: _dim(i, len(out_shape)) for o, i in enumerate(dims)}})
+    if name in SAME_ORDER:
+        return _same_order(src, out_shape)
+    if name in ("expand", "expand_as"):
+        return _broadcast(out_shape, [src])
+    if name in VIEWS:
+        return ViewMap(src, shape(src), out_shape, seq_len)
+    if name == "getitem":
+        return _getitem(node, out_shape) if node.args[0] in inputs else None
+    if name in ("split", "chunk", "tensor_split", "unbind", "split_with_sizes"):
+        dim = _dim(arg(node, 2, "dim", 0) if name != "unbind" else arg(node, 1, "dim", 0), len(shape(src)))
+        if name == "unbind":
+            return DimMap({src: {o: (o if o < dim else o + 1) for o in range(len(out_shape))}})
+        return DimMap({src: {d: d for d in range(len(out_shape)) if d != dim}})
+    if name in ("cat", "concat", "concatenate", "stack"):
+        tensors = arg(node, 0, "tensors")
+        dim = _dim(arg(node, 1, "dim", 0), len(out_shape))
+        maps = {}
+        real = [t for t in tensors if shape(t) != (0,)]
+        for t in tensors:
+            if shape(t) == (0,):  # torch.cat's legacy empty operand (an empty KV cache): contributes nothing
+                maps[t] = {}
+            elif len(real) == 1 and name != "stack":  # the only real operand: the output is that tensor
+                maps[t] = {d: d for d in range(len(out_shape))}
+            elif name == "stack":
+                maps[t] = {o: (o if o < dim else o - 1) for o in range(len(out_shape)) if o != dim}
+            else:
+                maps[t] = {d: d for d in range(len(out_shape)) if d != dim}
+        return DimMap(maps)
+    if name == "pad":
+        pads = arg(node, 1, "pad")
+        padded = {len(out_shape) - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+        return DimMap({src: {d: d for d in range(len(out_shape)) if d not in padded}})
+    return None
+
+
+# ---- local sizes ----------------------------------------------------------------------------------
+
+def set_local_size(node: fx.Node, out: SeqDim, global_size: int, local_size: int) -> bool:
+    """Rewrite the literal size of the sharded dim in a view/reshape/expand/unflatten/factory call to
+    the local size; False when that size is not a literal we can rewrite (-1 needs no rewrite)."""
+    name = op_name(node)
+    first = 1 if node.op == "call_method" or name == "reshape" else 0
+    if name == "unflatten":
+        first, index = 2, out.dim - _dim(node.args[1], len(shape(node.args[0])))
+    else:
+        index = out.dim
+    packed = len(node.args) == first + 1 and isinstance(node.args[first], (tuple, list, torch.Size))
+    if "size" in node.kwargs:
+        sizes = list(node.kwargs["size"])
+    elif packed:
+        sizes = list(node.args[first])
+    else:
+        sizes = list(node.args[first:])
+    if not 0 <= index < len(sizes) or sizes[index] not in (-1, global_size):
+        return False
+    if sizes[index] == -1:
+        return True
+    sizes[index] = local_size
+    if "size" in node.kwargs:
+        node.kwargs = {**node.kwargs, "size": tuple(sizes)}
+    elif packed:
+        node.args = (*node.args[:first], tuple(sizes), *node.args[first + 1:])
+    else:
+        node.args = (*node.args[:first], *sizes)
+    return True
+
+
+FACTORIES = {"ones", "zeros", "full", "empty", "new_ones", "new_zeros", "new_full", "new_empty"}
+RESIZED = {"view", "reshape", "expand", "unflatten"} | FACTORIES  # ops whose size arguments name the sequence
