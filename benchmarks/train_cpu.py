@@ -8,14 +8,16 @@ backward, AdamW step, zero_grad) in one process under Inductor, against the same
 
 Model: `LlamaForCausalLM(LlamaConfig(vocab, hidden, intermediate, layers, heads=4, kv_heads=2,
 max_position_embeddings=N))` with SDPA attention, float32, batch 1; loss from `labels=input_ids`,
-called with `use_cache=False` unless --use-cache. Mind that with transformers 5.x and torch < 2.14,
-`use_cache=False` under torch.compile makes HF build an explicit [1, 1, N, N] packed-sequence mask
-(no cache, no attention_mask, batch 1: it cannot prove the batch is one sequence while tracing) and
-pass it to SDPA as attn_mask: burst then leaves every attention as plain SDPA (the config column
-says "0/L sites converted") and every configuration pays for the N x N mask. --use-cache calls the
-model with its default (a DynamicCache inside the compiled graph): HF then passes is_causal=True.
-Every process builds it from seed 0 and draws the same batch from seed 1, so all configurations
-start from the same weights and see the same tokens.
+called with HF's default use_cache (--no-cache passes use_cache=False). Every process builds the model from seed 0 and
+draws the same batch from seed 1, so all configurations start from the same weights and see the
+same tokens.
+
+Mind that with transformers 5.x and torch < 2.14, `use_cache=False` under torch.compile makes HF
+build an explicit N x N packed-sequence mask (no cache and no attention_mask: it checks the
+position ids for packed sequences, which it cannot decide while tracing) and pass it to SDPA as
+attn_mask: burst then leaves every attention as plain SDPA (the config column says "0/L sites
+converted") and every configuration pays for the mask. The default call (a DynamicCache inside the
+compiled graph, k/v become graph outputs) makes HF pass is_causal=True.
 
 Configurations (`--modes`), each in its own freshly spawned processes (burstc.launch.run_ranks), one
 torch thread per process:
@@ -24,7 +26,8 @@ torch thread per process:
 - `sequence`: G ranks, `torch.compile(model, backend="burst", fullgraph=True,
   options={"parallel": "sequence", "outputs": --sequence-outputs})`.
 - `attention`: G ranks, `options={"parallel": "attention"}`. `--no-parallel-option` leaves the
-  "parallel" key out (for burstc versions without it, whose default is attention-parallel).
+  "parallel" key out, for burstc versions without that option (whose only behaviour is
+  attention-parallel; where the option exists its default may be another mode).
 
 Time: one warm-up step (compilation, optimizer state), then --iters timed steps; on G ranks every
 step starts after a barrier and counts as long as its slowest rank; the table shows the median.
@@ -182,14 +185,16 @@ def measure(mode, spec, seq_len, args, shape):
     step_times = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]  # slowest rank per step
     return dict(time=statistics.median(step_times), step_mib=max(r["step_mib"] for r in per_rank),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in per_rank), loss=r0["loss"],
-                rank_loss_spread=max(abs(r["loss"] - r0["loss"]) for r in per_rank), grads=r0["grads"], sites=r0["sites"])
+                rank_loss_spread=max(abs(r["loss"] - r0["loss"]) for r in per_rank), grads=r0["grads"],
+                sites=r0["sites"])
 
 
 def table_row(seq_len, mode, ranks, r, base):
-    label = "single" if mode == "single" else f"burst {mode} ({ranks} ranks)"
-    if "sites" in r and mode != "single":
-        converted = r["sites"].get("sites_converted", 0)
-        label = label[:-1] + f", {converted}/{converted + r['sites'].get('sites_left', 0)} sites converted)"
+    label = "single"
+    if mode != "single":
+        converted, left = (r.get("sites", {}).get(k, 0) for k in ("sites_converted", "sites_left"))
+        sites = f", {converted}/{converted + left} sites converted" if "sites" in r else ""
+        label = f"burst {mode} ({ranks} ranks{sites})"
     if "error" in r:
         return [seq_len, label, "error: " + r["error"].replace("|", r"\|")] + [""] * 7
     loss = f"{r['loss']:.6f}"
@@ -222,8 +227,8 @@ def main() -> None:
                    help='the "outputs" option of the sequence mode')
     p.add_argument("--no-parallel-option", action="store_true",
                    help='leave the "parallel" option out (burstc versions without it)')
-    p.add_argument("--use-cache", action="store_true",
-                   help="call the model without use_cache=False (see above: burst converts nothing without it)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="call the model with use_cache=False (see above: burst converts nothing then)")
     p.add_argument("--timeout-s", type=float, default=7200, help="per configuration (and per collective)")
     p.add_argument("--out", help="also append the table to this file")
     args = p.parse_args()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,8 @@ from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
-from burstc.passes.shard import ShardingError, shard_graph
+from burstc.passes.shard import ShardingError, copy_graph, shard_graph
+from burstc.passes.specialize import per_shape
 
 log = logging.getLogger("burstc.backend")
 _graph_ids = itertools.count()
@@ -79,37 +81,56 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     if dump:
         dump.add_graph("canonicalize", gm)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
-    sharding = None
-    if cfg.sequence_mode(world_size) and any(p.converts for p in plans):
-        gm, plans, sharding = _sequence_parallel(gm, example_inputs, plans, cfg, world_size, rank, group_name, graph_id)
-        if dump and sharding:
-            dump.add_graph("shard", gm)
-            dump.add_text("sharding.md", sharding.table())
-    gm = rewrite_sites(gm, plans, cfg, group_name, graph_id, local=sharding is not None)
-    if dump:
-        dump.add_graph("rewrite", gm)
-        dump.add_plans(plans, sources_for_sites(plans))
-        dump.write()
-    log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", graph_id,
-             sum(p.converts for p in plans), sum(not p.converts for p in plans), world_size,
-             "sequence" if sharding else "attention-parallel")
-    return inner_compile(gm, example_inputs, cfg.inner, kwargs.get("mode"))
+    target = _Target(cfg, world_size, rank, group_name, graph_id, kwargs.get("mode"))
+    if cfg.sequence_mode(world_size) and any(p.converts and not isinstance(p.seq_len, int) for p in plans):
+        # the shard pass needs static sizes: compile a sequence-parallel graph per distinct input shape
+        log.info("burst: graph %s has a dynamic sequence length: sequence mode compiles it once per length",
+                 graph_id)
+        return per_shape(lambda static_gm, args: target.compile(static_gm, args, None), gm)
+    return target.compile(gm, example_inputs, dump, plans)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+@dataclass(frozen=True)
+class _Target:
+    """Where and how a graph is compiled: the config, the ring's group and this rank."""
+
+    cfg: BurstConfig
+    world_size: int
+    rank: int
+    group_name: str
+    graph_id: str
+    mode: Optional[str]
+
+    def compile(self, gm, example_inputs, dump, plans=None) -> Callable:
+        """shard (in sequence mode) -> rewrite -> the inner compiler, for a canonicalized graph."""
+        cfg = self.cfg
+        plans = plans if plans is not None else plan_sites(find_attention_sites(gm), cfg, self.world_size)
+        sharding = None
+        if cfg.sequence_mode(self.world_size) and any(p.converts for p in plans):
+            gm, plans, sharding = _sequence_parallel(gm, example_inputs, plans, self)
+            if dump and sharding:
+                dump.add_graph("shard", gm)
+                dump.add_text("sharding.md", sharding.table())
+        gm = rewrite_sites(gm, plans, cfg, self.group_name, self.graph_id, local=sharding is not None)
+        if dump:
+            dump.add_graph("rewrite", gm)
+            dump.add_plans(plans, sources_for_sites(plans))
+            dump.write()
+        log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", self.graph_id,
+                 sum(p.converts for p in plans), sum(not p.converts for p in plans), self.world_size,
+                 "sequence" if sharding else "attention-parallel")
+        return inner_compile(gm, example_inputs, cfg.inner, self.mode)
 
 
-def _sequence_parallel(gm, example_inputs, plans, cfg, world_size, rank, group_name, graph_id):
+def _sequence_parallel(gm, example_inputs, plans, target: _Target):
     """(graph, plans, ShardingPlan) partitioned along the sequence, or the graph unchanged with sharding None
     (attention-parallel mode) and the reason logged when the shard pass cannot do it exactly."""
-    work = _copy(gm)
-    work_plans = plan_sites(find_attention_sites(work), cfg, world_size)
+    cfg, graph_id = target.cfg, target.graph_id
+    work = copy_graph(gm)
+    work_plans = plan_sites(find_attention_sites(work), cfg, target.world_size)
     try:
-        sharding = shard_graph(work, example_inputs, work_plans, layout=cfg.layout, world_size=world_size,
-                               rank=rank, group_name=group_name, local_outputs=cfg.outputs == "local")
+        sharding = shard_graph(work, example_inputs, work_plans, layout=cfg.layout, world_size=target.world_size,
+                               rank=target.rank, group_name=target.group_name, local_outputs=cfg.outputs == "local")
     except ShardingError as e:
         counters["burst"]["seq_fallbacks"] += 1
         log.warning("burst: graph %s stays attention-parallel (every rank runs the whole sequence outside "

@@ -43,6 +43,7 @@ class GPT(nn.Module):
             ln_1=nn.LayerNorm(dim), attn=CausalSelfAttention(dim, heads, block_size), ln_2=nn.LayerNorm(dim),
             mlp=nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)))) for _ in range(layers))
         self.ln_f, self.lm_head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings, as in nanoGPT
 
     def forward(self, idx, targets=None):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -52,7 +53,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def factory(seq_len: int):

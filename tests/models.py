@@ -62,18 +62,32 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class CausalConv(nn.Module):
+    """A causal depthwise conv1d over the sequence (Mamba/Hyena-style token mixing outside attention)."""
+
+    def __init__(self, dim, width=3):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, width, groups=dim, padding=width - 1)
+
+    def forward(self, x):
+        return x + self.conv(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
+
+
 class TinyGPT(nn.Module):
-    def __init__(self, vocab=50, dim=32, layers=2, **attn):
+    """conv=True puts a CausalConv before every block: an op that mixes tokens outside attention."""
+
+    def __init__(self, vocab=50, dim=32, layers=2, conv=False, **attn):
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(256, dim)
         self.blocks = nn.ModuleList(Block(dim, **attn) for _ in range(layers))
+        self.convs = nn.ModuleList(CausalConv(dim) if conv else nn.Identity() for _ in range(layers))
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, idx):
         x = self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+        for conv, block in zip(self.convs, self.blocks):
+            x = block(conv(x))
         return self.head(x)
 
 

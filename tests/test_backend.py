@@ -86,7 +86,7 @@ def _compiled_gpt_on_ranks(rank, world_size, cases):
         want_loss, want = loss_and_grads(model, idx)
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(model), backend="burst", fullgraph=True,
-                                 options={"layout": layout, "inner": inner, "verify": True})
+                                 options={"layout": layout, "inner": inner, "verify": True, "parallel": "attention"})
         got_loss, got = loss_and_grads(compiled, idx)
         err = max((got[n] - want[n]).abs().max().item() for n in want)
         results.append((layout, attn, abs(got_loss - want_loss).item(), err, counters["burst"]["sites_converted"]))
@@ -145,7 +145,8 @@ def _verify_with_fault(rank, world_size, inject):
             shards, dim=dim, layout="striped" if layout == "zigzag" else "zigzag", seq_len=seq_len)
     torch.manual_seed(0)  # the same model and inputs on every rank
     model = TinyGPT(layers=1)
-    compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True})
+    compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True,
+                                                              "parallel": "attention"})
     try:
         compiled(torch.randint(0, 50, (1, 16)))
     except BurstVerificationError as e:
@@ -167,7 +168,7 @@ def _different_inputs_per_rank(rank, world_size):
 
     torch.manual_seed(0)
     model = TinyGPT(layers=1)
-    compiled = torch.compile(model, backend="burst", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="burst", options={"inner": "eager", "parallel": "attention"})
     idx = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(rank))  # not the same batch
     try:
         compiled(idx)

@@ -10,7 +10,7 @@ and an estimate of each rank's attention working memory against one device's.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -20,6 +20,7 @@ from burstc.debug.render import plan_report
 from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import SitePlan, plan_sites
+from burstc.passes.shard import ShardingError, ShardingPlan, copy_graph, shard_graph
 from burstc.schedule.cost import AttentionShape
 from burstc.schedule.layout import local_padded_length
 from burstc.schedule.plan import build_plan
@@ -33,13 +34,24 @@ def load_factory(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def trace_plans(model, args, cfg: BurstConfig, world_size: int) -> list[SitePlan]:
-    """Run Dynamo on fake copies of args and the burst passes with G simulated ranks."""
+def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optional[list] = None) -> list[SitePlan]:
+    """Run Dynamo on fake copies of args and the burst passes with G simulated ranks; in sequence mode
+    the ShardingPlan of rank 0 of each graph is appended to `shardings` (or the reason it has none)."""
     captured: list[SitePlan] = []
 
     def capture(gm, example_inputs):
         gm = canonicalize_attention(gm, example_inputs)
-        captured.extend(plan_sites(find_attention_sites(gm), cfg, world_size))
+        plans = plan_sites(find_attention_sites(gm), cfg, world_size)
+        captured.extend(plans)
+        if shardings is not None and cfg.sequence_mode(world_size) and any(p.converts for p in plans):
+            work = copy_graph(gm)
+            try:
+                shardings.append(shard_graph(work, example_inputs, plan_sites(find_attention_sites(work), cfg,
+                                                                              world_size),
+                                             layout=cfg.layout, world_size=world_size, rank=0, group_name="",
+                                             local_outputs=cfg.outputs == "local", check_shapes=False))
+            except ShardingError as e:
+                shardings.append(f"stays attention-parallel: {e}")
         return gm.forward
 
     torch._dynamo.reset()
@@ -60,9 +72,27 @@ def attention_memory(shape: AttentionShape, rows: int, ring: bool) -> int:
     return tensors + state + buffers
 
 
+def sharding_summary(plan: ShardingPlan) -> list[str]:
+    """The sequence-mode part of the report: what is sharded, every boundary, the memory estimate."""
+    local, full = plan.activation_bytes()
+    lines = [f"## sequence mode (rank 0 of {plan.world_size}: {plan.local_len} of {plan.seq_len} tokens)",
+             f"{len(plan.sharded)} of {len(plan.tensors)} tensors sharded; every tensor of the graph together "
+             f"(an upper bound on activation memory): {local / 2**20:.1f} MiB per rank against {full / 2**20:.1f} MiB "
+             f"on one device ({local / max(full, 1):.2f}x)", "",
+             "| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
+    lines += [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
+              for b in plan.boundaries]
+    return lines + [""]
+
+
 def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> str:
-    plans = trace_plans(model, args, cfg, world_size)
-    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {cfg.layout}", ""]
+    shardings: list = []
+    plans = trace_plans(model, args, cfg, world_size, shardings)
+    mode = "sequence" if cfg.sequence_mode(world_size) else "attention-parallel"
+    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {cfg.layout}, "
+             f"{mode} mode", ""]
+    for sharding in shardings:
+        lines += sharding_summary(sharding) if isinstance(sharding, ShardingPlan) else [f"graph {sharding}", ""]
     for plan in plans:
         site = plan.site
         where = f" ({site.source})" if site.source else ""
@@ -97,8 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--layout", default=None, help="contiguous, zigzag (default) or striped")
     p.add_argument("--backward", default=None, help="auto (default), query_ring or kv_ring")
+    p.add_argument("--parallel", default=None, help="auto (default: sequence), sequence or attention")
     a = p.parse_args(argv)
-    options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward)) if v}
+    options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward), ("parallel", a.parallel)) if v}
     cfg = BurstConfig.from_options(options)
     model, args = load_factory(a.factory)(a.seq_len)
     print(explain(model, args, world_size=a.world_size, seq_len=a.seq_len, cfg=cfg))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +39,7 @@ from burstc.schedule.layout import chunk_count, local_length, shard_positions
 log = logging.getLogger("burstc.passes")
 GATHER_WARN_BYTES = 1 << 30
 _logged: set[tuple[str, str]] = set()
+history: deque = deque(maxlen=16)  # the ShardingPlans of the graphs compiled last in this process (newest last)
 
 
 class ShardingError(Exception):
@@ -56,6 +58,18 @@ class Boundary:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class TensorPlacement:
+    """One tensor of the graph: its global shape and where it lives."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    placement: str  # "seq@d ..." or "replicated"
+
+
 @dataclass
 class ShardingPlan:
     """What the pass decided: the placement of every tensor and every boundary it inserted."""
@@ -65,20 +79,33 @@ class ShardingPlan:
     world_size: int
     rank: int
     local_len: int
-    placements: dict[str, str] = field(default_factory=dict)  # node name -> "seq@d" or "replicated"
-    ops: dict[str, str] = field(default_factory=dict)  # node name -> op name
+    tensors: list[TensorPlacement] = field(default_factory=list)
     boundaries: list[Boundary] = field(default_factory=list)
 
     @property
     def sharded(self) -> list[str]:
-        return [n for n, p in self.placements.items() if p != "replicated"]
+        return [t.name for t in self.tensors if t.placement != "replicated"]
+
+    def placement(self, name: str) -> str:
+        return next(t.placement for t in self.tensors if t.name == name)
+
+    def activation_bytes(self) -> tuple[int, int]:
+        """(bytes of every tensor of the graph on this rank, the same without sharding): a rough view of
+        the activation memory the partition saves."""
+        full = sum(t.nbytes for t in self.tensors)
+        local = sum(t.nbytes * (self.local_len / self.seq_len if t.placement != "replicated" else 1)
+                    for t in self.tensors)
+        return int(local), full
 
     def table(self) -> str:
+        local, full = self.activation_bytes()
         lines = [f"sequence mode: {self.seq_len} tokens, layout {self.layout}, {self.world_size} ranks; rank "
                  f"{self.rank} holds {self.local_len} tokens",
-                 f"{len(self.sharded)} of {len(self.placements)} tensors sharded", "",
-                 "| tensor | op | placement |", "|---|---|---|"]
-        lines += [f"| {n} | {self.ops.get(n, '')} | {p} |" for n, p in self.placements.items()]
+                 f"{len(self.sharded)} of {len(self.tensors)} tensors sharded; all tensors of the graph together: "
+                 f"{local / 2**20:.1f} MiB on this rank against {full / 2**20:.1f} MiB unsharded", "",
+                 "| tensor | op | global shape | placement |", "|---|---|---|---|"]
+        lines += [f"| {t.name} | {t.op} | {list(t.shape)} {str(t.dtype).removeprefix('torch.')} | {t.placement} |"
+                  for t in self.tensors]
         lines += ["", "| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
         lines += [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
                   for b in self.boundaries]
@@ -90,9 +117,29 @@ def _nbytes(node: fx.Node) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def _requires_grad(node: fx.Node) -> bool:
-    v = value(node)
-    return isinstance(v, torch.Tensor) and v.requires_grad
+def requires_grad(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
+    """The nodes whose value may require a gradient: inputs that do, and everything computed from them
+    (an over-approximation is safe: summing the gradient of a value that gets none does nothing)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {n for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
+    found |= {n for n in placeholders if isinstance(value(n), torch.Tensor) and value(n).requires_grad}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def _same_value(new: fx.Node, old: fx.Node) -> None:
+    """A boundary node is the same logical tensor as its input (sharded or not): the rules read global
+    shapes from example values, so it gets the input's, and its stack trace."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of gm's graph (node metadata shared), for a pass that may fail midway."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
 
 
 def seq_positions(start: int, seq_len: int, layout: str, world_size: int, rank: int, dtype, device):
@@ -102,8 +149,8 @@ def seq_positions(start: int, seq_len: int, layout: str, world_size: int, rank: 
 
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
-                 rank: int, group_name: str, local_outputs: bool):
-        self.gm, self.graph = gm, gm.graph
+                 rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
+        self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
         self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
         self.group_name, self.local_outputs = group_name, local_outputs
         self.local_len = local_length(seq_len, layout, world_size, rank)
@@ -182,11 +229,11 @@ class _Sharder:
         for node in reversed(list(self.graph.nodes)):  # what the boundaries replaced (an arange) is dead
             if op_name(node) == "arange" and not node.users:
                 self.graph.erase_node(node)
-        for node in self.graph.nodes:
-            if is_tensor(node) and node.op != "output":
+        for node in self.graph.nodes:  # example values are still the global ones here
+            if is_tensor(node) and isinstance(value(node), torch.Tensor):
                 spec = self.place.get(node)
-                self.plan.placements[node.name] = str(spec) if spec else "replicated"
-                self.plan.ops[node.name] = op_name(node)
+                self.plan.tensors.append(TensorPlacement(node.name, op_name(node), shape(node), value(node).dtype,
+                                                         _nbytes(node), str(spec) if spec else "replicated"))
         self.graph.lint()
         self.gm.recompile()
         return self.plan
@@ -218,7 +265,9 @@ class _Sharder:
             if out is not None:
                 break
         if out is None and node in self.want and not sharded:
-            out = self.want[node]
+            wanted = rule.inputs_for(self.want[node])
+            if wanted and any(s is not None for s in wanted.values()):  # some input can enter sharded
+                out = self.want[node]
         need = rule.inputs_for(out) if out is not None else None
         if need is None:
             self.place[node] = None
@@ -243,7 +292,7 @@ class _Sharder:
     def _fix_edge(self, consumer: fx.Node, a: fx.Node, need: Optional[SeqDim]) -> None:
         have = self.place.get(a)
         if need == have:
-            if need is None and _requires_grad(a):
+            if need is None and a in self.needs_grad:
                 self.grad_sums.append((consumer, a))
             return
         if need is None:
@@ -280,7 +329,7 @@ class _Sharder:
                 new = self.graph.call_function(torch.ops.burst.seq_shard.default,
                                                (node, *self._spec_args(spec), check))
             self._record("shard", node, spec, 0, "replicated value meets sharded work")
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        _same_value(new, node)
         return new
 
     def _is_plain_arange(self, node: fx.Node) -> bool:
@@ -296,6 +345,7 @@ class _Sharder:
             with self.graph.inserting_after(self._after(a)):
                 g = self.graph.call_function(torch.ops.burst.seq_gather.default, (a, *self._spec_args(spec)))
             self.entered[key] = g
+            _same_value(g, a)
             self.place[g] = None
             full = _nbytes(a)  # example values are still the global ones during the sweep
             src = source_line(consumer)
@@ -350,7 +400,7 @@ class _Sharder:
             raise ShardingError(f"cross_entropy(reduction={reduction!r}, weight and label_smoothing together)")
         if spec.dim == 1:
             raise ShardingError("cross_entropy over a class dim that carries the sequence")
-        if isinstance(weight, fx.Node) and _requires_grad(weight):
+        if isinstance(weight, fx.Node) and weight in self.needs_grad:
             raise ShardingError("cross_entropy with class weights that require a gradient")
         target = bound["target"]
         tspec = SeqDim(spec.dim if spec.dim == 0 else spec.dim - 1, spec.outer, spec.inner)
@@ -403,6 +453,7 @@ class _Sharder:
             for i, a in enumerate(bucket):
                 with self.graph.inserting_after(anchor):
                     views[a] = anchor = self.graph.call_function(operator.getitem, (call, i))
+                    _same_value(anchor, a)
             self._record("grad_sum", call, None, 0, f"{len(bucket)} replicated inputs: gradients summed over "
                                                      "the ranks in one all-reduce")
             counters["burst"]["seq_grad_sum_inputs"] += len(bucket)
@@ -412,6 +463,7 @@ class _Sharder:
                     call = self.graph.call_function(sequence_ops.grad_sum, (self.group_name, a))
                 with self.graph.inserting_after(call):
                     views[a] = self.graph.call_function(operator.getitem, (call, 0))
+                    _same_value(views[a], a)
                 self._record("grad_sum", a, None, 0, "replicated value with a gradient meets sharded work")
             consumer.replace_input_with(a, views[a])
 
@@ -450,9 +502,10 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local: 
 
 
 def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
-                rank: int, group_name: str, local_outputs: bool = False) -> ShardingPlan:
+                rank: int, group_name: str, local_outputs: bool = False, check_shapes: bool = True) -> ShardingPlan:
     """Partition gm (in place) along the sequence of its converting attention sites; raises
-    ShardingError (gm then unusable: pass a copy) when that cannot be done exactly."""
+    ShardingError (gm then unusable: pass a copy) when that cannot be done exactly. check_shapes=False
+    skips the fake-tensor run of the result (it needs the process group: `explain` plans without one)."""
     converting = [p for p in plans if p.converts]
     lengths = {p.seq_len for p in converting}
     if len(lengths) != 1:
@@ -465,8 +518,11 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     if seq_len < chunk_count(layout, world_size):
         raise ShardingError(f"{seq_len} tokens are fewer than the {chunk_count(layout, world_size)} chunks of "
                             f"the {layout} layout on {world_size} ranks")
-    sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, local_outputs)
+    sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, local_outputs,
+                       requires_grad(gm, example_inputs))
     plan = sharder.run()
+    if not check_shapes:
+        return plan
     local = {s: sharder._local(s) for s in set(sharder.place.values()) if s is not None}
     _check_local_shapes(gm, example_inputs, sharder.place, local)
     for p in converting:  # the rewrite reads the sites' inputs: some are now boundary ops
@@ -474,6 +530,7 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     for node in gm.graph.nodes:  # later passes read example values: give them the local ones
         if "val" in node.meta and "example_value" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+    history.append(plan)
     counters["burst"]["seq_graphs"] += 1
     counters["burst"]["seq_sharded_tensors"] += len(plan.sharded)
     return plan
