@@ -23,7 +23,7 @@ test: setup
 
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/ring_demo.py --seq-len $(SEQ)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/train_llama.py
+	OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=1048576 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/train_llama.py
 
 bench: setup
 	$(PY) benchmarks/ring_cpu.py

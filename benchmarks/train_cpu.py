@@ -56,17 +56,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import shlex
 import statistics
 import sys
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from burstc.debug.memory import StepMemory  # noqa: E402
 from burstc.launch import run_ranks  # noqa: E402
 from ring_cpu import _rss_mib  # noqa: E402  (peak RSS of this process, MiB)
 
@@ -83,38 +82,6 @@ def modes_table(world_size: int, sequence_outputs: str, parallel_option: bool) -
         "sequence": (world_size, "burst", burst("sequence", outputs=sequence_outputs)),
         "attention": (world_size, "burst", burst("attention")),
     }
-
-
-class StepMemory:
-    """RSS sampled every interval_s in a background thread while the `with` body runs:
-    `.mib` = peak RSS during the body minus the RSS at entry."""
-    _page = resource.getpagesize()
-
-    def __init__(self, interval_s: float = 0.002):
-        self.interval_s = interval_s
-
-    @classmethod
-    def rss(cls) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * cls._page
-
-    def _sample(self):
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.rss())
-
-    def __enter__(self):
-        self.before = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.mib = (self.peak - self.before) / 2**20
-        return False
 
 
 def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache):

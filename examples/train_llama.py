@@ -1,11 +1,13 @@
 """Train a small LLaMA for a few steps with torch.compile(model, backend="burst") across torchrun ranks.
 
-    torchrun --nproc-per-node 2 examples/train_llama.py [--steps 5] [--seq-len 256]
+    MALLOC_MMAP_THRESHOLD_=1048576 torchrun --nproc-per-node 2 examples/train_llama.py [--steps 5] [--seq-len 4096]
 
-Every rank holds the same model and the same batch (attention-parallel mode): each attention of the
-compiled graph runs as a burst ring over the ranks, the rest of the model runs replicated. Rank 0
-also trains an identical copy eagerly on one device with plain SDPA and prints both losses per step:
-they agree to float32 rounding.
+Every rank is given the same model and the same full batch; in sequence mode (the default) the compiled
+model runs every token-wise part on this rank's tokens only and each attention as a burst ring, and
+`outputs="local"` keeps the logits local (a training loop needs only the loss). Rank 0 also trains an
+identical copy on one device (Inductor, plain SDPA) and prints both losses per step, which agree to
+float32 rounding, and the memory each step adds on a rank against the one-device run (RSS sampled
+during the step; the MALLOC_MMAP_THRESHOLD_ setting makes freed tensors leave the RSS).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from burstc.debug.memory import StepMemory
 
 
 def build_model(args) -> LlamaForCausalLM:
@@ -38,8 +42,8 @@ def factory(seq_len: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=8)
@@ -48,6 +52,7 @@ def main() -> None:
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"],
                    help="compiler for the rest of the graph")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "striped", "contiguous"])
+    p.add_argument("--parallel", default="sequence", choices=["sequence", "attention"])
     args = p.parse_args()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -57,36 +62,52 @@ def main() -> None:
 
     model = build_model(args)
     reference = copy.deepcopy(model) if rank == 0 else None
-    compiled = torch.compile(model, backend="burst", fullgraph=True,
-                             options={"inner": args.inner, "layout": args.layout})
+    options = {"inner": args.inner, "layout": args.layout, "parallel": args.parallel}
+    if args.parallel == "sequence":
+        options["outputs"] = "local"
+    compiled = torch.compile(model, backend="burst", fullgraph=True, options=options)
+    reference_step = torch.compile(reference, fullgraph=True) if reference is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3) if reference is not None else None
     batches = torch.Generator().manual_seed(1)  # the same batches on every rank
 
     if rank == 0:
-        print(f"training a {args.layers}-layer LLaMA (hidden {args.hidden}, {args.heads}/{args.kv_heads} heads) on "
+        print(f"{args.parallel} mode: training a {args.layers}-layer LLaMA (hidden {args.hidden}, {args.heads}/{args.kv_heads} heads) on "
               f"{args.batch}x{args.seq_len} tokens, {world} ranks ({backend}), inner compiler {args.inner}",
               flush=True)
-        print("| step | burst loss | single-device loss | |diff| | step s |", flush=True)
-        print("|---|---|---|---|---|", flush=True)
+        print("| step | burst loss | single-device loss | |diff| | burst step s | one device s | burst step MiB "
+              "| one device MiB |", flush=True)
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+    mib, ref_mib = [], []
     for step in range(args.steps):
         idx = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=batches)
-        start = time.perf_counter()
-        loss = compiled(idx, labels=idx).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        elapsed = time.perf_counter() - start
+        dist.barrier()
+        with StepMemory() as mem:
+            start = time.perf_counter()
+            loss = compiled(idx, labels=idx).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
         if reference is not None:
-            ref_loss = reference(idx, labels=idx).loss
-            ref_loss.backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            with StepMemory() as ref_mem:
+                ref_start = time.perf_counter()
+                ref_loss = reference_step(idx, labels=idx).loss
+                ref_loss.backward()
+                ref_opt.step()
+                ref_opt.zero_grad(set_to_none=True)
+                ref_elapsed = time.perf_counter() - ref_start
+            if step > 0:  # step 0 compiles
+                mib.append(mem.mib)
+                ref_mib.append(ref_mem.mib)
             print(f"| {step} | {loss.item():.6f} | {ref_loss.item():.6f} | {abs(loss.item() - ref_loss.item()):.2e} "
-                  f"| {elapsed:.2f} |", flush=True)
+                  f"| {elapsed:.2f} | {ref_elapsed:.2f} | {mem.mib:.0f} | {ref_mem.mib:.0f} |", flush=True)
     if rank == 0:
-        print(f"attention sites converted: {counters['burst']['sites_converted']}, "
-              f"left as SDPA: {counters['burst']['sites_left']}")
+        print(f"attention sites converted: {counters['burst']['sites_converted']}, left as SDPA: "
+              f"{counters['burst']['sites_left']}; graphs sequence-parallel: {counters['burst']['seq_graphs']}")
+        if mib:
+            print(f"memory a step adds on rank 0: {max(mib):.0f} MiB against {max(ref_mib):.0f} MiB on one device "
+                  f"({max(mib) / max(max(ref_mib), 1e-9):.2f}x; steps after the first)")
     dist.destroy_process_group()
 
 

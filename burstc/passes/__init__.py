@@ -8,8 +8,11 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
    scale, mask kind, GQA ratio, dropout and the user's source line.
 3. ``plan.plan_sites`` — per site: convert or the reason not to; layout, backward scheme by the cost
    model, sizes as sympy expressions when the sequence length is dynamic.
-4. ``rewrite.rewrite_sites`` — converting sites become ``burst::attention`` calls; the others stay
-   SDPA with their reason logged once.
+4. ``shard.shard_graph`` (sequence mode) — every tensor sharded along the sequence or replicated, with
+   boundary ops where they meet (rules per op in ``shard_rules``; ``specialize`` folds symbolic sizes
+   for ``dynamic=True``).
+5. ``rewrite.rewrite_sites`` — converting sites become ``burst::attention_local`` (sequence mode) or
+   ``burst::attention`` calls; the others stay SDPA with their reason logged once.
 
 ``burstc.backend.burst_backend`` runs them and hands the graph to the inner compiler.
 """

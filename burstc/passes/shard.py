@@ -164,6 +164,7 @@ class _Sharder:
     # -- rules ------------------------------------------------------------------------------------
     def rule(self, node: fx.Node):
         if node in self.sites:
+            rebind(self.sites[node].site)  # its inputs may have been replaced by boundaries meanwhile
             return _AttentionRule(self.sites[node].site)
         try:
             return rule_for(node, self.seq_len)

@@ -1,4 +1,4 @@
-"""find_attention -> plan -> rewrite on Dynamo graphs, with a fake 4-rank process group: graph shape,
+"""find_attention -> plan -> rewrite (attention-parallel mode) on Dynamo graphs, with a fake 4-rank process group: graph shape,
 decisions and reasons, without running anything distributed."""
 import inspect
 import re
@@ -24,7 +24,9 @@ def fake_world():
 
 
 def rewritten_graph(fn, *args, dynamic=False, **options):
-    """Run the burst passes on fn's Dynamo graph; execute the original graph (nothing distributed)."""
+    """Run the burst passes on fn's Dynamo graph; execute the original graph (nothing distributed).
+    Attention-parallel mode, which rewrites the graph in place (sequence mode: tests/passes/test_shard.py)."""
+    options.setdefault("parallel", "attention")
     graphs = []
 
     def capture(gm, example_inputs):

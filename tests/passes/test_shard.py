@@ -1,0 +1,120 @@
+"""The shard pass on Dynamo graphs with a fake 4-rank process group (rank 0): placements, boundaries and
+fallbacks, checked on the plan without running anything distributed (the numbers are checked against
+eager on real gloo ranks in tests/test_sequence_parallel.py)."""
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from burstc.config import BurstConfig
+from burstc.passes.canonicalize import canonicalize_attention
+from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.plan import plan_sites
+from burstc.passes.shard import ShardingError, shard_graph
+from burstc.passes.shard_rules import SeqDim, ViewMap
+from tests.models import TinyGPT
+
+
+@pytest.fixture
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    yield 4
+    dist.destroy_process_group()
+
+
+def sharding(fn, *args, layout="zigzag", **compile_kwargs):
+    """(ShardingPlan, sharded GraphModule) of fn's Dynamo graph for rank 0 of 4."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((canonicalize_attention(gm, example_inputs), example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True, **compile_kwargs)(*args)
+    gm, example_inputs = captured[-1]
+    plans = plan_sites(find_attention_sites(gm), BurstConfig(layout=layout), 4)
+    return shard_graph(gm, example_inputs, plans, layout=layout, world_size=4, rank=0, group_name=""), gm
+
+
+def boundaries(plan, kind):
+    return [b for b in plan.boundaries if b.kind == kind]
+
+
+def test_tiny_gpt_shards_ids_and_positions_and_sums_every_weight_gradient(fake_world):
+    model = TinyGPT(layers=2, heads=4, kv_heads=2)
+    plan, gm = sharding(model, torch.randint(0, 50, (2, 30)))
+    assert plan.local_len == 6  # zigzag over 8 chunks of 4 (the last has 2): rank 0 holds chunks 0 and 7
+    assert [b.tensor for b in boundaries(plan, "shard")] == ["l_idx_", "arange"]
+    assert [t.placement for t in plan.tensors if t.op == "embedding"] == ["seq@1", "seq@0"]
+    (bucket,) = boundaries(plan, "grad_sum")
+    assert f"{len(list(model.parameters()))} replicated inputs" in bucket.reason
+    assert [b.tensor for b in boundaries(plan, "output_gather")] == [plan.tensors[-1].name]
+    assert not boundaries(plan, "gather")
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.burst.seq_shard.default in ops and torch.ops.burst.seq_gather.default in ops
+    assert not any(n.target == "arange" or getattr(n.target, "__name__", "") == "arange" for n in gm.graph.nodes)
+    views = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+    assert views and all(n.args[2] == 6 for n in views)  # the literal 30 became this rank's 6 tokens
+
+
+def test_a_token_mixing_op_is_gathered_with_its_source_line(fake_world, caplog):
+    with caplog.at_level(logging.WARNING, logger="burstc.passes"):
+        plan, _ = sharding(TinyGPT(layers=1, conv=True), torch.randint(0, 50, (1, 24)))
+    (gather,) = boundaries(plan, "gather")
+    assert "conv1d is not token-wise" in gather.reason and "models.py" in gather.source
+    assert gather.bytes_per_rank == 24 * 32 * 4  # the full [1, 32, 24] float32 tensor lands on every rank
+    assert "conv1d" in caplog.text
+    assert len(boundaries(plan, "shard")) == 3  # ids, positions, and the conv's output re-entering
+
+
+def test_reductions_over_the_sequence_become_local_plus_all_reduce(fake_world):
+    def f(q):
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return y.sum(), y.mean(dim=2), F.cross_entropy(y.flatten(0, 2), torch.zeros(2 * 3 * 16, dtype=torch.long))
+
+    plan, gm = sharding(f, torch.randn(2, 3, 16, 5))
+    assert [b.reason.split(" over")[0] for b in boundaries(plan, "reduce")] == ["sum", "mean", "cross_entropy"]
+    # q enters sharded; the targets of the flattened [2*3*16] rows take this rank's rows of each of the 6
+    assert [b.spec for b in boundaries(plan, "shard")] == ["seq@2", "seq@0 (outer 6, inner 1)"]
+    assert not boundaries(plan, "output_gather")  # every output is reduced
+
+
+def test_view_maps_follow_the_sequence_through_merged_dims():
+    merge = ViewMap(None, (2, 16, 50), (32, 50), 16)
+    assert merge._move(SeqDim(1), (2, 16, 50), (32, 50)) == SeqDim(0, outer=2)
+    split = ViewMap(None, (32, 50), (2, 16, 50), 16)
+    assert split._move(SeqDim(0, outer=2), (32, 50), (2, 16, 50)) == SeqDim(1)
+    heads = (2, 16, 4, 8)
+    assert ViewMap(None, (2, 16, 32), heads, 16)._move(SeqDim(1), (2, 16, 32), heads) == SeqDim(1)
+    flat = (2, 16 * 32)
+    assert ViewMap(None, (2, 16, 32), flat, 16)._move(SeqDim(1), (2, 16, 32), flat) == SeqDim(1, inner=32)
+    # a view that cuts the sequence apart has no sharded form
+    assert ViewMap(None, (2, 16, 32), (2, 4, 4, 32), 16)._move(SeqDim(1), (2, 16, 32), (2, 4, 4, 32)) is None
+
+
+def test_sites_over_different_lengths_cannot_share_one_partition(fake_world):
+    def f(q, kv):
+        return F.scaled_dot_product_attention(q, q, q), F.scaled_dot_product_attention(kv, kv, kv)
+
+    with pytest.raises(ShardingError, match="sequence lengths"):
+        sharding(f, torch.randn(1, 2, 16, 4), torch.randn(1, 2, 24, 4))
+
+
+def test_too_few_tokens_for_the_layout(fake_world):
+    def f(q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+    with pytest.raises(ShardingError, match="fewer than the 8 chunks"):
+        sharding(f, torch.randn(1, 2, 5, 4))
+
+
+def test_a_symbolic_length_is_refused_by_the_pass(fake_world):
+    def f(q):
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with pytest.raises(ShardingError, match="symbolic"):
+        sharding(f, torch.randn(1, 2, 12, 4), dynamic=True)
