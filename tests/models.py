@@ -74,10 +74,12 @@ class CausalConv(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """conv=True puts a CausalConv before every block: an op that mixes tokens outside attention."""
+    """conv=True puts a CausalConv before every block: an op that mixes tokens outside attention;
+    graph_break=True breaks Dynamo's graph between blocks."""
 
-    def __init__(self, vocab=50, dim=32, layers=2, conv=False, **attn):
+    def __init__(self, vocab=50, dim=32, layers=2, conv=False, graph_break=False, **attn):
         super().__init__()
+        self.graph_break = graph_break
         self.emb = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(256, dim)
         self.blocks = nn.ModuleList(Block(dim, **attn) for _ in range(layers))
@@ -86,9 +88,16 @@ class TinyGPT(nn.Module):
 
     def forward(self, idx):
         x = self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for conv, block in zip(self.convs, self.blocks):
+        half = len(self.blocks) // 2
+        x = self.run_blocks(x, 0, half)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.head(self.run_blocks(x, half, len(self.blocks)))
+
+    def run_blocks(self, x, start, stop):
+        for conv, block in zip(self.convs[start:stop], self.blocks[start:stop]):
             x = block(conv(x))
-        return self.head(x)
+        return x
 
 
 def loss_and_grads(model, idx):
