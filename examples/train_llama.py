@@ -39,6 +39,18 @@ def factory(seq_len: int):
     return build_model(args), (torch.randint(0, args.vocab, (1, seq_len)),)
 
 
+def train_step(model, opt, idx):
+    """(loss, seconds, StepMemory) of one forward, backward and optimizer step."""
+    with StepMemory() as mem:
+        start = time.perf_counter()
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+    return loss.detach(), elapsed, mem
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5)
@@ -82,21 +94,9 @@ def main() -> None:
     for step in range(args.steps):
         idx = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=batches)
         dist.barrier()
-        with StepMemory() as mem:
-            start = time.perf_counter()
-            loss = compiled(idx, labels=idx).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
+        loss, elapsed, mem = train_step(compiled, opt, idx)
         if reference is not None:
-            with StepMemory() as ref_mem:
-                ref_start = time.perf_counter()
-                ref_loss = reference_step(idx, labels=idx).loss
-                ref_loss.backward()
-                ref_opt.step()
-                ref_opt.zero_grad(set_to_none=True)
-                ref_elapsed = time.perf_counter() - ref_start
+            ref_loss, ref_elapsed, ref_mem = train_step(reference_step, ref_opt, idx)
             if step > 0:  # step 0 compiles
                 mib.append(mem.mib)
                 ref_mib.append(ref_mem.mib)

@@ -41,6 +41,8 @@ def _concrete(size, fallback: int = 0) -> int:
 
 def _hint(plan: SitePlan) -> tuple[int, bool]:
     """(a concrete sequence length for the site's example plan, whether it is symbolic)."""
+    if isinstance(plan.seq_len, int):  # the global length (in sequence mode q's example is a local shard)
+        return plan.seq_len, False
     q = plan.site.tensor("query")
     size = q.shape[2]
     if isinstance(size, torch.SymInt):

@@ -258,6 +258,7 @@ class _Sharder:
         if rule is None:
             self.place[node] = None
             if sharded:
+                self._refuse_inplace(node, None)
                 self._gather_inputs(node, sharded, f"{op_name(node)} is not token-wise (or not known to burst)")
             return
         out = None
@@ -270,6 +271,8 @@ class _Sharder:
             if wanted and any(s is not None for s in wanted.values()):  # some input can enter sharded
                 out = self.want[node]
         need = rule.inputs_for(out) if out is not None else None
+        if sharded:
+            self._refuse_inplace(node, out)
         if need is None:
             self.place[node] = None
             if sharded:
@@ -283,6 +286,14 @@ class _Sharder:
         for a in inputs:
             self._fix_edge(node, a, need.get(a))
         self.place[node] = out
+
+    def _refuse_inplace(self, node: fx.Node, out: Optional[SeqDim]) -> None:
+        """An in-place op must mutate the tensor later users read: its target may not be swapped for a
+        shard or a gathered copy, so it has to be placed exactly like the op's result."""
+        name = op_name(node)
+        if name.endswith("_") and name != "requires_grad_" and node.args and self.place.get(node.args[0]) != out:
+            raise ShardingError(f"in-place {name} on {node.args[0].name} at {source_line(node) or node.name} "
+                                "mixes sharded and replicated data")
 
     def _global(self, spec: SeqDim) -> int:
         return spec.outer * self.seq_len * spec.inner

@@ -14,7 +14,6 @@ and the sequence is the middle factor. The four boundaries keep every gradient e
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -40,6 +39,13 @@ def _world(group_name: str) -> tuple[int, int]:
 def _seq_view(x: torch.Tensor, dim: int, outer: int, inner: int) -> torch.Tensor:
     """x with its sequence dim split into (outer, tokens, inner); the tokens axis is dim + 1."""
     return x.unflatten(dim, (outer, x.shape[dim] // (outer * inner), inner))
+
+
+def _with_rows(x: torch.Tensor, dim: int, outer: int, rows: int, inner: int) -> torch.Tensor:
+    """An empty tensor like x whose dim holds outer * rows * inner (fake implementations)."""
+    shape = list(x.shape)
+    shape[dim] = outer * rows * inner
+    return x.new_empty(shape)
 
 
 def local_rows(seq_len: int, layout: str, group_name: str) -> int:
@@ -93,9 +99,7 @@ def seq_shard(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, l
 
 @seq_shard.register_fake
 def _(x, dim, outer, inner, seq_len, layout, group_name, check):
-    shape = list(x.shape)
-    shape[dim] = outer * local_rows(seq_len, layout, group_name) * inner
-    return x.new_empty(shape)
+    return _with_rows(x, dim, outer, local_rows(seq_len, layout, group_name), inner)
 
 
 @torch.library.custom_op("burst::seq_scatter_sum", mutates_args=())
@@ -103,9 +107,7 @@ def seq_scatter_sum(g: torch.Tensor, dim: int, outer: int, inner: int, seq_len: 
                     group_name: str) -> torch.Tensor:
     """The full-size sum over the ranks of every rank's local gradient placed at its positions."""
     world, rank = _world(group_name)
-    shape = list(g.shape)
-    shape[dim] = outer * seq_len * inner
-    full = g.new_zeros(shape)
+    full = _with_rows(g, dim, outer, seq_len, inner).zero_()
     positions = layouts.shard_positions(seq_len, layout, world, rank).to(g.device)
     _seq_view(full, dim, outer, inner).index_copy_(dim + 1, positions, _seq_view(g, dim, outer, inner))
     if world > 1:
@@ -115,9 +117,7 @@ def seq_scatter_sum(g: torch.Tensor, dim: int, outer: int, inner: int, seq_len: 
 
 @seq_scatter_sum.register_fake
 def _(g, dim, outer, inner, seq_len, layout, group_name):
-    shape = list(g.shape)
-    shape[dim] = outer * seq_len * inner
-    return g.new_empty(shape)
+    return _with_rows(g, dim, outer, seq_len, inner)
 
 
 def _shard_backward(ctx, grad):
@@ -148,9 +148,7 @@ def seq_gather(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, 
 
 @seq_gather.register_fake
 def _(x, dim, outer, inner, seq_len, layout, group_name):
-    shape = list(x.shape)
-    shape[dim] = outer * seq_len * inner
-    return x.new_empty(shape)
+    return _with_rows(x, dim, outer, seq_len, inner)
 
 
 def _gather_backward(ctx, grad):
@@ -230,7 +228,3 @@ def sharded_sum(x: torch.Tensor, group_name: str, dim=None, keepdim: bool = Fals
     local = x.sum() if dim is None else x.sum(dim=dim, keepdim=keepdim)
     total = all_reduce(local, group_name)
     return total if divide_by == 1.0 else total / divide_by
-
-
-def gathered_bytes(shape, dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize

@@ -118,3 +118,13 @@ def test_a_symbolic_length_is_refused_by_the_pass(fake_world):
 
     with pytest.raises(ShardingError, match="symbolic"):
         sharding(f, torch.randn(1, 2, 12, 4), dynamic=True)
+
+
+def test_an_in_place_update_of_a_replicated_tensor_by_sharded_data_is_refused(fake_world):
+    def f(q, acc):
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        acc.add_(y)  # acc is whole on every rank, y is a shard: no exact local form
+        return acc * 2
+
+    with pytest.raises(ShardingError, match="in-place add_"):
+        sharding(f, torch.randn(1, 2, 16, 4), torch.zeros(1, 2, 16, 4))
