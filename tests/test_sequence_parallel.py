@@ -69,7 +69,41 @@ def _hf(kind, length):
     return model, step
 
 
+class _LossVariants(torch.nn.Module):
+    """TinyGPT with the loss in the graph, three ways: mean with ignored targets, sum with label smoothing,
+    mean with class weights (each must reduce over the global set of kept targets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = TinyGPT(layers=2, heads=4, kv_heads=2)
+        self.register_buffer("class_weight", torch.rand(50, generator=torch.Generator().manual_seed(8)) + 0.5)
+
+    def forward(self, idx, targets):
+        logits = self.gpt(idx).view(-1, 50)
+        targets = targets.reshape(-1)
+        return (F.cross_entropy(logits, targets, ignore_index=-100)
+                + 1e-2 * F.cross_entropy(logits, targets.clamp(min=0), reduction="sum", label_smoothing=0.1)
+                + F.cross_entropy(logits, targets, weight=self.class_weight))
+
+
+def _losses(length):
+    torch.manual_seed(9)
+    model = _LossVariants()
+    idx = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(10))
+    targets = idx.roll(-1, 1).masked_fill(torch.rand(2, length, generator=torch.Generator().manual_seed(11)) < 0.3,
+                                          -100)
+
+    def step(m):
+        m.zero_grad()
+        loss = m(idx, targets)
+        loss.backward()
+        return loss.detach(), loss.detach(), _grads(m)
+    return model, step
+
+
 def _build(name, length):
+    if name == "tiny_losses":
+        return _losses(length)
     if name == "tiny_gqa":
         return _tiny(0, length, heads=4, kv_heads=2)
     if name == "tiny_hand_written":
@@ -119,7 +153,8 @@ def test_models_on_two_ranks_match_single_device_eager():
     cases = [("tiny_gqa", 30, {"inner": "inductor"}), ("tiny_hand_written", 31, {"inner": "aot_eager"}),
              ("tiny_float64", 29, {"inner": "aot_eager"}), ("nanogpt_tied", 33, {"inner": "aot_eager"}),
              ("llama", 37, {"inner": "aot_eager"}), ("gpt2", 35, {"inner": "aot_eager"}),
-             ("tiny_conv", 30, {"inner": "aot_eager"}), ("tiny_graph_break", 30, {"inner": "aot_eager"})]
+             ("tiny_conv", 30, {"inner": "aot_eager"}), ("tiny_graph_break", 30, {"inner": "aot_eager"}),
+             ("tiny_losses", 27, {"inner": "aot_eager"})]
     results = run_ranks(2, _compare_cases, cases, timeout_s=900)
     for rank_results in results:
         _check(rank_results)

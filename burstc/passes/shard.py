@@ -284,7 +284,8 @@ class _Sharder:
                 self._gather_inputs(node, sharded, f"{op_name(node)}'s size argument is not a literal")
             return
         for a in inputs:
-            self._fix_edge(node, a, need.get(a))
+            if a in need:  # an input the rule leaves out (type_as's other tensor) only lends metadata
+                self._fix_edge(node, a, need[a])
         self.place[node] = out
 
     def _refuse_inplace(self, node: fx.Node, out: Optional[SeqDim]) -> None:

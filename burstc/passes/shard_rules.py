@@ -157,7 +157,7 @@ POINTWISE = {
     "reciprocal", "clamp", "clip", "maximum", "minimum", "where", "masked_fill", "float", "half", "bfloat16",
     "double", "to", "type", "contiguous", "clone", "detach", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
     "logical_and", "logical_or", "bitwise_not", "and_", "or_", "invert", "mod", "remainder", "lerp", "addcmul",
-    "dropout", "dropout1d", "dropout2d", "alpha_dropout", "nan_to_num", "tril_", "softcap", "int", "long",
+    "dropout", "dropout1d", "dropout2d", "alpha_dropout", "nan_to_num", "int", "long",
     "bool", "sub_", "add_", "mul_", "div_", "masked_fill_", "clamp_", "copy_", "requires_grad_",
 }
 SOFTMAX = {"softmax", "log_softmax"}
@@ -219,12 +219,10 @@ def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
     if not inputs:
         return None
     src = node.args[0] if node.args else None
-    if name in POINTWISE:
-        if name in ("dropout", "dropout1d", "dropout2d", "alpha_dropout", "type_as"):
-            inputs = [src]
-        return _broadcast(out_shape, inputs)
-    if name == "type_as":
+    if name in ("type_as", "to") and len(inputs) > 1:  # the other tensor only lends its dtype and device
         return _broadcast(out_shape, [src])
+    if name in POINTWISE:
+        return _broadcast(out_shape, [src] if "dropout" in name else inputs)
     if name in SOFTMAX:
         return _broadcast(out_shape, [src], skip_out={_dim(arg(node, 1, "dim"), len(out_shape))})
     if name in REDUCE:
