@@ -102,24 +102,34 @@ class _Target:
     mode: Optional[str]
 
     def compile(self, gm, example_inputs, dump, plans=None) -> Callable:
-        """shard (in sequence mode) -> rewrite -> the inner compiler, for a canonicalized graph."""
+        """shard (in sequence mode) -> rewrite -> the inner compiler, for a canonicalized graph; a sharded
+        graph the inner compiler rejects falls back to attention-parallel mode."""
         cfg = self.cfg
         plans = plans if plans is not None else plan_sites(find_attention_sites(gm), cfg, self.world_size)
-        sharding = None
         if cfg.sequence_mode(self.world_size) and any(p.converts for p in plans):
-            gm, plans, sharding = _sequence_parallel(gm, example_inputs, plans, self)
-            if dump and sharding:
-                dump.add_graph("shard", gm)
-                dump.add_text("sharding.md", sharding.table())
-        gm = rewrite_sites(gm, plans, cfg, self.group_name, self.graph_id, local=sharding is not None)
+            sharded, sharded_plans, sharding = _sequence_parallel(gm, example_inputs, plans, self)
+            if sharding is not None:
+                if dump:
+                    dump.add_graph("shard", sharded)
+                    dump.add_text("sharding.md", sharding.table())
+                try:
+                    return self._finish(sharded, example_inputs, dump, sharded_plans, "sequence")
+                except Exception as e:  # noqa: BLE001 - exact fallback, logged
+                    counters["burst"]["seq_fallbacks"] += 1
+                    log.warning("burst: graph %s stays attention-parallel: the %s compiler failed on the sharded "
+                                "graph (%s: %s); this is a burstc bug, please report it", self.graph_id,
+                                cfg.inner, type(e).__name__, e)
+        return self._finish(gm, example_inputs, dump, plans, "attention-parallel")
+
+    def _finish(self, gm, example_inputs, dump, plans, mode: str) -> Callable:
+        gm = rewrite_sites(gm, plans, self.cfg, self.group_name, self.graph_id, local=mode == "sequence")
         if dump:
             dump.add_graph("rewrite", gm)
             dump.add_plans(plans, sources_for_sites(plans))
             dump.write()
         log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", self.graph_id,
-                 sum(p.converts for p in plans), sum(not p.converts for p in plans), self.world_size,
-                 "sequence" if sharding else "attention-parallel")
-        return inner_compile(gm, example_inputs, cfg.inner, self.mode)
+                 sum(p.converts for p in plans), sum(not p.converts for p in plans), self.world_size, mode)
+        return inner_compile(gm, example_inputs, self.cfg.inner, self.mode)
 
 
 def _sequence_parallel(gm, example_inputs, plans, target: _Target):
@@ -131,10 +141,13 @@ def _sequence_parallel(gm, example_inputs, plans, target: _Target):
     try:
         sharding = shard_graph(work, example_inputs, work_plans, layout=cfg.layout, world_size=target.world_size,
                                rank=target.rank, group_name=target.group_name, local_outputs=cfg.outputs == "local")
-    except ShardingError as e:
+    except Exception as e:  # noqa: BLE001 - a graph eager accepts must still compile: fall back, exactly
         counters["burst"]["seq_fallbacks"] += 1
+        why = str(e) if isinstance(e, ShardingError) else (
+            f"the shard pass failed ({type(e).__name__}: {e}); this is a burstc bug, please report it with "
+            "the graph dump (options={'dump_dir': ...})")
         log.warning("burst: graph %s stays attention-parallel (every rank runs the whole sequence outside "
-                    "attention): %s", graph_id, e)
+                    "attention): %s", graph_id, why)
         return gm, plans, None
     log.info("burst: graph %s is sequence-parallel: %d tensors sharded, %d boundaries\n%s", graph_id,
              len(sharding.sharded), len(sharding.boundaries), sharding.table())

@@ -42,15 +42,22 @@ def _nanogpt(length):
     return model, step
 
 
+_DECODERS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
+             "gemma": "Gemma", "olmo": "Olmo"}
+
+
 def _hf(kind, length):
     import transformers
 
     torch.manual_seed(0)
-    if kind == "llama":
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind in _DECODERS:
+        prefix = _DECODERS[kind]
+        extra = {"head_dim": 16} if kind == "gemma" else {"pad_token_id": 0} if kind == "phi3" else {}
+        config = getattr(transformers, f"{prefix}Config")(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, **extra)
         config._attn_implementation = "sdpa"
-        model = transformers.LlamaForCausalLM(config)
+        model = getattr(transformers, f"{prefix}ForCausalLM")(config)
     else:
         config = transformers.GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -160,6 +167,15 @@ def test_models_on_two_ranks_match_single_device_eager():
         _check(rank_results)
     conv = next(r for r in results[0] if r["name"] == "tiny_conv")
     assert conv["counters"]["seq_gathers"] == 2  # one gather before each conv: exact, and counted
+
+
+def test_more_hf_decoders_on_two_ranks():
+    """Qwen2/3 (q/k/v biases, q/k norms), Mistral, Phi-3 (fused qkv and gate_up), Gemma (tied
+    embeddings, scaled embedding), OLMo: all sequence-parallel, all exact."""
+    pytest.importorskip("transformers")
+    cases = [(kind, 37, {"inner": "aot_eager"}) for kind in ("qwen2", "qwen3", "mistral", "phi3", "gemma", "olmo")]
+    for rank_results in run_ranks(2, _compare_cases, cases, timeout_s=900):
+        _check(rank_results)
 
 
 def test_three_ranks_with_a_length_that_does_not_divide():
@@ -321,3 +337,37 @@ def _data_times_sequence(rank, world_size):
 def test_data_parallel_over_sequence_parallel_groups_matches_the_global_batch():
     for grad_err, burst in run_ranks(4, _data_times_sequence, timeout_s=600):
         assert burst["seq_graphs"] == 1 and grad_err <= 2e-5, (grad_err, burst)
+
+
+def _site_left_as_sdpa(rank, world_size):
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            y = F.scaled_dot_product_attention(self.proj(x), x, x, is_causal=True)  # converts
+            z = F.scaled_dot_product_attention(y, y, y, attn_mask=mask)  # a mask: stays SDPA
+            return (z * y).sum()
+
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(2, 3, 20, 8, requires_grad=True)
+    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(2)) > 0.4
+    mask.fill_diagonal_(True)
+    want = model(x, mask)
+    want_grads = torch.autograd.grad(want, [x, *model.parameters()])
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="burst", options={"inner": "aot_eager"})
+    got = compiled(x, mask)
+    got_grads = torch.autograd.grad(got, [x, *compiled.parameters()])
+    return (abs(got - want).item(), max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)),
+            dict(counters["burst"]))
+
+
+def test_a_site_left_as_sdpa_gets_gathered_inputs_and_stays_exact():
+    for loss_err, grad_err, burst in run_ranks(2, _site_left_as_sdpa):
+        assert loss_err <= 1e-4 and grad_err <= 1e-4, (loss_err, grad_err)  # sums over 2x3x20x8 terms
+        assert burst["sites_converted"] == 1 and burst["sites_left"] == 1 and burst["seq_graphs"] == 1
+        assert burst["seq_gathers"] == 1  # y, once, for the masked attention
