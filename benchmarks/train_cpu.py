@@ -34,13 +34,14 @@ step starts after a barrier and counts as long as its slowest rank; the table sh
 
 Memory, per process (the table shows the largest over ranks), with every process run under
 MALLOC_MMAP_THRESHOLD_=1 MiB so that freed tensors leave the RSS (as benchmarks/ring_cpu.py does):
-- step MiB: the peak RSS during a timed step minus the RSS just before it (max over the timed
-  steps). Imports, compiled code, weights, optimizer state and glibc's allocator all exist before
+- step MiB: the peak RSS during one extra step after the timed ones, minus the RSS just before it
+  (the timed steps run without the sampling thread, which would compete with the ranks for the
+  cores). Imports, compiled code, weights, optimizer state and glibc's allocator all exist before
   the step and do not count: what remains is what the step allocates (activations, logits, the
   gradients, the optimizer's temporaries). ring_cpu.py's `ru_maxrss` is a high-water mark since the
   process started (the warm-up's compilation usually sets it), so it cannot isolate one step;
   instead a background thread reads /proc/self/statm every 2 ms during the step. Peaks shorter than
-  that can be missed, and the thread costs the step a little CPU.
+  that can be missed.
 - peak RSS MiB: the process's `ru_maxrss` at the end (compilation included).
 
 Correctness: the loss of the first timed step (rank 0's; all ranks should agree) and its |difference|
@@ -119,14 +120,16 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     step()  # warm-up: compilation and AdamW's state
     frames = counters["stats"]["unique_graphs"]
     times, step_mib, losses = [], [], []
-    for i in range(iters):
+    for i in range(iters):  # timed steps: no sampler thread competing with the ranks for the cores
         sync()
-        with StepMemory() as mem:
-            start = time.perf_counter()
-            loss = step(keep_grads=(i == 0 and rank == 0))
-            times.append(time.perf_counter() - start)
-        step_mib.append(mem.mib)
+        start = time.perf_counter()
+        loss = step(keep_grads=(i == 0 and rank == 0))
+        times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    sync()
+    with StepMemory() as mem:  # one more step, for memory only
+        step()
+    step_mib.append(mem.mib)
     return dict(times=times, step_mib=max(step_mib), peak_rss_mib=_rss_mib(), loss=losses[0],
                 grads={k: g.detach() for k, g in grads.items()} if rank == 0 else None,
                 recompiled=counters["stats"]["unique_graphs"] != frames,
