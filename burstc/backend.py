@@ -29,7 +29,7 @@ from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
-from burstc.passes.shard import ShardingError, copy_graph, shard_graph
+from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
 
 log = logging.getLogger("burstc.backend")
@@ -135,12 +135,10 @@ class _Target:
 def _sequence_parallel(gm, example_inputs, plans, target: _Target):
     """(graph, plans, ShardingPlan) partitioned along the sequence, or the graph unchanged with sharding None
     (attention-parallel mode) and the reason logged when the shard pass cannot do it exactly."""
-    cfg, graph_id = target.cfg, target.graph_id
-    work = copy_graph(gm)
-    work_plans = plan_sites(find_attention_sites(work), cfg, target.world_size)
+    graph_id = target.graph_id
     try:
-        sharding = shard_graph(work, example_inputs, work_plans, layout=cfg.layout, world_size=target.world_size,
-                               rank=target.rank, group_name=target.group_name, local_outputs=cfg.outputs == "local")
+        work, work_plans, sharding = shard_copy(gm, example_inputs, target.cfg, world_size=target.world_size,
+                                                rank=target.rank, group_name=target.group_name)
     except Exception as e:  # noqa: BLE001 - a graph eager accepts must still compile: fall back, exactly
         counters["burst"]["seq_fallbacks"] += 1
         why = str(e) if isinstance(e, ShardingError) else (

@@ -20,7 +20,7 @@ from burstc.debug.render import plan_report
 from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.plan import SitePlan, plan_sites
-from burstc.passes.shard import ShardingError, ShardingPlan, copy_graph, shard_graph
+from burstc.passes.shard import ShardingError, ShardingPlan, shard_copy
 from burstc.schedule.cost import AttentionShape
 from burstc.schedule.layout import local_padded_length
 from burstc.schedule.plan import build_plan
@@ -44,12 +44,9 @@ def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optio
         plans = plan_sites(find_attention_sites(gm), cfg, world_size)
         captured.extend(plans)
         if shardings is not None and cfg.sequence_mode(world_size) and any(p.converts for p in plans):
-            work = copy_graph(gm)
             try:
-                shardings.append(shard_graph(work, example_inputs, plan_sites(find_attention_sites(work), cfg,
-                                                                              world_size),
-                                             layout=cfg.layout, world_size=world_size, rank=0, group_name="",
-                                             local_outputs=cfg.outputs == "local", check_shapes=False))
+                shardings.append(shard_copy(gm, example_inputs, cfg, world_size=world_size, rank=0, group_name="",
+                                            check_shapes=False)[2])
             except ShardingError as e:
                 shardings.append(f"stays attention-parallel: {e}")
         return gm.forward
@@ -78,11 +75,8 @@ def sharding_summary(plan: ShardingPlan) -> list[str]:
     lines = [f"## sequence mode (rank 0 of {plan.world_size}: {plan.local_len} of {plan.seq_len} tokens)",
              f"{len(plan.sharded)} of {len(plan.tensors)} tensors sharded; every tensor of the graph together "
              f"(an upper bound on activation memory): {local / 2**20:.1f} MiB per rank against {full / 2**20:.1f} MiB "
-             f"on one device ({local / max(full, 1):.2f}x)", "",
-             "| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
-    lines += [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
-              for b in plan.boundaries]
-    return lines + [""]
+             f"on one device ({local / max(full, 1):.2f}x)", ""]
+    return lines + plan.boundary_table() + [""]
 
 
 def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> str:

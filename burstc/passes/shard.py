@@ -20,6 +20,7 @@ pass cannot do exactly raises ShardingError, and the backend then keeps the grap
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from burstc.passes.find_attention import rebind, source_line
-from burstc.passes.plan import SitePlan
-from burstc.passes.shard_rules import (RESIZED, SeqDim, is_tensor, op_name, reduced_dims, rule_for,
+from burstc.config import BurstConfig
+from burstc.passes.find_attention import find_attention_sites, rebind, source_line
+from burstc.passes.plan import SitePlan, plan_sites
+from burstc.passes.shard_rules import (RESIZED, SeqDim, arg, is_tensor, op_name, reduced_dims, rule_for,
                                        set_local_size, shape, tensor_inputs, value)
 from burstc.runtime import sequence_ops
 from burstc.schedule.layout import chunk_count, local_length, shard_positions
@@ -86,9 +88,6 @@ class ShardingPlan:
     def sharded(self) -> list[str]:
         return [t.name for t in self.tensors if t.placement != "replicated"]
 
-    def placement(self, name: str) -> str:
-        return next(t.placement for t in self.tensors if t.name == name)
-
     def activation_bytes(self) -> tuple[int, int]:
         """(bytes of every tensor of the graph on this rank, the same without sharding): a rough view of
         the activation memory the partition saves."""
@@ -106,10 +105,13 @@ class ShardingPlan:
                  "| tensor | op | global shape | placement |", "|---|---|---|---|"]
         lines += [f"| {t.name} | {t.op} | {list(t.shape)} {str(t.dtype).removeprefix('torch.')} | {t.placement} |"
                   for t in self.tensors]
-        lines += ["", "| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
-        lines += [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
-                  for b in self.boundaries]
-        return "\n".join(lines)
+        return "\n".join(lines + [""] + self.boundary_table())
+
+    def boundary_table(self) -> list[str]:
+        """Markdown lines: every inserted boundary with its bytes and why."""
+        return (["| boundary | tensor | placement | bytes per rank | why | where |", "|---|---|---|---|---|---|"]
+                + [f"| {b.kind} | {b.tensor} | {b.spec} | {b.bytes_per_rank} | {b.reason} | {b.source} |"
+                   for b in self.boundaries])
 
 
 def _nbytes(node: fx.Node) -> int:
@@ -117,16 +119,28 @@ def _nbytes(node: fx.Node) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def requires_grad(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
-    """The nodes whose value may require a gradient: inputs that do, and everything computed from them
-    (an over-approximation is safe: summing the gradient of a value that gets none does nothing)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = {n for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
-    found |= {n for n in placeholders if isinstance(value(n), torch.Tensor) and value(n).requires_grad}
+def _computed_from(gm: fx.GraphModule, roots: set[fx.Node]) -> set[fx.Node]:
+    """roots and every node computed from any of them."""
+    found = set(roots)
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and any(a in found for a in node.all_input_nodes):
             found.add(node)
     return found
+
+
+def requires_grad(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
+    """The nodes whose value may require a gradient: inputs that do, and everything computed from them
+    (an over-approximation is safe: summing the gradient of a value that gets none does nothing)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roots = {n for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
+    roots |= {n for n in placeholders if isinstance(value(n), torch.Tensor) and value(n).requires_grad}
+    return _computed_from(gm, roots)
+
+
+def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a graph input: only these can differ across ranks (a constant
+    built inside the graph is the same everywhere and needs no replica check)."""
+    return _computed_from(gm, {n for n in gm.graph.nodes if n.op == "placeholder"})
 
 
 def _same_value(new: fx.Node, old: fx.Node) -> None:
@@ -151,6 +165,7 @@ class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
         self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
+        self.from_inputs = input_dependent(gm)
         self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
         self.group_name, self.local_outputs = group_name, local_outputs
         self.local_len = local_length(seq_len, layout, world_size, rank)
@@ -219,9 +234,9 @@ class _Sharder:
         self.propagate_wants()
         for node in list(self.graph.nodes):
             if node.op in ("placeholder", "get_attr"):
-                self.place[node] = None
+                self.place[node] = None  # an input stays replicated; wanted sharded, its users see a shard
                 if node in self.want and node.users:
-                    self.place[node] = self._shard_source(node, self.want[node])
+                    self._shard_source(node, self.want[node])
             elif node.op == "output":
                 self._outputs(node)
             elif node.op in ("call_function", "call_method"):
@@ -239,15 +254,14 @@ class _Sharder:
         self.gm.recompile()
         return self.plan
 
-    def _shard_source(self, node: fx.Node, spec: SeqDim) -> SeqDim:
-        """A graph input wanted sharded: shard it once, right after the placeholder."""
+    def _shard_source(self, node: fx.Node, spec: SeqDim) -> None:
+        """A graph input wanted sharded: shard it once, after the graph inputs, for all its users."""
         users = list(node.users)
-        entered = self._enter(node, spec, check=node.name)
+        entered = self._enter(node, spec)
         for u in users:
             u.replace_input_with(node, entered)
         self.entered[(node, spec)] = entered
         self.place[entered] = spec
-        return None  # the placeholder itself stays replicated; its users see the shard
 
     def _visit(self, node: fx.Node) -> None:
         inputs = tensor_inputs(node)
@@ -278,7 +292,7 @@ class _Sharder:
             if sharded:
                 self._gather_inputs(node, sharded, f"{op_name(node)} mixes tokens along the sequence")
             return
-        if op_name(node) in RESIZED and not set_local_size(node, out, self._global(out), self._local(out)):
+        if op_name(node) in RESIZED and not set_local_size(node, out, self._global(out), self.local_size(out)):
             self.place[node] = None
             if sharded:
                 self._gather_inputs(node, sharded, f"{op_name(node)}'s size argument is not a literal")
@@ -299,7 +313,7 @@ class _Sharder:
     def _global(self, spec: SeqDim) -> int:
         return spec.outer * self.seq_len * spec.inner
 
-    def _local(self, spec: SeqDim) -> int:
+    def local_size(self, spec: SeqDim) -> int:
         return spec.outer * self.local_len * spec.inner
 
     def _fix_edge(self, consumer: fx.Node, a: fx.Node, need: Optional[SeqDim]) -> None:
@@ -316,7 +330,7 @@ class _Sharder:
             source = self._gather(a, have, f"{consumer.name} needs it sharded as {need}", consumer)
         key = (source, need)
         if key not in self.entered:
-            self.entered[key] = self._enter(source, need, check=source.name)
+            self.entered[key] = self._enter(source, need)
             self.place[self.entered[key]] = need
         consumer.replace_input_with(a, self.entered[key])
 
@@ -328,8 +342,10 @@ class _Sharder:
         """Where to insert a node computed from `node`: after it, or after the last graph input."""
         return [n for n in self.graph.nodes if n.op == "placeholder"][-1] if node.op == "placeholder" else node
 
-    def _enter(self, node: fx.Node, spec: SeqDim, check: str) -> fx.Node:
-        """Replicated -> this rank's positions; an `arange` over the sequence becomes the positions."""
+    def _enter(self, node: fx.Node, spec: SeqDim) -> fx.Node:
+        """Replicated -> this rank's positions; an `arange` over the sequence becomes the positions. A value
+        computed from the graph's inputs is checked to be the same on every rank as it enters."""
+        check = node.name if node in self.from_inputs else ""
         if op_name(node) == "arange" and spec == SeqDim(0) and self._is_plain_arange(node):
             start = node.args[0] if len(node.args) >= 2 else 0
             with self.graph.inserting_after(node):
@@ -384,18 +400,13 @@ class _Sharder:
         if name == "cross_entropy":
             self._cross_entropy(node, src, spec)
         else:
-            dims = reduced_dims(node)
-            keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-            full = [int(s) for s in shape(src)]
+            full = list(shape(src))
             full[spec.dim] = self._global(spec)
-            count = 1
-            for d in dims:
-                count *= full[d]
-            all_dims = len(dims) == len(full)
+            count = math.prod(full[d] for d in reduced_dims(node))
             with self.graph.inserting_before(node):
                 new = self.graph.call_function(sequence_ops.sharded_sum, (
-                    src, self.group_name, None if all_dims and "dim" not in node.kwargs and len(node.args) < 2
-                    else dims, keepdim, float(count) if name == "mean" else 1.0))
+                    src, self.group_name, arg(node, 1, "dim"), arg(node, 2, "keepdim", False),
+                    float(count) if name == "mean" else 1.0))
             self._replace(node, new)
         self._record("reduce", src, spec, 0, f"{name} over the sequence: local {name} + all-reduce")
         self.place[node] = None
@@ -494,7 +505,7 @@ class _AttentionRule:
         return SeqDim(2) if spec == SeqDim(2) else None
 
 
-def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local: dict) -> None:
+def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_size) -> None:
     """Run the rewritten graph on fake tensors: every op must accept the local shapes, and every sharded
     tensor must have its local size on its sequence dim."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -509,9 +520,9 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local: 
     for node in gm.graph.nodes:
         spec = place.get(node)
         val = node.meta.get("val")
-        if spec is not None and isinstance(val, torch.Tensor) and int(val.shape[spec.dim]) != local[spec]:
+        if spec is not None and isinstance(val, torch.Tensor) and int(val.shape[spec.dim]) != local_size(spec):
             raise ShardingError(f"{node.name} has {val.shape[spec.dim]} rows on its sequence dim, expected "
-                                f"{local[spec]}")
+                                f"{local_size(spec)}")
 
 
 def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
@@ -536,8 +547,7 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     plan = sharder.run()
     if not check_shapes:
         return plan
-    local = {s: sharder._local(s) for s in set(sharder.place.values()) if s is not None}
-    _check_local_shapes(gm, example_inputs, sharder.place, local)
+    _check_local_shapes(gm, example_inputs, sharder.place, sharder.local_size)
     for p in converting:  # the rewrite reads the sites' inputs: some are now boundary ops
         rebind(p.site)
     for node in gm.graph.nodes:  # later passes read example values: give them the local ones
@@ -547,3 +557,14 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     counters["burst"]["seq_graphs"] += 1
     counters["burst"]["seq_sharded_tensors"] += len(plan.sharded)
     return plan
+
+
+def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_size: int, rank: int,
+               group_name: str, check_shapes: bool = True) -> tuple[fx.GraphModule, list[SitePlan], ShardingPlan]:
+    """(a sharded copy of gm, the site plans of that copy, the ShardingPlan); gm itself is left as it was,
+    so a ShardingError leaves the caller free to compile gm attention-parallel."""
+    work = copy_graph(gm)
+    plans = plan_sites(find_attention_sites(work), cfg, world_size)
+    sharding = shard_graph(work, example_inputs, plans, layout=cfg.layout, world_size=world_size, rank=rank,
+                           group_name=group_name, local_outputs=cfg.outputs == "local", check_shapes=check_shapes)
+    return work, plans, sharding

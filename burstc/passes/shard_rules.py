@@ -137,17 +137,12 @@ def _broadcast(out_shape, inputs: list[fx.Node], skip_out=()) -> DimMap:
     return DimMap(maps)
 
 
-def _same_order(src: fx.Node, out_shape, skip_in=()) -> DimMap:
+def _same_order(src: fx.Node, out_shape) -> DimMap:
     """Output dims are the input's dims in the same order, less size-1 dims added or removed
-    (unsqueeze, squeeze) and less the dims in skip_in."""
-    in_shape = shape(src)
-    ins = [i for i, s in enumerate(in_shape) if s != 1 and i not in skip_in]
+    (unsqueeze, squeeze)."""
+    kept = [i for i, s in enumerate(shape(src)) if s != 1]
     outs = [o for o, s in enumerate(out_shape) if s != 1]
-    kept = [i for i, s in enumerate(in_shape) if s != 1]
-    if len(kept) != len(outs):
-        return DimMap({src: {}})
-    pairs = dict(zip(outs, kept))
-    return DimMap({src: {o: i for o, i in pairs.items() if i in ins}})
+    return DimMap({src: dict(zip(outs, kept)) if len(kept) == len(outs) else {}})
 
 
 POINTWISE = {

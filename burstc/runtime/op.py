@@ -1,8 +1,8 @@
 """`burst::attention`: burst attention as one opaque, differentiable torch.library op for compiled graphs.
 
 `burst::attention` (attention-parallel mode) takes the whole sequence (identical on every rank of the
-group), computes this rank's shard of the ring and gathers the output, so a graph rewritten to call it computes what it computed
-before. All point-to-point transfers stay inside the op (never traced into a graph). Its backward is
+group), computes this rank's shard of the ring and gathers the output, so a graph rewritten to call it
+computes what it computed before. All point-to-point transfers stay inside the op (never traced into a graph). Its backward is
 the op `burst::attention_backward`, which gathers full dq, dk, dv: every rank holds the same upstream
 gradient, so taking its own shard of each gathered gradient is the exact adjoint.
 `burst::attention_local` (sequence mode) takes and returns this rank's shards: nothing is gathered.
@@ -47,17 +47,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
     run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, check_replicas=True)
-    out, lse, *_ = run.forward(q, k, v)
-    out, lse = run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
+    out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         _verify(verify_site, q, k, v, out, causal, scale, enable_gqa)
         _verified_sites.add(verify_site)
     return out, lse
 
 
-@attention.register_fake
-def _(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, verify_site):
+def _forward(run, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the call's kind (full or this rank's shard), contiguous."""
+    out, lse, *_ = run.forward(q, k, v)
+    return run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
+
+
+def _grads(run, dout, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of the call's kind, contiguous."""
+    qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
+    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+
+
+def _fake_forward(q, *_):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype))
+
+
+def _fake_grads(dout, q, k, v, *_):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+attention.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("burst::attention_backward", mutates_args=())
@@ -67,13 +84,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     """(dq, dk, dv) over the full sequence, given the forward's out and lse."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, check_replicas=False)
-    qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
-    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+    return _grads(run, dout, q, k, v, out, lse)
 
 
-@attention_backward.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, enable_gqa, layout, backward, kernel, group_name):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+attention_backward.register_fake(_fake_grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -84,13 +98,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+def _backward_through(backward_op):
+    """The autograd formula of an attention op whose (dq, dk, dv) come from backward_op."""
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*backward_op(dout.contiguous(), q, k, v, out, lse, *ctx.options), *[None] * 8)
+    return backward
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+attention.register_autograd(_backward_through(attention_backward), setup_context=_setup_context)
 
 
 def _verify(site, q, k, v, out, causal, scale, enable_gqa) -> None:
@@ -118,8 +134,7 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
     tokens in the layout's order (sequence mode). No gather: the output stays sharded."""
     run = _run_local(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
-    out, lse, *_ = run.forward(q, k, v)
-    out, lse = run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
+    out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
         _verify(verify_site, *full, causal, scale, enable_gqa)
@@ -127,9 +142,7 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out, lse
 
 
-@attention_local.register_fake
-def _(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name, verify_site):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype))
+attention_local.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("burst::attention_local_backward", mutates_args=())
@@ -139,19 +152,8 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards."""
     run = _run_local(q, k, v, causal, scale, enable_gqa, layout, backward, kernel, group_name)
-    qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
-    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+    return _grads(run, dout, q, k, v, out, lse)
 
 
-@attention_local_backward.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, enable_gqa, layout, backward, kernel, group_name):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _local_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_local_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-attention_local.register_autograd(_local_backward, setup_context=_setup_context)
+attention_local_backward.register_fake(_fake_grads)
+attention_local.register_autograd(_backward_through(attention_local_backward), setup_context=_setup_context)

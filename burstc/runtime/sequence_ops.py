@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from burstc.runtime.sharding import assemble, pad_shard
-from burstc.runtime.validate import BurstInputError
+from burstc.runtime.validate import BurstInputError, replicated_checksum
 from burstc.schedule import layout as layouts
 
 
@@ -61,22 +61,15 @@ def take_local(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, 
     return _seq_view(x, dim, outer, inner).index_select(dim + 1, positions).flatten(dim, dim + 2).contiguous()
 
 
-def _fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """[numel, order-sensitive weighted sum, magnitude] of x in float64: equal on ranks holding equal x."""
-    flat = x.detach().reshape(-1).to(torch.float64)
-    weights = torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device) * 0.7071)
-    terms = flat * weights
-    return torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
-                        terms.sum(), terms.abs().sum()]).cpu()
-
-
-def _check_replicated(x: torch.Tensor, what: str, group_name: str) -> None:
+def _check_replicated(x: torch.Tensor, dim: int, what: str, group_name: str) -> None:
     group = _group(group_name)
     world = dist.get_world_size(group)
-    mine = _fingerprint(x)
+    device = x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")  # NCCL talks GPU tensors
+    mine = torch.tensor([float(x.numel()), *replicated_checksum(x.detach(), dim=dim)], dtype=torch.float64,
+                        device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    rows = torch.stack(gathered)
+    rows = torch.stack(gathered).cpu()
     tolerance = 1e-9 * max(float(rows[:, 2].max()), 1e-30)
     if bool((rows[:, 0] != rows[0, 0]).any()) or float(rows[:, 1].max() - rows[:, 1].min()) > tolerance:
         raise BurstInputError(
@@ -93,7 +86,7 @@ def seq_shard(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, l
     replication over the ranks is then verified (a graph input: the ranks must agree on it)."""
     world, _ = _world(group_name)
     if check and world > 1:
-        _check_replicated(x, check, group_name)
+        _check_replicated(x, dim, check, group_name)
     return take_local(x, dim, outer, inner, seq_len, layout, group_name)
 
 

@@ -52,10 +52,12 @@ class CallMeta:
                    BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude))
 
 
-def replicated_checksum(*tensors: torch.Tensor) -> tuple[float, float]:
-    """An order-sensitive fingerprint of full-sequence inputs (one pass over each tensor) and its
-    magnitude, so ranks can check they hold the same sequence up to summation-order rounding."""
-    rows = sum(t.sum(dim=(0, 1, 3), dtype=torch.float64) for t in tensors)  # [N] per-position sums
+def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, float]:
+    """An order-sensitive fingerprint of full-sequence inputs (one pass over each tensor; `dim` is the
+    sequence) and its magnitude, so ranks can check they hold the same sequence up to summation-order
+    rounding."""
+    rows = sum(t.sum(dim=tuple(d for d in range(t.dim()) if d != dim), dtype=torch.float64)
+               for t in tensors)  # [N] per-position sums
     weights = torch.cos(torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071)
     terms = rows * weights
     return float(terms.sum()), float(terms.abs().sum())
