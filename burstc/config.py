@@ -13,6 +13,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
 | parallel  | BURST_PARALLEL    | auto     | sequence: every rank runs the whole model on its own tokens; attention: only attention is split, the rest runs replicated; auto: sequence when the group has more than one rank |
 | outputs   | BURST_OUTPUTS     | gathered | sequence mode: graph outputs with the sequence dim are gathered on every rank, or 'local' (this rank's rows, see burstc.shard_positions) |
+| mask_tile | BURST_MASK_TILE   | 256      | rows per tile when a structured mask (window, padding, documents, mask_mod, attn_mask) is classified: smaller skips work more finely, larger makes fewer kernel calls |
 | group     | -                 | None     | the ring's torch.distributed process group (None: the default group) |
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class BurstConfig:
     dump_dir: Optional[str] = None
     parallel: str = "auto"
     outputs: str = "gathered"
+    mask_tile: int = 256
     group: Optional[Any] = None  # torch.distributed.ProcessGroup
 
     @classmethod
@@ -50,6 +52,8 @@ class BurstConfig:
                 continue
             if f.name == "timeout_s":
                 values[f.name] = float(raw)
+            elif f.name == "mask_tile":
+                values[f.name] = int(raw)
             elif f.name == "verify":
                 values[f.name] = raw.strip().lower() in _TRUE
             elif f.name == "exclude":

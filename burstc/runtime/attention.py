@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,7 +16,8 @@ from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, local_problem,
                                      replicated_checksum)
-from burstc.schedule.cost import AttentionShape, choose_backward
+from burstc.runtime.mask_args import MaskArgs
+from burstc.schedule.cost import KV_RING, AttentionShape, choose_backward
 from burstc.schedule.plan import RingPlan, build_plan
 
 SEQ_DIM = 2
@@ -104,7 +106,10 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     group: Optional[dist.ProcessGroup] = None, layout: Optional[str] = None,
                     backward: Optional[str] = None, kernel: Optional[str] = None,
                     virtual_world_size: Optional[int] = None, attn_mask=None,
-                    dropout_p: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0, key_padding_mask: Optional[torch.Tensor] = None,
+                    document_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                    window: Optional[tuple[Optional[int], Optional[int]]] = None,
+                    mask_mod=None) -> torch.Tensor:
     """Exact attention over a sequence sharded across the ranks of `group` (BurstAttention).
 
     q, k, v: this rank's shard, [B, H, S_local, d] like `F.scaled_dot_product_attention`'s inputs
@@ -120,25 +125,45 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     kernel: 'auto' (default), 'cpu', 'reference' (plain torch, float64 too) or 'triton'.
     virtual_world_size: run the G-rank ring in this process (no group); q, k, v are then the full
         tensors and so is the result.
-    attn_mask, dropout_p: accepted only as None / 0.0, for SDPA-compatible call sites; anything else
-        raises BurstInputError naming the fix.
+    dropout_p: accepted only as 0.0 (anything else raises BurstInputError naming the fix).
+
+    Masks, all over *global* token positions, combinable with each other and with causal (the plan
+    skips the compute of empty tiles and the transfer of chunks nobody later needs):
+    key_padding_mask: [B, N] bool, True = attend (a tokenizer's attention_mask).
+    document_ids: [B, N] int, tokens attend only within their document (packed sequences);
+        cu_seqlens ([0, l0, l0 + l1, ..., N], one sequence of packed documents) is the same thing.
+    window: (left, right): query i sees keys in [i - left, i + right]; None = unbounded on that side
+        (a Mistral/Gemma sliding window w is (w - 1, 0) with causal=True). Use layout='contiguous'
+        with short windows: the ring then shrinks to a halo exchange with the neighbours.
+    mask_mod: FlexAttention's mask_mod(b, h, q_idx, kv_idx) -> bool on global indices, evaluated
+        tile by tile on broadcast index tensors.
+    attn_mask: the materialised fallback: bool (True = attend) or additive, [B|1, H|1, L, N] for
+        this rank's query rows over all N keys (with virtual_world_size: [B|1, H|1, N, N]). Forces
+        the kv_ring backward (the rows stay with their queries).
+    Rows with no visible key return 0 with zero gradients, as single-device SDPA does.
     Defaults of layout/backward/kernel and the transfer timeout come from BURST_* environment
     variables (burstc.config).
     """
+    masks = MaskArgs(key_padding_mask=key_padding_mask, document_ids=document_ids, cu_seqlens=cu_seqlens,
+                     window=window, mask_mod=mask_mod, attn_mask=attn_mask)
     run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=group, layout=layout,
                       backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
-                      attn_mask=attn_mask, dropout_p=dropout_p)
+                      dropout_p=dropout_p, masks=masks)
     return _BurstAttention.apply(q, k, v, run)
 
 
 def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,
                 group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
-                kernel: Optional[str], virtual_world_size: Optional[int] = None, attn_mask=None,
-                dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True) -> RingRun:
+                kernel: Optional[str], virtual_world_size: Optional[int] = None,
+                dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True,
+                masks: Optional["MaskArgs"] = None) -> RingRun:
     """Validate a call (on every rank) and build its RingRun. full_sequence: q, k, v are the whole
     sequence on every rank of the group (the compiled op) instead of this rank's shard;
     check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v)."""
     cfg = BurstConfig.from_env()
+    masks = masks or MaskArgs()
+    if layout is None and "BURST_LAYOUT" not in os.environ and (full_sequence or virtual_world_size is not None):
+        layout = masks.preferred_layout(causal)  # the layout is internal to the call: pick it per mask
     layout = layout or cfg.layout
     backward = backward or cfg.backward
     kernel = kernel or cfg.kernel
@@ -160,7 +185,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         world_size, rank = 1, None
 
     problem = local_problem(q, k, v, enable_gqa=enable_gqa, layout=layout, backward=backward,
-                            attn_mask=attn_mask, dropout_p=dropout_p)
+                            dropout_p=dropout_p) or masks.problem(q)
     local_kernel = None
     if problem is None:
         try:
@@ -174,7 +199,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
                         checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
-                        else (0.0, 0.0))
+                        else (0.0, 0.0), mask_code=masks.code())
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)
@@ -187,11 +212,18 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     if seq_len < 1:
         raise BurstInputError("burst_attention needs at least one token")
 
-    plan = build_plan(world_size, layout, seq_len, bool(causal))
+    inputs = "virtual" if rank is None else "full" if full_sequence else "shard"
+    try:
+        mask = masks.build(bool(causal), seq_len, q, layout, world_size, rank if inputs == "shard" else None)
+    except ValueError as e:
+        raise BurstInputError(f"burst_attention: {e}") from e
+    plan = build_plan(world_size, layout, seq_len, bool(causal), mask=mask, tile=cfg.mask_tile)
     shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
                            head_dim=meta.head_dim, local_rows=plan.local_len, world_size=world_size,
                            dtype=meta.dtype)
-    inputs = "virtual" if rank is None else "full" if full_sequence else "shard"
-    return RingRun(plan=plan, kernel=local_kernel, scheme=choose_backward(shape, backward), scale=meta.scale,
+    scheme = choose_backward(shape, backward)
+    if mask is not None and mask.dense_rows is not None:
+        scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
+    return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
                    group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs)
 

@@ -11,7 +11,7 @@ All tensors are per-rank dicts over `transport.ranks` of padded shards.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -20,15 +20,15 @@ from burstc.runtime import stats
 from burstc.runtime.kernels.base import GradSum, LocalKernel, QueryBundle, accumulation_dtype
 from burstc.runtime.transport import Held
 from burstc.schedule.cost import KV_RING, QUERY_RING
-from burstc.schedule.plan import SKIPPED, PairPlan, RingPlan
+from burstc.schedule.plan import KV, QUERY, RingPlan
 
 # tag = base + 8 * step (+ tensor index): every message of a call has its own tag
 _TAG_PAYLOAD, _TAG_PARTIAL, _TAG_STRIDE = 1 << 20, 2 << 20, 8
 
 
-def _visit_done(visit: PairPlan) -> None:
-    if visit.mask == SKIPPED:
-        stats.count("skipped_pairs", 1)
+def _count_skipped(plan: RingPlan, ranks) -> None:
+    """Fully masked pairs of these ranks' ring: never computed (and, past a chunk's last step, never sent)."""
+    stats.count("skipped_pairs", sum(plan.skipped_pairs(r) for r in ranks))
 
 
 @contextlib.contextmanager
@@ -41,24 +41,72 @@ def _comm_span(transport, phase: str, step: int, kind: str, device: torch.device
         yield
 
 
+def _trim(plan: RingPlan, role: str, chunk: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The rows of a chunk that travel (all rows when the plan keeps them all)."""
+    lo, hi = plan.travel_rows[role][chunk]
+    if (lo, hi) == (0, tensors[0].shape[2]):
+        return tensors
+    return tuple(t[:, :, lo:hi].contiguous() for t in tensors)
+
+
+def _rows_like(plan: RingPlan, role: str, chunk: int, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Receive templates for the travelling rows of chunk (shapes of `like` with the row count changed)."""
+    lo, hi = plan.travel_rows[role][chunk]
+    return tuple(torch.empty((), dtype=t.dtype, device=t.device).expand(*t.shape[:2], hi - lo, *t.shape[3:])
+                 for t in like)
+
+
+def _shift(plan: RingPlan, transport, role: str, step: int, held: Held, like: Held, tag: int):
+    """Post this step's sends of the chunks later ranks need and the matching receives; None if no
+    rank of this process sends or receives."""
+    send = {r: (_trim(plan, role, plan.held(step, r), held[r]) if step == 0 else held[r])
+            for r in transport.ranks if plan.sends(role, step, r)}
+    recv = {r: _rows_like(plan, role, plan.held(step + 1, r), like[r])
+            for r in transport.ranks if plan.holds(role, step + 1, r)}
+    if not send and not recv:
+        return None
+    return transport.shift(send, recv, tag)
+
+
+class _MaskTiles:
+    """The mask of a plan evaluated on work items (global positions of both sides), on a device."""
+
+    def __init__(self, plan: RingPlan, heads: int, device: torch.device):
+        self.plan, self.heads, self.device = plan, heads, device
+        self._positions = {r: plan.positions(r) for r in range(plan.world_size)} if plan.mask is not None else {}
+
+    def __call__(self, q_rank: int, k_rank: int, item) -> Optional[torch.Tensor]:
+        if not item.masked:
+            return None
+        qp = self._positions[q_rank][item.q_start:item.q_stop]
+        kp = self._positions[k_rank][item.k_start:item.k_stop]
+        return self.plan.mask.evaluate(qp, kp, self.heads).to(self.device)
+
+
 def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Held, v: Held,
                  scale: float) -> tuple[Held, Held]:
     """Per rank (out [B, H_q, L, d] in the input dtype, lse [B, H_q, L] in the accumulation dtype)."""
     ranks = transport.ranks
+    _count_skipped(plan, ranks)
     states = {r: kernel.forward_init(q[r]) for r in ranks}
     held = {r: (k[r], v[r]) for r in ranks}
+    like = dict(held)
     device = q[ranks[0]].device
-    for step in range(plan.steps):
+    tiles = _MaskTiles(plan, q[ranks[0]].shape[1], device)
+    for step in range(plan.steps_for(KV)):
         incoming = None
-        if step < plan.steps - 1:
+        if step < plan.steps_for(KV) - 1:
             with _comm_span(transport, "forward", step, POST, device):
-                incoming = transport.shift(held, _TAG_PAYLOAD + _TAG_STRIDE * step)
+                incoming = _shift(plan, transport, KV, step, held, like, _TAG_PAYLOAD + _TAG_STRIDE * step)
         for r in ranks:
+            if not plan.holds(KV, step, r):
+                continue
             visit = plan.kv_visit(step, r)
+            offset = plan.row_offset(KV, step, r)
             with maybe_span(r, "forward", step, COMPUTE, device):
                 for item in visit.items:
-                    kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item, scale)
-            _visit_done(visit)
+                    kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item.shifted(0, offset), scale,
+                                        mask=tiles(r, visit.k_rank, item))
         stats.count("steps", 1)
         if incoming is not None:
             with _comm_span(transport, "forward", step, WAIT, device):
@@ -72,11 +120,13 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
                   v: Held, out: Held, dout: Held, lse: Held, scale: float) -> tuple[Held, Held, Held]:
     """Per rank (dq, dk, dv) in the accumulation dtype."""
     ranks = transport.ranks
+    _count_skipped(plan, ranks)
     acc = accumulation_dtype(q[ranks[0]].dtype)
     # D = rowsum(dO * O) as a batched dot product: no [B, H, L, d] temporary
     delta = {r: torch.matmul(dout[r].to(acc).unsqueeze(-2), out[r].to(acc).unsqueeze(-1)).reshape(lse[r].shape)
              for r in ranks}
     grad_sum = lambda x: GradSum(x.shape, acc, x.device)  # noqa: E731
+    tiles = _MaskTiles(plan, q[ranks[0]].shape[1], q[ranks[0]].device)
 
     if scheme == KV_RING:
         bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out[r]) for r in ranks}
@@ -86,14 +136,15 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
             kv_k, kv_v = payload
             dk_part, dv_part = grad_sum(kv_k), grad_sum(kv_v)
             visit = plan.kv_visit(step, r)
+            offset = plan.row_offset(KV, step, r)
             for item in visit.items:
-                kernel.backward_step(bundles[r], kv_k, kv_v, item, scale, dq[r], dk_part, dv_part)
-            _visit_done(visit)
+                kernel.backward_step(bundles[r], kv_k, kv_v, item.shifted(0, offset), scale, dq[r], dk_part, dv_part,
+                                     mask=tiles(r, visit.k_rank, item))
             return dk_part.tensor(), dv_part.tensor()
 
         payload = {r: (k[r], v[r]) for r in ranks}
         partial_like = {r: (_like(k[r], acc), _like(v[r], acc)) for r in ranks}
-        own = _trailing_ring(plan, transport, payload, partial_like, compute)
+        own = _trailing_ring(plan, KV, transport, payload, partial_like, compute)
         return {r: dq[r].tensor() for r in ranks}, {r: own[r][0] for r in ranks}, {r: own[r][1] for r in ranks}
 
     if scheme == QUERY_RING:
@@ -104,14 +155,15 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
             bundle = QueryBundle(*payload, out=out[r] if step == 0 else None)  # step 0: own queries
             dq_part = grad_sum(bundle.q)
             visit = plan.query_visit(step, r)
+            offset = plan.row_offset(QUERY, step, r)
             for item in visit.items:
-                kernel.backward_step(bundle, k[r], v[r], item, scale, dq_part, dk[r], dv[r])
-            _visit_done(visit)
+                kernel.backward_step(bundle, k[r], v[r], item.shifted(offset, 0), scale, dq_part, dk[r], dv[r],
+                                     mask=tiles(visit.q_rank, r, item))
             return (dq_part.tensor(),)
 
         payload = {r: (q[r], dout[r], lse[r], delta[r]) for r in ranks}
         partial_like = {r: (_like(q[r], acc),) for r in ranks}
-        own = _trailing_ring(plan, transport, payload, partial_like, compute)
+        own = _trailing_ring(plan, QUERY, transport, payload, partial_like, compute)
         return {r: own[r][0] for r in ranks}, {r: dk[r].tensor() for r in ranks}, {r: dv[r].tensor() for r in ranks}
 
     raise ValueError(f"unknown backward scheme {scheme!r}")
@@ -122,28 +174,37 @@ def _like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((), dtype=dtype, device=x.device).expand(x.shape)
 
 
-def _trailing_ring(plan: RingPlan, transport, payload: Held, partial_like: Held,
+def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_like: Held,
                    compute: Callable[[int, int, tuple], tuple[torch.Tensor, ...]]) -> Held:
     """Run the payload around the ring; return each rank's summed partials of its own chunk.
 
     Per step: post the receive of the accumulator coming from the predecessor, post the payload
-    shift, compute, then add the received accumulator and send the sum on. The predecessor's
-    accumulator arrives while this rank computes."""
+    shift, compute, then add the received accumulator and send the sum on: to the successor while
+    later ranks still need the chunk, straight back to the chunk's owner at its last step. The
+    predecessor's accumulator arrives while this rank computes. Accumulators of a trimmed chunk
+    cover only its travelling rows."""
     ranks = transport.ranks
     device = next(iter(partial_like.values()))[0].device
     span = lambda step, kind: _comm_span(transport, "backward", step, kind, device)  # noqa: E731
+    last = plan.last_step[role]
+    payload_like = dict(payload)
     own: Held = {}
-    for step in range(plan.steps):
+    for step in range(plan.steps_for(role)):
         acc_in = incoming = None
         with span(step, POST):
             if step >= 2:
-                acc_in = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (step - 1))
-            if step < plan.steps - 1:
-                incoming = transport.shift(payload, _TAG_PAYLOAD + _TAG_STRIDE * step)
+                expect = {r: _rows_like(plan, role, plan.held(step, r), partial_like[r])
+                          for r in ranks if plan.holds(role, step, r)}
+                if expect:
+                    acc_in = transport.recv(expect, _TAG_PARTIAL + _TAG_STRIDE * (step - 1),
+                                            {r: plan.prev_rank(r) for r in expect})
+            if step < plan.steps_for(role) - 1:
+                incoming = _shift(plan, transport, role, step, payload, payload_like, _TAG_PAYLOAD + _TAG_STRIDE * step)
         partial = {}
         for r in ranks:
-            with maybe_span(r, "backward", step, COMPUTE, device):
-                partial[r] = compute(r, step, payload[r])
+            if plan.holds(role, step, r):
+                with maybe_span(r, "backward", step, COMPUTE, device):
+                    partial[r] = compute(r, step, payload[r])
         stats.count("steps", 1)
         if step == 0:
             own = partial
@@ -151,19 +212,31 @@ def _trailing_ring(plan: RingPlan, transport, payload: Held, partial_like: Held,
             if acc_in is not None:
                 with span(step, WAIT):
                     received = acc_in.wait()
-                for r in ranks:
-                    for mine, theirs in zip(partial[r], received[r]):
+                for r, theirs_all in received.items():
+                    for mine, theirs in zip(partial[r], theirs_all):
                         mine.add_(theirs)
-            with span(step, POST):
-                transport.send(partial, _TAG_PARTIAL + _TAG_STRIDE * step)
+            if partial:
+                # forward while the chunk travels on, else home to its owner
+                dest = {r: plan.next_rank(r) if plan.sends(role, step, r) else plan.held(step, r) for r in partial}
+                with span(step, POST):
+                    transport.send(partial, _TAG_PARTIAL + _TAG_STRIDE * step, dest)
         if incoming is not None:
             with span(step, WAIT):
                 payload = incoming.wait()
-    if plan.steps > 1:
-        with span(plan.steps - 1, WAIT):
-            returned = transport.recv(partial_like, _TAG_PARTIAL + _TAG_STRIDE * (plan.steps - 1)).wait()
-        for r in ranks:
-            for mine, theirs in zip(own[r], returned[r]):
-                mine.add_(theirs)
+    home = {r: _rows_like(plan, role, r, partial_like[r]) for r in ranks if last[r] >= 1}
+    if home:
+        with span(plan.steps_for(role) - 1, WAIT):
+            returned = transport.recv(home, {r: _TAG_PARTIAL + _TAG_STRIDE * last[r] for r in home},
+                                      {r: _last_holder(plan, role, r) for r in home}).wait()
+        for r, theirs_all in returned.items():
+            lo, hi = plan.travel_rows[role][r]
+            for mine, theirs in zip(own[r], theirs_all):
+                mine[:, :, lo:hi].add_(theirs)
     transport.finish()
     return own
+
+
+def _last_holder(plan: RingPlan, role: str, chunk: int) -> int:
+    """The rank that holds chunk at its last step (and sends its accumulator home)."""
+    i = plan.order.index(chunk)
+    return plan.order[(i + plan.last_step[role][chunk]) % plan.world_size]

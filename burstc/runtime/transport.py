@@ -2,9 +2,11 @@
 torch.distributed) and a virtual transport (all G ranks in this process, tensors handed over).
 
 Both speak in dicts {rank: tuple of tensors} over the ranks this process runs, so one ring driver
-serves both. `shift` sends what every rank holds to its successor and returns what it receives
-from its predecessor; `send`/`recv` carry the trailing accumulators one hop forward. Every byte
-sent is counted into the active comm_stats under the transport's phase.
+serves both. `shift` sends what the sending ranks hold to their successors and returns what the
+receiving ranks get from their predecessors (the plan says who sends and who receives at each step;
+shapes may differ per chunk); `send`/`recv` carry the trailing accumulators to a named peer (the
+successor, or a chunk's owner at its last step). Every byte sent is counted into the active
+comm_stats under the transport's phase.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ Held = dict[int, tuple[torch.Tensor, ...]]
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tag_of(tag, rank: int) -> int:
+    """A tag given per rank ({rank: tag}) or one for all."""
+    return tag[rank] if isinstance(tag, dict) else tag
 
 
 class Pending:
@@ -44,19 +51,21 @@ class VirtualTransport:
         self._field = f"{phase}_bytes"
         self._mailbox: dict[int, Held] = {}
 
-    def _hop(self, held: Held) -> Held:
-        stats.count(self._field, sum(_nbytes(ts) for ts in held.values()))
-        return {self.plan.next_rank(r): ts for r, ts in held.items()}
-
-    def shift(self, held: Held, tag: int) -> Pending:
-        moved = self._hop(held)
+    def shift(self, send: Held, recv_like: Held, tag: int) -> Pending:
+        stats.count(self._field, sum(_nbytes(ts) for ts in send.values()))
+        moved = {self.plan.next_rank(r): ts for r, ts in send.items()}
+        assert set(moved) == set(recv_like), f"virtual ring: ranks {sorted(moved)} receive, {sorted(recv_like)} expected"
+        for r, ts in moved.items():
+            assert [t.shape for t in ts] == [t.shape for t in recv_like[r]], "virtual ring: payload shapes differ"
         return Pending(lambda: moved)
 
-    def send(self, held: Held, tag: int) -> None:
-        self._mailbox.setdefault(tag, {}).update(self._hop(held))
+    def send(self, held: Held, tag: int, dest: dict[int, int]) -> None:
+        stats.count(self._field, sum(_nbytes(ts) for ts in held.values()))
+        for r, ts in held.items():
+            self._mailbox.setdefault((_tag_of(tag, r), r, dest[r]), {})[0] = ts
 
-    def recv(self, like: Held, tag: int) -> Pending:
-        return Pending(lambda: {r: self._mailbox[tag].pop(r) for r in like})
+    def recv(self, like: Held, tag, source: dict[int, int]) -> Pending:
+        return Pending(lambda: {r: self._mailbox[(_tag_of(tag, r), source[r], r)].pop(0) for r in like})
 
     def finish(self) -> None:
         assert not any(self._mailbox.values()), "virtual ring: a sent accumulator was never received"
@@ -96,37 +105,47 @@ class GroupTransport:
                     f"{self._timeout.total_seconds():.0f} s ({e}). Another rank failed or is not running "
                     f"the same burst_attention call; set BURST_TIMEOUT_S to wait longer.") from e
 
-    def _ops(self, send, recv, tag):
+    def _ops(self, send, recv, tag, dst=None, src=None):
         # one tag per tensor of a payload, so matching never depends on posting order
-        ops = [dist.P2POp(dist.isend, t, self._next, self._group, tag + i) for i, t in enumerate(send)]
-        ops += [dist.P2POp(dist.irecv, t, self._prev, self._group, tag + i) for i, t in enumerate(recv)]
+        dst = self._next if dst is None else self._global(dst)
+        src = self._prev if src is None else self._global(src)
+        ops = [dist.P2POp(dist.isend, t, dst, self._group, tag + i) for i, t in enumerate(send)]
+        ops += [dist.P2POp(dist.irecv, t, src, self._group, tag + i) for i, t in enumerate(recv)]
         return ops
 
-    def shift(self, held: Held, tag: int) -> Pending:
-        send = held[self._rank]
-        recv = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in send)
-        stats.count(self._field, _nbytes(send))
-        works = dist.batch_isend_irecv(self._ops(send, recv, tag))
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self._group or dist.group.WORLD, rank)
+
+    @staticmethod
+    def _post(ops):
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def shift(self, send: Held, recv_like: Held, tag: int) -> Pending:
+        out = send.get(self._rank, ())
+        recv = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in recv_like.get(self._rank, ()))
+        stats.count(self._field, _nbytes(out))
+        works = self._post(self._ops(out, recv, tag))
 
         def wait():
             self._wait_all(works, f"the ring shift (tag {tag}) from rank {self.plan.prev_rank(self._rank)}")
-            return {self._rank: recv}
+            return {self._rank: recv} if self._rank in recv_like else {}
         return Pending(wait)
 
-    def send(self, held: Held, tag: int) -> None:
+    def send(self, held: Held, tag: int, dest: dict[int, int]) -> None:
         send = held[self._rank]
         stats.count(self._field, _nbytes(send))
         while self._sends:  # at most one accumulator send in flight: its buffer stays alive until done
             works, _ = self._sends.pop(0)
             self._wait_all(works, "its own accumulator send to complete")
-        self._sends.append((dist.batch_isend_irecv(self._ops(send, (), tag)), send))
+        self._sends.append((self._post(self._ops(send, (), tag, dst=dest[self._rank])), send))
 
-    def recv(self, like: Held, tag: int) -> Pending:
+    def recv(self, like: Held, tag, source: dict[int, int]) -> Pending:
         recv = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like[self._rank])
-        works = dist.batch_isend_irecv(self._ops((), recv, tag))
+        tag = _tag_of(tag, self._rank)
+        works = self._post(self._ops((), recv, tag, src=source[self._rank]))
 
         def wait():
-            self._wait_all(works, f"partial gradients (tag {tag}) from rank {self.plan.prev_rank(self._rank)}")
+            self._wait_all(works, f"partial gradients (tag {tag}) from rank {source[self._rank]}")
             return {self._rank: recv}
         return Pending(wait)
 

@@ -35,21 +35,22 @@ class CallMeta:
     scale: float
     needs_grad: bool
     checksum: tuple[float, float] = (0.0, 0.0)  # (fingerprint, magnitude) of replicated inputs
+    mask_code: int = 0  # digest of the mask arguments (MaskArgs.code)
 
     AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
-              "scale", "needs_grad")
+              "scale", "needs_grad", "mask_code")
 
     def encode(self) -> list[int]:
         floats = torch.tensor([self.scale, *self.checksum], dtype=torch.float64).view(torch.int64).tolist()
         return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
                 _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
-                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats]
+                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats, self.mask_code]
 
     @classmethod
     def decode(cls, v: list[int]) -> "CallMeta":
         scale, fingerprint, magnitude = torch.tensor(v[10:13], dtype=torch.int64).view(torch.float64).tolist()
         return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
-                   BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude))
+                   BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude), v[13])
 
 
 def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, float]:
@@ -63,11 +64,8 @@ def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, fl
     return float(terms.sum()), float(terms.abs().sum())
 
 
-def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, attn_mask, dropout_p) -> Optional[str]:
+def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, dropout_p) -> Optional[str]:
     """Why this rank's call cannot run (None if it can)."""
-    if attn_mask is not None:
-        return ("attn_mask is not supported: a general mask cannot follow the sequence around the ring. "
-                "Pass causal=True for a causal mask, or call F.scaled_dot_product_attention for this attention")
     if dropout_p:
         return ("dropout_p > 0 is not supported (the ring would need one dropout mask across ranks); "
                 "use dropout_p=0.0, e.g. evaluate the model in eval() mode")
@@ -102,7 +100,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
     rank has a problem, the ranks disagree, or a local length is not the layout's share (with
     full_sequence: not the same full length everywhere)."""
-    width = 14
+    width = 15
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
         mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)
@@ -125,6 +123,9 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
         if len(set(values)) > 1:
             hint = (" (some ranks build an autograd graph and others do not: run every rank under the "
                     "same grad mode with the same requires_grad)") if field == "needs_grad" else ""
+            if field == "mask_code":
+                hint = (" (the mask arguments differ: key_padding_mask, document_ids/cu_seqlens and window "
+                        "must be the same global tensors/values on every rank)")
             raise BurstInputError(f"burst_attention: ranks disagree on {field}: "
                                   f"{dict(enumerate(values))}; every rank must call it with the same "
                                   f"shapes (except the sequence), dtype and options{hint}")

@@ -3,30 +3,43 @@
 checked on construction, printable as a table.
 
 Step semantics (any travelling payload, K/V in the forward, K/V or queries in the backward): at step
-s the rank at ring index i holds the chunk that originated at ring index i - s; between steps every
-rank sends what it holds to its successor.
+s the rank at ring index i holds the chunk that originated at ring index i - s; between steps a rank
+sends what it holds to its successor, unless no later rank on the ring needs that chunk. A chunk
+travels only its rows that later ranks need (with a short sliding window: a halo of `left` rows), and
+the ring stops after the last step anybody needs.
+
+With a structured mask (burstc.schedule.masks: windows, padding, documents, mask_mod, attn_mask)
+every pair is cut into tiles of `tile` rows, each classified empty (skipped), full (unmasked call)
+or partial (a masked call, `WorkItem.masked`); tiles are merged back into as few calls as possible.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import networkx as nx
 import torch
 
 from burstc.schedule import layout as layouts
+from burstc.schedule import masks as mask_classes
+from burstc.schedule.masks import AttentionMask
 from burstc.schedule.topology import flat_ring, ring_order
 from burstc.schedule.work import WorkItem
 
-FULL, DIAGONAL, SKIPPED = "full", "diagonal", "skipped"
+FULL, DIAGONAL, PARTIAL, SKIPPED = "full", "diagonal", "partial", "skipped"
+KV, QUERY = "kv", "query"  # travelling roles: key/value chunks, query chunks (query-ring backward)
+DEFAULT_TILE = 256
+# brute-force self-check of a masked plan only up to this many (batch x query x key) evaluations
+_BRUTE_FORCE_LIMIT = 1 << 22
 
 
 @dataclass(frozen=True)
 class PairPlan:
     """The work of query chunk `q_rank` against key chunk `k_rank`: FULL (every pair visible, no mask),
-    DIAGONAL (partly visible: decomposed into full and top-left causal rectangles) or SKIPPED (fully
-    masked: no compute at all)."""
+    DIAGONAL (partly visible: decomposed into full and top-left causal rectangles), PARTIAL (a
+    structured mask: full, causal and masked rectangles) or SKIPPED (fully masked: no compute at all).
+    visible_pairs: pairs the items compute (a masked rectangle counts whole)."""
 
     q_rank: int
     k_rank: int
@@ -45,10 +58,34 @@ class RingPlan:
     local_len: int  # padded rows per rank (what travels)
     valid_lens: tuple[int, ...]  # real tokens per rank
     pairs: tuple[tuple[PairPlan, ...], ...]  # pairs[q_rank][k_rank]
+    mask: Optional[AttentionMask] = None  # a structured mask (None: causal or no mask)
+    # per travelling role, per chunk origin: the last step anybody needs it, the rows that travel
+    last_step: dict = None  # {KV: (int, ...), QUERY: (int, ...)}
+    travel_rows: dict = None  # {KV: ((lo, hi), ...), QUERY: (...)}
 
     @property
     def steps(self) -> int:
-        return self.world_size
+        """Steps of the forward ring (KV chunks travelling)."""
+        return self.steps_for(KV)
+
+    def steps_for(self, role: str) -> int:
+        return 1 + max(self.last_step[role])
+
+    def sends(self, role: str, step: int, rank: int) -> bool:
+        """Whether rank forwards the chunk it holds at step to its successor."""
+        return step < self.last_step[role][self.held(step, rank)]
+
+    def holds(self, role: str, step: int, rank: int) -> bool:
+        """Whether rank holds a chunk at step (one that was sent to it, or its own at step 0)."""
+        return step <= self.last_step[role][self.held(step, rank)]
+
+    def row_offset(self, role: str, step: int, rank: int) -> int:
+        """First row (of the origin's shard) of the trimmed chunk rank holds at step (0 at step 0)."""
+        return 0 if step == 0 else self.travel_rows[role][self.held(step, rank)][0]
+
+    def positions(self, rank: int) -> torch.Tensor:
+        """Global positions of rank's real rows."""
+        return _positions(self.seq_len, self.layout, self.world_size, rank)
 
     def next_rank(self, rank: int) -> int:
         i = self.order.index(rank)
@@ -74,11 +111,23 @@ class RingPlan:
         """Query ring (BurstAttention backward): the visiting query chunk against rank's keys."""
         return self.pairs[self.held(step, rank)][rank]
 
-    def transfers(self, step: int) -> list[tuple[int, int, int]]:
+    def transfers(self, step: int, role: str = KV) -> list[tuple[int, int, int]]:
         """(src, dst, chunk origin) of every send after `step` (none after the last step)."""
-        if step >= self.steps - 1:
-            return []
-        return [(r, self.next_rank(r), self.held(step, r)) for r in self.order]
+        return [(r, self.next_rank(r), self.held(step, r)) for r in self.order if self.sends(role, step, r)]
+
+    def rows_sent(self, role: str = KV, rank: Optional[int] = None, accumulators: bool = False) -> int:
+        """Sequence rows that `rank` (all ranks if None) sends in one ring of `role`: the travelling
+        chunks, or (accumulators=True, backward) the trailing partial sums, which cover the same rows
+        but leave one step later, from the next holder."""
+        rows = 0
+        for s in range(self.steps_for(role)):
+            for r in self.order if rank is None else (rank,):
+                chunk = self.held(s, r)
+                moving = (s >= 1 and self.holds(role, s, r)) if accumulators else self.sends(role, s, r)
+                if moving:
+                    lo, hi = self.travel_rows[role][chunk]
+                    rows += hi - lo
+        return rows
 
     def skipped_pairs(self, rank: Optional[int] = None) -> int:
         """Fully masked pairs of rank's queries (all ranks if None)."""
@@ -90,41 +139,90 @@ class RingPlan:
         head = ["step"] + [f"rank {r}" for r in range(self.world_size)]
         if bytes_per_step is not None:
             head.append("bytes sent / rank")
+        head.append("rows sent")
         rows = []
         for s in range(self.steps):
             cells = [str(s)]
             for r in range(self.world_size):
                 p = self.kv_visit(s, r)
-                cells.append(f"k{p.k_rank} {p.mask}")
+                cells.append(f"k{p.k_rank} {p.mask}" if self.holds(KV, s, r) else "-")
             if bytes_per_step is not None:
                 cells.append(str(bytes_per_step if s < self.steps - 1 else 0))
+            sent = [self.travel_rows[KV][c][1] - self.travel_rows[KV][c][0] for _, _, c in self.transfers(s)]
+            cells.append(str(sum(sent)))  # forward K/V rows, all ranks
             rows.append(cells)
+        mask = f" mask={self.mask.describe()}" if self.mask is not None else ""
         title = (f"ring plan: G={self.world_size} layout={self.layout} N={self.seq_len} "
-                 f"causal={self.causal} order={list(self.order)} rows/rank={self.local_len}")
+                 f"causal={self.causal}{mask} order={list(self.order)} rows/rank={self.local_len} "
+                 f"steps={self.steps} skipped pairs={self.skipped_pairs()}")
         return title + "\n" + _markdown(head, rows)
 
-    def check(self) -> None:
-        """Raise AssertionError unless the plan is exact (see module docstring)."""
+    def check(self, brute_force: Optional[bool] = None) -> None:
+        """Raise AssertionError unless the plan is exact (see module docstring). A masked plan is
+        checked against a brute-force evaluation of its mask when that is small (brute_force=None)
+        or when asked to."""
         g = self.world_size
         for r in range(g):
-            met = sorted(self.held(s, r) for s in range(self.steps))
+            met = sorted(self.held(s, r) for s in range(g))
             assert met == list(range(g)), f"rank {r} meets key chunks {met}, not each of 0..{g - 1} once"
-        for s in range(self.steps - 1):
-            for src, dst, chunk in self.transfers(s):
-                assert self.held(s + 1, dst) == chunk, (
-                    f"step {s}: rank {src} sends chunk {chunk} to {dst}, which expects {self.held(s + 1, dst)}")
-        positions = [layouts.shard_positions(self.seq_len, self.layout, g, r) for r in range(g)]
-        for q_rank in range(g):
-            for k_rank in range(g):
-                _check_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.causal)
+        for role, visit in ((KV, lambda s, r: self.kv_visit(s, r)), (QUERY, lambda s, r: self.query_visit(s, r))):
+            for s in range(g):
+                for r in range(g):
+                    pair = visit(s, r)
+                    if pair.mask != SKIPPED:
+                        assert self.holds(role, s, r), f"{role} ring: rank {r} needs chunk {self.held(s, r)} at step {s} but it stopped travelling"
+                        if s:
+                            lo, hi = self.travel_rows[role][self.held(s, r)]
+                            for it in pair.items:
+                                a, b = (it.k_start, it.k_stop) if role == KV else (it.q_start, it.q_stop)
+                                assert lo <= a and b <= hi, f"{role} ring: {it} reads rows outside the travelling {lo}:{hi}"
+        positions = [self.positions(r) for r in range(g)]
+        if self.mask is None:
+            for q_rank in range(g):
+                for k_rank in range(g):
+                    _check_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.causal)
+            return
+        batch = self.mask._batch()
+        if brute_force is None:
+            brute_force = batch * self.seq_len * self.seq_len <= _BRUTE_FORCE_LIMIT and self.mask.dense_rows is None
+        if brute_force:
+            for q_rank in range(g):
+                for k_rank in range(g):
+                    _check_masked_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.mask)
 
 
 def build_plan(world_size: int, layout: str, seq_len: int, causal: bool,
-               ring: Optional[nx.DiGraph] = None) -> RingPlan:
-    """The checked plan for a sequence of seq_len tokens on world_size ranks (cached)."""
+               ring: Optional[nx.DiGraph] = None, mask: Optional[AttentionMask] = None,
+               tile: int = DEFAULT_TILE) -> RingPlan:
+    """The checked plan for a sequence of seq_len tokens on world_size ranks (cached without a
+    structured mask). mask: a structured mask (its `causal` must equal causal)."""
+    if mask is not None:
+        mask = mask.normalized()
+    if mask is not None and mask.structured:
+        if mask.causal != causal:
+            raise ValueError(f"mask.causal={mask.causal} disagrees with causal={causal}")
+        order = ring_order(ring if ring is not None else flat_ring(world_size))
+        key = mask.fingerprint()
+        if key is None:
+            return _build(world_size, layout, seq_len, causal, order, mask, tile)
+        cached = _masked_plans.get((world_size, layout, seq_len, order, tile, key))
+        if cached is None:
+            cached = _build(world_size, layout, seq_len, causal, order, mask, tile)
+            _masked_plans[(world_size, layout, seq_len, order, tile, key)] = cached
+            while len(_masked_plans) > 64:
+                _masked_plans.pop(next(iter(_masked_plans)))
+        return cached
     if ring is None:
         return _build_flat(world_size, layout, seq_len, causal)
     return _build(world_size, layout, seq_len, causal, ring_order(ring))
+
+
+_masked_plans: dict = {}  # plans of masks described by content (no mask_mod / attn_mask), newest last
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(seq_len: int, layout: str, world_size: int, rank: int) -> torch.Tensor:
+    return layouts.shard_positions(seq_len, layout, world_size, rank)
 
 
 @functools.lru_cache(maxsize=256)
@@ -132,22 +230,60 @@ def _build_flat(world_size: int, layout: str, seq_len: int, causal: bool) -> Rin
     return _build(world_size, layout, seq_len, causal, ring_order(flat_ring(world_size)))
 
 
-def _build(world_size: int, layout: str, seq_len: int, causal: bool, order: tuple[int, ...]) -> RingPlan:
+def _build(world_size: int, layout: str, seq_len: int, causal: bool, order: tuple[int, ...],
+           mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE) -> RingPlan:
     layouts.check_layout(layout)
     if seq_len < 1:
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
     if sorted(order) != list(range(world_size)):
         raise ValueError(f"ring order {order} is not a permutation of ranks 0..{world_size - 1}")
+    if tile < 1:
+        raise ValueError(f"mask tile must be >= 1 rows, got {tile}")
     blocks = [layouts.rank_blocks(seq_len, layout, world_size, r) for r in range(world_size)]
-    pairs = tuple(
-        tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(world_size))
-        for q in range(world_size))
+    if mask is None:
+        pairs = tuple(
+            tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(world_size))
+            for q in range(world_size))
+    else:
+        tiles = [_tiles(bl, tile) for bl in blocks]
+        positions = [_positions(seq_len, layout, world_size, r) for r in range(world_size)]
+        pairs = tuple(
+            tuple(_masked_pair_plan(q, k, tiles[q], tiles[k], positions[q], positions[k], mask)
+                  for k in range(world_size))
+            for q in range(world_size))
+    last_step, travel_rows = _travel(pairs, order)
     plan = RingPlan(
         world_size=world_size, layout=layout, seq_len=seq_len, causal=causal, order=order,
         local_len=layouts.local_padded_length(seq_len, layout, world_size),
-        valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs)
+        valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs, mask=mask,
+        last_step=last_step, travel_rows=travel_rows)
     plan.check()
     return plan
+
+
+def _travel(pairs, order: tuple[int, ...]) -> tuple[dict, dict]:
+    """Per role and chunk origin: the last step a rank needs the chunk, and the rows it needs after
+    step 0 (the chunk's owner uses it at step 0 in place)."""
+    g = len(order)
+    last_step, travel_rows = {}, {}
+    for role in (KV, QUERY):
+        lasts, rows = [], []
+        for chunk in range(g):
+            i = order.index(chunk)
+            last, lo, hi = 0, None, None
+            for s in range(1, g):
+                visitor = order[(i + s) % g]
+                pair = pairs[visitor][chunk] if role == KV else pairs[chunk][visitor]
+                if pair.mask == SKIPPED:
+                    continue
+                last = s
+                for it in pair.items:
+                    a, b = (it.k_start, it.k_stop) if role == KV else (it.q_start, it.q_stop)
+                    lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+            lasts.append(last)
+            rows.append((lo, hi) if lo is not None else (0, 0))
+        last_step[role], travel_rows[role] = tuple(lasts), tuple(rows)
+    return last_step, travel_rows
 
 
 def _pair_plan(q_rank: int, k_rank: int, q_blocks, k_blocks, causal: bool) -> PairPlan:
@@ -186,6 +322,76 @@ def _block_items(qb: layouts.Block, kb: layouts.Block, causal: bool) -> list[Wor
     if -delta >= n_q:
         return []
     return [WorkItem(q0 - delta, q0 + n_q, k0, k0 + n_k, True)]
+
+
+def _tiles(blocks: list[layouts.Block], tile: int) -> list[tuple[int, int]]:
+    """Local row ranges of at most `tile` real rows, never crossing a block."""
+    out = []
+    for b in blocks:
+        for start in range(0, b.valid, tile):
+            out.append((b.local_start + start, b.local_start + min(start + tile, b.valid)))
+    return out
+
+
+def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      mask: AttentionMask) -> PairPlan:
+    """Tile the pair, classify every tile by the mask, and merge tiles into as few calls as possible:
+    runs of full tiles and runs of partial tiles along a row of tiles, then equal full column ranges
+    down the rows. A partial tile on the diagonal that only the causal part cuts is a causal item."""
+    if not q_tiles or not k_tiles:
+        return PairPlan(q_rank, k_rank, SKIPPED, (), 0)
+    q_sets = [q_pos[a:b] for a, b in q_tiles]
+    k_sets = [k_pos[a:b] for a, b in k_tiles]
+    classes = mask.classify(q_sets, k_sets)
+    beside_causal = replace(mask, causal=False).classify(q_sets, k_sets) if mask.causal else None
+    rows: list[list[WorkItem]] = []
+    for i, (qa, qb) in enumerate(q_tiles):
+        row: list[WorkItem] = []
+        for j, (ka, kb) in enumerate(k_tiles):
+            cls = classes[i][j]
+            if cls == mask_classes.EMPTY:
+                continue
+            if cls == mask_classes.FULL:
+                item = WorkItem(qa, qb, ka, kb, False)
+            elif (beside_causal is not None and beside_causal[i][j] == mask_classes.FULL
+                  and torch.equal(q_sets[i], k_sets[j])):
+                item = WorkItem(qa, qb, ka, kb, True)
+            else:
+                item = WorkItem(qa, qb, ka, kb, False, masked=True)
+            last = row[-1] if row else None
+            if last is not None and not last.causal and not item.causal and last.masked == item.masked \
+                    and last.k_stop == item.k_start:
+                row[-1] = WorkItem(qa, qb, last.k_start, kb, False, item.masked)
+            else:
+                row.append(item)
+        rows.append(row)
+    items = _merge_full_rows(rows)
+    n_q, n_k = sum(b - a for a, b in q_tiles), sum(b - a for a, b in k_tiles)
+    computed = sum(it.visible_pairs() for it in items)
+    every = all(c == mask_classes.FULL for r in classes for c in r)
+    kind = SKIPPED if not items else FULL if every else PARTIAL
+    assert kind != FULL or computed == n_q * n_k
+    return PairPlan(q_rank, k_rank, kind, tuple(items), computed)
+
+
+def _merge_full_rows(rows: list[list[WorkItem]]) -> list[WorkItem]:
+    """Join full items of consecutive tile rows that cover the same key rows."""
+    items: list[WorkItem] = []
+    open_full: dict[tuple[int, int], int] = {}  # (k_start, k_stop) -> index in items of a full item ending at the previous row
+    for row in rows:
+        still_open = {}
+        for it in row:
+            key = (it.k_start, it.k_stop)
+            if not it.causal and not it.masked and key in open_full and items[open_full[key]].q_stop == it.q_start:
+                prev = items[open_full[key]]
+                items[open_full[key]] = WorkItem(prev.q_start, it.q_stop, it.k_start, it.k_stop, False)
+                still_open[key] = open_full[key]
+                continue
+            items.append(it)
+            if not it.causal and not it.masked:
+                still_open[key] = len(items) - 1
+        open_full = still_open
+    return items
 
 
 def _merge_full_items(items: list[WorkItem]) -> list[WorkItem]:
@@ -245,6 +451,33 @@ def _check_pair(pair: PairPlan, q_pos: torch.Tensor, k_pos: torch.Tensor, causal
     visible = int(expected.sum())
     mask = SKIPPED if visible == 0 else FULL if visible == n_q * n_k else DIAGONAL
     assert pair.mask == mask, f"{where}: mask class {pair.mask}, positions say {mask}"
+
+
+def _check_masked_pair(pair: PairPlan, q_pos: torch.Tensor, k_pos: torch.Tensor, mask: AttentionMask) -> None:
+    """Brute force: every visible (query, key) pair is computed by exactly one item, full and causal
+    items only compute visible pairs, and the class matches the evaluated mask."""
+    where = f"pair (queries of rank {pair.q_rank}, keys of rank {pair.k_rank})"
+    m = mask.evaluate(q_pos, k_pos)
+    visible = m if m.dtype == torch.bool else m > float("-inf")
+    anywhere = visible.any(dim=1).any(dim=0)  # [Lq, Lk]: visible for some batch row / head
+    everywhere = visible.all(dim=1).all(dim=0)
+    if m.dtype != torch.bool:
+        everywhere = everywhere & (m == 0).all(dim=1).all(dim=0)
+    covered = torch.zeros(len(q_pos), len(k_pos), dtype=torch.int64)
+    for it in pair.items:
+        region = (slice(it.q_start, it.q_stop), slice(it.k_start, it.k_stop))
+        shape = torch.ones(it.q_len, it.k_len, dtype=torch.bool)
+        if it.causal:
+            shape = shape.tril()
+        covered[region] += shape
+        if not it.masked:
+            assert bool(everywhere[region][shape].all()), f"{where}: unmasked {it} computes hidden pairs"
+    assert covered.numel() == 0 or int(covered.max()) <= 1, f"{where}: items overlap"
+    assert bool((covered[anywhere] == 1).all()), f"{where}: visible pairs are not computed"
+    if pair.mask == SKIPPED:
+        assert not bool(anywhere.any()), f"{where}: skipped but has visible pairs"
+    if pair.mask == FULL:
+        assert bool(everywhere.all()), f"{where}: class full but some pairs are hidden"
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:

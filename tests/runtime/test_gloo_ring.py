@@ -57,8 +57,7 @@ def test_matches_single_device_sdpa(world_size):
 
 def _bytes_per_rank(rank, world_size):
     import burstc
-    from burstc.schedule.cost import AttentionShape, backward_bytes, forward_bytes
-    from burstc.schedule.layout import local_padded_length
+    from burstc.schedule.plan import KV, QUERY, build_plan
     from tests.runtime.reference import random_qkv
 
     out = {}
@@ -69,19 +68,22 @@ def _bytes_per_rank(rank, world_size):
         with burstc.comm_stats() as stats:
             o = burstc.burst_attention(ql, kl, vl, causal=True, enable_gqa=True, backward=scheme)
             o.backward(shard(dout))
-        shape = AttentionShape(1, *heads, 16, local_padded_length(50, "zigzag", world_size), world_size, torch.float32)
-        out[scheme, heads] = (stats.forward_bytes, stats.backward_bytes, forward_bytes(shape),
-                              {s: backward_bytes(shape, s) for s in ("query_ring", "kv_ring")})
+        plan = build_plan(world_size, "zigzag", 50, True)
+        hq, hkv, d, e = *heads, 16, 4  # float32: payload and accumulators 4 bytes per element
+        kv_row, q_row = 2 * hkv * d * e, hq * (2 * d * e + 2 * e)  # (k, v) / (q, dout, lse, delta) per row
+        out[scheme, heads] = (stats.forward_bytes, stats.backward_bytes, plan.rows_sent(KV, rank) * kv_row,
+                              {"kv_ring": kv_row * (plan.rows_sent(KV, rank) + plan.rows_sent(KV, rank, True)),
+                               "query_ring": q_row * plan.rows_sent(QUERY, rank)
+                               + hq * d * e * plan.rows_sent(QUERY, rank, True)})
     return out
 
 
-def test_byte_counters_per_rank_equal_the_cost_model():
+def test_byte_counters_per_rank_equal_the_plan():
     for per_rank in run_ranks(2, _bytes_per_rank):
         for (scheme, heads), (fwd, bwd, want_fwd, want_bwd) in per_rank.items():
             assert fwd == want_fwd
             if scheme == "auto":
-                assert bwd == min(want_bwd.values())
-                assert (bwd == want_bwd["query_ring"]) == (heads[0] == heads[1])
+                assert bwd == want_bwd["query_ring" if heads[0] == heads[1] else "kv_ring"]
             else:
                 assert bwd == want_bwd[scheme]
 

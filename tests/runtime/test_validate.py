@@ -10,7 +10,15 @@ def qkv(*shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("kwargs, tensors, message", [
-    (dict(attn_mask=torch.ones(4, 4, dtype=torch.bool)), qkv(1, 2, 4, 8), "causal=True"),
+    (dict(attn_mask=torch.ones(4, 4, dtype=torch.bool)), qkv(1, 2, 4, 8), "attn_mask must be a 4-D"),
+    (dict(attn_mask=torch.ones(1, 1, 4, 5, dtype=torch.bool)), qkv(1, 2, 4, 8), r"\[B\|1, H\|1, 4, 4\]"),
+    (dict(key_padding_mask=torch.ones(1, 5, dtype=torch.bool)), qkv(1, 2, 4, 8), "covers 5 tokens"),
+    (dict(key_padding_mask=torch.ones(3, 4, dtype=torch.bool)), qkv(2, 2, 4, 8), r"\[batch, seq_len\]"),
+    (dict(document_ids=torch.ones(1, 4)), qkv(1, 2, 4, 8), "must be integers"),
+    (dict(document_ids=torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4])), qkv(1, 2, 4, 8),
+     "not both"),
+    (dict(cu_seqlens=torch.tensor([0, 3])), qkv(1, 2, 4, 8), "end at the sequence length 4"),
+    (dict(window=(2.5, 0)), qkv(1, 2, 4, 8), r"window must be \(left, right\)"),
     (dict(dropout_p=0.1), qkv(1, 2, 4, 8), "dropout_p=0.0"),
     (dict(layout="spiral"), qkv(1, 2, 4, 8), "contiguous, zigzag, striped"),
     (dict(backward="sideways"), qkv(1, 2, 4, 8), "query_ring, kv_ring"),

@@ -1,9 +1,13 @@
 """The local-kernel interface: what one rank computes for one ring step, independent of the ring.
 
 A ring step hands a kernel a list of `WorkItem`s: rectangles of (local query rows x visiting key
-rows), each either fully visible or top-left causal. Every mask a layout produces (contiguous,
-zigzag, striped, uneven tails) is decomposed into such rectangles by the plan, so kernels never see
-positions or masks of their own.
+rows), each fully visible, top-left causal, or masked. Every mask a layout produces (contiguous,
+zigzag, striped, uneven tails) is decomposed into full and causal rectangles by the plan; a
+structured mask (windows, padding, documents, mask_mod, attn_mask) adds masked rectangles, for which
+the ring driver evaluates the mask and hands the kernel the tile: `mask` [B|1, H_q|1, q_len, k_len],
+bool (True = attend) or floating (an additive bias, -inf = hidden). A query row whose keys are all
+hidden in an item contributes nothing; a row that never sees a visible key gets out = 0 and
+lse = -inf, and zero gradients (what single-device SDPA gives).
 
 Forward: `forward_init` makes the running state of this rank's queries, `forward_step` folds one
 item into it (the cross-rank online-softmax merge happens here), `forward_finalize` turns it into
@@ -99,14 +103,27 @@ class LocalKernel(Protocol):
         """The running state for query rows of q ([B, H_q, L, d]) before any key was seen."""
 
     def forward_step(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     item: WorkItem, scale: float) -> None:
-        """Fold attention of q[:, :, item.q rows] on k/v[:, :, item.k rows] into state, in place."""
+                     item: WorkItem, scale: float, mask: Optional[torch.Tensor] = None) -> None:
+        """Fold attention of q[:, :, item.q rows] on k/v[:, :, item.k rows] into state, in place
+        (mask: the item's tile when item.masked, else None)."""
 
     def forward_finalize(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [B, H_q, L, d] in q's dtype, lse [B, H_q, L] in the accumulation dtype).
         Rows that saw no key get out = 0 and lse = -inf."""
 
     def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
-                      scale: float, dq, dk, dv) -> None:
+                      scale: float, dq, dk, dv, mask: Optional[torch.Tensor] = None) -> None:
         """Add the item's gradients into dq ([B, H_q, L_q, d]) and dk, dv ([B, H_kv, L_k, d]) at the
         item's rows: GradSum accumulators (or plain tensors) in the accumulation dtype."""
+
+
+def visible_rows(mask: torch.Tensor) -> torch.Tensor:
+    """[B|1, H|1, Lq] bool: rows of a mask tile with at least one visible key."""
+    seen = mask if mask.dtype == torch.bool else mask > float("-inf")
+    return seen.any(dim=-1)
+
+
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows that saw no key: every score is -inf) replaced by 0, so exp(s - lse) is 0
+    there instead of NaN."""
+    return torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)

@@ -40,8 +40,10 @@ def merge_block(state: LseState, start: int, stop: int, o_b: torch.Tensor, lse_b
         lse.copy_(lse_b)
     else:
         new_lse = torch.logaddexp(lse, lse_b)
-        out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
-        out.add_(o_b.mul_(torch.exp(lse_b - new_lse).unsqueeze(-1)))
+        # rows that have seen no visible key yet (both -inf) keep out = 0, lse = -inf
+        base = torch.where(new_lse == float("-inf"), torch.zeros_like(new_lse), new_lse)
+        out.mul_(torch.exp(lse - base).unsqueeze(-1))
+        out.add_(o_b.mul_(torch.exp(lse_b - base).unsqueeze(-1)))
         lse.copy_(new_lse)
     state.touched[start:stop] = True
 

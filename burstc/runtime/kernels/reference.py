@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from burstc.runtime.kernels import lse_state
-from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype, as_grad_sum
+from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype, as_grad_sum, finite_lse
 
 
 def _expand_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
@@ -22,11 +22,13 @@ def _reduce_heads(dx: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return dx if h == heads_kv else dx.view(b, heads_kv, h // heads_kv, n, d).sum(dim=2)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, item: WorkItem, scale: float) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, item: WorkItem, scale: float, mask=None) -> torch.Tensor:
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if item.causal:
         visible = torch.ones(item.q_len, item.k_len, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
     return s
 
 
@@ -39,32 +41,32 @@ class ReferenceKernel:
     def forward_init(self, q):
         return lse_state.init_state(q)
 
-    def forward_step(self, state, q, k, v, item: WorkItem, scale: float) -> None:
+    def forward_step(self, state, q, k, v, item: WorkItem, scale: float, mask=None) -> None:
         acc = accumulation_dtype(q.dtype)
         h = q.shape[1]
         qs = q[:, :, item.q_start:item.q_stop].to(acc)
         ks = _expand_heads(k[:, :, item.k_start:item.k_stop], h).to(acc)
         vs = _expand_heads(v[:, :, item.k_start:item.k_stop], h).to(acc)
-        s = _scores(qs, ks, item, scale)
+        s = _scores(qs, ks, item, scale, mask)
         lse_b = torch.logsumexp(s, dim=-1)
-        o_b = torch.matmul(torch.exp(s - lse_b.unsqueeze(-1)), vs)
+        o_b = torch.matmul(torch.exp(s - finite_lse(lse_b).unsqueeze(-1)), vs)
         lse_state.merge_block(state, item.q_start, item.q_stop, o_b, lse_b)
 
     def forward_finalize(self, state):
         return lse_state.finalize(state)
 
-    def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv) -> None:
+    def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv, mask=None) -> None:
         dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         acc = dq.dtype
         h, h_kv = bundle.q.shape[1], k.shape[1]
         rows, cols = slice(item.q_start, item.q_stop), slice(item.k_start, item.k_stop)
         q = bundle.q[:, :, rows].to(acc)
         do = bundle.dout[:, :, rows].to(acc)
-        lse = bundle.lse[:, :, rows].to(acc).unsqueeze(-1)
+        lse = finite_lse(bundle.lse[:, :, rows].to(acc)).unsqueeze(-1)
         delta = bundle.delta[:, :, rows].to(acc).unsqueeze(-1)
         ks = _expand_heads(k[:, :, cols], h).to(acc)
         vs = _expand_heads(v[:, :, cols], h).to(acc)
-        p = torch.exp(_scores(q, ks, item, scale) - lse)
+        p = torch.exp(_scores(q, ks, item, scale, mask) - lse)
         dp = torch.matmul(do, vs.transpose(-1, -2))
         ds = p * (dp - delta) * scale
         dq.add_(item.q_start, item.q_stop, torch.matmul(ds, ks))

@@ -1,0 +1,217 @@
+"""Attention masks as plan attributes: which (query, key) pairs of one sequence are visible, described
+in global token positions, evaluated on any tile of positions and classified tile by tile.
+
+A mask is the conjunction of its parts, each optional:
+- causal: key position <= query position;
+- window (left, right): query i sees keys in [i - left, i + right] (None = unbounded on that side);
+- key_padding [B, N] bool: key j is visible in batch row b iff key_padding[b, j];
+- document_ids [B, N] int: query and key must belong to the same document;
+- mask_mod(b, h, q_idx, kv_idx) -> bool: FlexAttention's convention, on global indices;
+- dense: a materialised boolean (True = attend) or additive mask [B|1, H|1, R, N]; its rows are the
+  query positions `dense_rows` (this rank's shard) or all N positions (dense_rows None).
+
+Classification answers, for a tile of query positions x key positions, whether every pair is hidden
+(EMPTY: no compute, maybe no transfer), every pair visible (FULL: an unmasked kernel call) or neither
+(PARTIAL: the kernel gets the tile's evaluated mask). It uses bounds (positions, document ranges,
+padding counts), so EMPTY and FULL are always proven; a tile it cannot prove either way is PARTIAL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+EMPTY, FULL, PARTIAL = "empty", "full", "partial"
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMask:
+    causal: bool = False
+    window: Optional[tuple[Optional[int], Optional[int]]] = None
+    key_padding: Optional[torch.Tensor] = None
+    document_ids: Optional[torch.Tensor] = None
+    mask_mod: Optional[Callable] = None
+    dense: Optional[torch.Tensor] = None
+    dense_rows: Optional[torch.Tensor] = field(default=None)  # global positions of dense's rows
+
+    @property
+    def structured(self) -> bool:
+        """Anything beyond plain causal/no mask (the plan then works tile by tile)."""
+        return any(x is not None for x in (self.window, self.key_padding, self.document_ids,
+                                           self.mask_mod, self.dense))
+
+    @property
+    def additive(self) -> bool:
+        return self.dense is not None and self.dense.dtype != torch.bool
+
+    def describe(self) -> str:
+        parts = ["causal"] if self.causal else []
+        if self.window is not None:
+            parts.append(f"window={tuple(self.window)}")
+        if self.key_padding is not None:
+            parts.append("key_padding")
+        if self.document_ids is not None:
+            parts.append("documents")
+        if self.mask_mod is not None:
+            parts.append(f"mask_mod={getattr(self.mask_mod, '__name__', 'fn')}")
+        if self.dense is not None:
+            parts.append("additive attn_mask" if self.additive else "attn_mask")
+        return " & ".join(parts) or "none"
+
+    def normalized(self) -> "AttentionMask":
+        """The same mask without redundant parts (a window side implied by causal, an unbounded window)."""
+        window = self.window
+        if window is not None:
+            left, right = window
+            if self.causal and right is not None and right >= 0:
+                right = None
+            window = None if left is None and right is None else (left, right)
+        return replace(self, window=window)
+
+    def fingerprint(self) -> Optional[tuple]:
+        """A hashable key of the mask's content (None when it holds a function or a dense mask)."""
+        if self.mask_mod is not None or self.dense is not None:
+            return None
+        data = tuple(None if t is None else (tuple(t.shape), t.cpu().numpy().tobytes())
+                     for t in (self.key_padding, self.document_ids))
+        return (self.causal, self.window, data)
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int = 1) -> torch.Tensor:
+        """The mask on query positions q_pos x key positions k_pos: [B|1, H|1, Lq, Lk], bool (True =
+        attend) or, with an additive dense mask, float with -inf where hidden."""
+        qi, ki = q_pos.view(-1, 1), k_pos.view(1, -1)
+        visible = torch.ones(1, 1, len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+        if self.causal:
+            visible = visible & (ki <= qi)
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                visible = visible & (ki >= qi - left)
+            if right is not None:
+                visible = visible & (ki <= qi + right)
+        if self.key_padding is not None:
+            visible = visible & self.key_padding[:, k_pos].bool()[:, None, None, :]
+        if self.document_ids is not None:
+            docs = self.document_ids
+            visible = visible & (docs[:, q_pos][:, None, :, None] == docs[:, k_pos][:, None, None, :])
+        if self.mask_mod is not None:
+            visible = visible & self._mod(q_pos, k_pos, heads)
+        if self.dense is None:
+            return visible
+        rows = self._dense_rows(q_pos)
+        tile = self.dense[:, :, rows.to(self.dense.device)][..., k_pos.to(self.dense.device)]
+        visible = visible.to(tile.device)
+        if tile.dtype == torch.bool:
+            return visible & tile
+        return tile.masked_fill(~visible, float("-inf"))
+
+    def _mod(self, q_pos, k_pos, heads: int) -> torch.Tensor:
+        batch = self._batch()
+        b = torch.arange(batch, device=q_pos.device).view(-1, 1, 1, 1)
+        h = torch.arange(heads, device=q_pos.device).view(1, -1, 1, 1)
+        out = self.mask_mod(b, h, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1))
+        out = torch.as_tensor(out, device=q_pos.device).bool()
+        while out.dim() < 4:
+            out = out.unsqueeze(0)
+        return out
+
+    def _batch(self) -> int:
+        for t in (self.key_padding, self.document_ids, self.dense):
+            if t is not None:
+                return t.shape[0]
+        return 1
+
+    def _dense_rows(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """Row indices of dense for global query positions q_pos."""
+        if self.dense_rows is None:
+            return q_pos
+        index = torch.searchsorted(self.dense_rows, q_pos)
+        if not bool((self.dense_rows[index.clamp(max=len(self.dense_rows) - 1)] == q_pos).all()):
+            raise ValueError("attn_mask rows of another rank's queries are not held here")
+        return index
+
+    # -- classification --------------------------------------------------------------------------
+
+    def classify(self, q_tiles: list[torch.Tensor], k_tiles: list[torch.Tensor], heads: int = 1) -> list[list[str]]:
+        """EMPTY / FULL / PARTIAL of every (query tile, key tile) pair; tiles are position tensors."""
+        nq, nk = len(q_tiles), len(k_tiles)
+        if nq == 0 or nk == 0:
+            return [[EMPTY] * nk for _ in range(nq)]
+        q_lo, q_hi = _bounds(q_tiles)
+        k_lo, k_hi = _bounds(k_tiles)
+        # [B|1, nq, nk] proofs that a tile is fully visible / fully hidden, per batch row
+        full = torch.ones(1, nq, nk, dtype=torch.bool)
+        empty = torch.zeros(1, nq, nk, dtype=torch.bool)
+
+        def conjoin(f, e):
+            nonlocal full, empty
+            full, empty = full & f, empty | e
+
+        qa, qb = q_lo.view(1, -1, 1), q_hi.view(1, -1, 1)
+        ka, kb = k_lo.view(1, 1, -1), k_hi.view(1, 1, -1)
+        if self.causal:
+            conjoin(kb <= qa, ka > qb)
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                conjoin(ka >= qb - left, kb < qa - left)
+            if right is not None:
+                conjoin(kb <= qa + right, ka > qb + right)
+        if self.key_padding is not None:
+            kp = self.key_padding.bool().cpu()
+            seen = torch.stack([kp[:, t.cpu()].sum(dim=1) for t in k_tiles], dim=1)  # [B, nk]
+            sizes = torch.tensor([len(t) for t in k_tiles])
+            conjoin((seen == sizes).unsqueeze(1), (seen == 0).unsqueeze(1))
+        if self.document_ids is not None:
+            docs = self.document_ids.cpu()
+            dq_lo, dq_hi = _doc_bounds(docs, q_tiles)  # [B, nq]
+            dk_lo, dk_hi = _doc_bounds(docs, k_tiles)
+            same = ((dq_lo == dq_hi).unsqueeze(2) & (dk_lo == dk_hi).unsqueeze(1)
+                    & (dq_lo.unsqueeze(2) == dk_lo.unsqueeze(1)))
+            apart = (dq_hi.unsqueeze(2) < dk_lo.unsqueeze(1)) | (dk_hi.unsqueeze(1) < dq_lo.unsqueeze(2))
+            conjoin(same, apart)
+        if self.mask_mod is not None or (self.dense is not None and self.dense_rows is None):
+            # no bounds to reason with: evaluate the tile itself
+            f = torch.zeros(1, nq, nk, dtype=torch.bool)
+            e = torch.zeros(1, nq, nk, dtype=torch.bool)
+            probe = replace(self, causal=False, window=None, key_padding=None, document_ids=None)
+            for i, qt in enumerate(q_tiles):
+                for j, kt in enumerate(k_tiles):
+                    if bool(empty[:, i, j].all()):
+                        continue
+                    m = probe.evaluate(qt, kt, heads)
+                    seen = m if m.dtype == torch.bool else m > float("-inf")
+                    exact = m.dtype == torch.bool or bool((m[seen] == 0).all())
+                    e[0, i, j] = not bool(seen.any())
+                    f[0, i, j] = bool(seen.all()) and exact
+            conjoin(f, e)
+        elif self.dense is not None:
+            full = torch.zeros_like(full)  # only this rank knows its rows: never proven full or empty
+        classes = []
+        all_empty, all_full = empty.all(dim=0), full.all(dim=0)
+        for i in range(nq):
+            classes.append([EMPTY if all_empty[i, j] else FULL if all_full[i, j] else PARTIAL for j in range(nk)])
+        return classes
+
+
+def _bounds(tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([int(t.min()) for t in tiles]), torch.tensor([int(t.max()) for t in tiles]))
+
+
+def _doc_bounds(docs: torch.Tensor, tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.stack([docs[:, t].amin(dim=1) for t in tiles], dim=1)
+    hi = torch.stack([docs[:, t].amax(dim=1) for t in tiles], dim=1)
+    return lo, hi
+
+
+def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """document_ids [1, N] from cumulative document lengths [0, l0, l0 + l1, ..., N] (varlen spelling)."""
+    cu = cu_seqlens.to(torch.int64).cpu()
+    if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, start at 0 and end at the sequence length {seq_len}, "
+                         f"got {cu.tolist()}")
+    positions = torch.arange(seq_len)
+    return (torch.searchsorted(cu[1:], positions, right=True)).view(1, -1)
