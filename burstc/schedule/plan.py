@@ -357,7 +357,10 @@ def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.T
                   and torch.equal(q_sets[i], k_sets[j])):
                 item = WorkItem(qa, qb, ka, kb, True)
             else:
-                item = WorkItem(qa, qb, ka, kb, False, masked=True)
+                item = _visible_box(mask, q_sets[i], k_sets[j], qa, ka)
+                if item is None:
+                    classes[i][j] = mask_classes.EMPTY
+                    continue
             last = row[-1] if row else None
             if last is not None and not last.causal and not item.causal and last.masked == item.masked \
                     and last.k_stop == item.k_start:
@@ -372,6 +375,20 @@ def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.T
     kind = SKIPPED if not items else FULL if every else PARTIAL
     assert kind != FULL or computed == n_q * n_k
     return PairPlan(q_rank, k_rank, kind, tuple(items), computed)
+
+
+def _visible_box(mask: AttentionMask, q_pos: torch.Tensor, k_pos: torch.Tensor, q0: int, k0: int) -> Optional[WorkItem]:
+    """A partial tile evaluated: None when nothing is visible after all, else a masked item trimmed to
+    the rows and columns that see anything (so transfers carry only keys somebody reads). An
+    attn_mask held as this rank's rows only is left out: what stays visible is then a superset."""
+    probe = mask if mask.dense_rows is None else replace(mask, dense=None, dense_rows=None)
+    m = probe.evaluate(q_pos, k_pos)
+    seen = (m if m.dtype == torch.bool else m > float("-inf")).any(dim=1).any(dim=0)
+    rows, cols = seen.any(dim=1).nonzero().flatten(), seen.any(dim=0).nonzero().flatten()
+    if len(rows) == 0:
+        return None
+    return WorkItem(q0 + int(rows[0]), q0 + int(rows[-1]) + 1, k0 + int(cols[0]), k0 + int(cols[-1]) + 1, False,
+                    masked=True)
 
 
 def _merge_full_rows(rows: list[list[WorkItem]]) -> list[WorkItem]:

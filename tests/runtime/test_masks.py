@@ -1,0 +1,138 @@
+"""Masks under the ring (virtual ranks, one process) against single-device SDPA with the same mask
+materialised: every mask kind alone and combined, every layout, both backward schemes, GQA, uneven
+lengths, tiles smaller than a chunk (BURST_MASK_TILE) so that tiles are skipped, full and partial."""
+import itertools
+
+import pytest
+import torch
+
+import burstc
+from burstc.schedule.cost import KV_RING, QUERY_RING
+from tests.runtime.reference import dense_mask, max_errors, random_qkv, sdpa_masked_with_grads
+
+B, N = 2, 45
+
+
+def _docs(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(1, -1).expand(B, -1)
+
+
+def _padding():
+    g = torch.Generator().manual_seed(7)
+    kp = torch.rand(B, N, generator=g) > 0.25
+    kp[1, :20] = False  # left padding: the first queries of row 1 see no key under causal
+    return kp
+
+
+def _every_third(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx) % 3 != 1
+
+
+# name -> (burst_attention mask kwargs, dense_mask kwargs)
+MASKS = {
+    "window": (dict(causal=True, window=(5, 0)), dict(causal=True, window=(5, 0))),
+    "window_of_one": (dict(causal=True, window=(0, 0)), dict(causal=True, window=(0, 0))),
+    "window_longer_than_sequence": (dict(causal=False, window=(100, 3)), dict(window=(100, 3))),
+    "bidirectional_window": (dict(causal=False, window=(4, 6)), dict(window=(4, 6))),
+    "padding": (dict(causal=True, key_padding_mask=_padding()), dict(causal=True, key_padding=_padding())),
+    "documents_short_and_long": (dict(causal=True, document_ids=_docs([3, 30, 2, 10])),
+                                 dict(causal=True, document_ids=_docs([3, 30, 2, 10]))),
+    "cu_seqlens": (dict(causal=True, cu_seqlens=torch.tensor([0, 10, 11, 45])),
+                   dict(causal=True, document_ids=_docs([10, 1, 34]))),
+    "combined": (dict(causal=True, document_ids=_docs([3, 30, 2, 10]), window=(7, None), key_padding_mask=_padding()),
+                 dict(causal=True, document_ids=_docs([3, 30, 2, 10]), window=(7, None), key_padding=_padding())),
+    "mask_mod": (dict(causal=False, mask_mod=_every_third), dict(mask_mod=_every_third)),
+    "mask_mod_and_causal": (dict(causal=True, mask_mod=_every_third), dict(causal=True, mask_mod=_every_third)),
+}
+
+
+def _run(q, k, v, dout, **kwargs):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    with burstc.comm_stats() as stats:
+        out = burstc.burst_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out.detach(),) + grads, stats
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setenv("BURST_MASK_TILE", "4")
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_float64_reference_kernel(name):
+    kwargs, dense = MASKS[name]
+    want_mask = dense_mask(B, N, **dense)
+    seed = itertools.count(100)
+    schemes = itertools.cycle((QUERY_RING, KV_RING))
+    for world_size, layout in itertools.product((2, 3, 8), burstc.LAYOUTS):
+        scheme = next(schemes)
+        q, k, v, dout = random_qkv(B, 4, 2, N, 8, torch.float64, next(seed))
+        got, _ = _run(q, k, v, dout, layout=layout, backward=scheme, kernel="reference",
+                      virtual_world_size=world_size, **kwargs)
+        abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, want_mask))
+        assert abs_err <= 1e-10, (name, world_size, layout, scheme, abs_err)
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_float32_cpu_kernel(name):
+    kwargs, dense = MASKS[name]
+    want_mask = dense_mask(B, N, **dense)
+    seed = itertools.count(200)
+    for world_size, layout, scheme in itertools.product((2, 3), ("zigzag", "contiguous"), (QUERY_RING, KV_RING)):
+        q, k, v, dout = random_qkv(B, 4, 1, N, 16, torch.float32, next(seed))
+        got, _ = _run(q, k, v, dout, layout=layout, backward=scheme, kernel="cpu",
+                      virtual_world_size=world_size, **kwargs)
+        abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, want_mask))
+        assert abs_err <= 2e-5, (name, world_size, layout, scheme, abs_err)  # O(1) values (a window of one has zero dq)
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_materialised_attn_mask(additive):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(B, 1, N, N, generator=g) > 0.4
+    mask[0, 0, 5] = False  # a row with no visible key
+    if additive:
+        bias = torch.randn(B, 1, N, N, generator=g, dtype=torch.float64)
+        mask = bias.masked_fill(~mask, float("-inf"))
+    for world_size, layout, kernel in itertools.product((1, 3), ("zigzag", "striped"), ("reference", "cpu")):
+        dtype = torch.float64 if kernel == "reference" else torch.float32
+        q, k, v, dout = random_qkv(B, 2, 2, N, 8, dtype, world_size)
+        got, _ = _run(q, k, v, dout, layout=layout, kernel=kernel, virtual_world_size=world_size,
+                      attn_mask=mask if mask.dtype == torch.bool else mask.to(dtype))
+        abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, mask))
+        assert abs_err <= (1e-10 if kernel == "reference" else 2e-5), (world_size, layout, kernel, abs_err)
+
+
+def test_rows_with_no_visible_key_are_zero_with_zero_gradients():
+    kp = torch.ones(B, N, dtype=torch.bool)
+    kp[1] = False  # batch row 1 attends to nothing
+    q, k, v, dout = random_qkv(B, 2, 2, N, 8, torch.float64, 5)
+    got, _ = _run(q, k, v, dout, causal=True, key_padding_mask=kp, kernel="reference", virtual_world_size=3)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    assert float(got[0][1].abs().max()) == 0.0 and float(got[1][1].abs().max()) == 0.0
+    assert float(got[0][0].abs().max()) > 0.0
+
+
+def test_short_window_sends_only_the_halo():
+    """Contiguous layout, window shorter than a chunk: each rank receives only the last `left` rows of
+    its predecessor, once; the forward ring runs two steps; the work skipped is counted."""
+    world_size, n, left = 4, 64, 3
+    q, k, v, dout = random_qkv(1, 2, 2, n, 8, torch.float64, 11)
+    got, stats = _run(q, k, v, dout, causal=True, window=(left, 0), layout="contiguous", kernel="reference",
+                      virtual_world_size=world_size)
+    abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, dense_mask(1, n, causal=True, window=(left, 0))))
+    assert abs_err <= 1e-10
+    row_bytes = 2 * 2 * 8 * 8  # k and v: 2 heads x 8 dims x float64
+    assert stats.forward_bytes == (world_size - 1) * left * row_bytes
+    dense_ring = world_size * (world_size - 1) * (n // world_size) * row_bytes
+    assert stats.forward_bytes * 10 < dense_ring
+    assert stats.skipped_pairs == 2 * (world_size * world_size - (2 * world_size - 1))
+
+
+def test_masks_that_disagree_with_the_sequence_name_the_fix():
+    q, k, v, _ = random_qkv(1, 2, 2, 8, 8, torch.float32, 1)
+    with pytest.raises(burstc.BurstInputError, match="covers 9 tokens"):
+        burstc.burst_attention(q, k, v, key_padding_mask=torch.ones(1, 9, dtype=torch.bool), virtual_world_size=2)
+    with pytest.raises(burstc.BurstInputError, match="query rows over all"):
+        burstc.burst_attention(q, k, v, attn_mask=torch.ones(1, 1, 4, 8, dtype=torch.bool), virtual_world_size=2)
