@@ -4,40 +4,42 @@ from __future__ import annotations
 
 from typing import Optional
 
-from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, backward_bytes, forward_bytes
-from burstc.schedule.plan import DIAGONAL, FULL, SKIPPED, RingPlan
+from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, forward_bytes, plan_backward_bytes
+from burstc.schedule.plan import DIAGONAL, FULL, KV, PARTIAL, SKIPPED, RingPlan
 
-_COLORS = {FULL: "#4c78a8", DIAGONAL: "#f58518", SKIPPED: "#e0e0e0"}
+_COLORS = {FULL: "#4c78a8", DIAGONAL: "#f58518", PARTIAL: "#54a24b", SKIPPED: "#e0e0e0"}
 
 
 def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, scheme: str,
                 notes: Optional[list[str]] = None) -> str:
     """Markdown: what the site is, how its ring runs, and the table of steps x ranks."""
-    fwd = forward_bytes(shape)
-    bwd = {k: backward_bytes(shape, k) for k in (QUERY_RING, KV_RING)}
-    hops = max(plan.steps - 1, 1)
+    row_bytes = shape.batch * 2 * shape.heads_kv * shape.head_dim * shape.itemsize
+    fwd = plan.rows_sent(KV) * row_bytes
+    bwd = {k: plan_backward_bytes(shape, plan, k) for k in (QUERY_RING, KV_RING)}
     lines = [
         f"# {title}", "",
         f"- q: [B={shape.batch}, H_q={shape.heads_q}, N={plan.seq_len}, d={shape.head_dim}], "
         f"k/v heads H_kv={shape.heads_kv} (GQA group {shape.heads_q // shape.heads_kv}), dtype {shape.dtype}",
         f"- scale: {scale if scale is not None else f'1/sqrt({shape.head_dim}) (default)'}; mask: "
-        f"{'causal (global positions)' if plan.causal else 'none'}",
+        f"{plan.mask.describe() if plan.mask is not None else 'causal' if plan.causal else 'none'} (global positions)",
         f"- layout: {plan.layout}; ring order: {' -> '.join(map(str, plan.order))}"
         f"{' -> ' + str(plan.order[0]) if plan.world_size > 1 else ''}; rows per rank: {plan.local_len} "
         f"(real tokens per rank: {list(plan.valid_lens)})",
-        f"- forward bytes sent per rank: {fwd} (K, V: 2*H_kv*d*e per row and hop)",
-        f"- backward scheme: **{scheme}**; bytes per rank: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
+        f"- forward bytes sent, all ranks: {fwd} (K, V: 2*H_kv*d*e per row and hop; a dense ring would send "
+        f"{plan.world_size * forward_bytes(shape)})",
+        f"- backward scheme: **{scheme}**; bytes, all ranks: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
         f"({'the smaller' if bwd[scheme] == min(bwd.values()) else 'requested explicitly'})",
         f"- skipped (fully masked) pairs: {plan.skipped_pairs()} of {plan.world_size ** 2}",
     ]
     lines += [f"- {n}" for n in notes or []]
     lines += ["", "## Forward steps (KV ring): key chunk each rank's queries meet, mask class", "",
-              plan.table(bytes_per_step=fwd // hops if plan.world_size > 1 else 0), "",
+              plan.table(bytes_per_row=row_bytes), "",
               "## Work items per pair (rows are local, padded indices)", ""]
     for q_rank in range(plan.world_size):
         for k_rank in range(plan.world_size):
             pair = plan.pair(q_rank, k_rank)
-            items = ", ".join(f"q[{i.q_start}:{i.q_stop}] x k[{i.k_start}:{i.k_stop}] {'causal' if i.causal else 'full'}"
+            items = ", ".join(f"q[{i.q_start}:{i.q_stop}] x k[{i.k_start}:{i.k_stop}] "
+                              f"{'causal' if i.causal else 'masked' if i.masked else 'full'}"
                               for i in pair.items) or "-"
             lines.append(f"- q{q_rank} x k{k_rank}: {pair.mask}, {pair.visible_pairs} visible pairs: {items}")
     return "\n".join(lines) + "\n"
@@ -64,7 +66,7 @@ def plan_picture(plan: RingPlan, path: str, title: str = "") -> Optional[str]:
             ax.add_patch(plt.Rectangle((step, rank), 0.8, 0.7, color=_COLORS[pair.mask]))
             share = pair.visible_pairs / most
             ax.text(step + 0.4, rank + 0.35, f"k{pair.k_rank}\n{share:.0%}", ha="center", va="center", fontsize=8)
-            if step < plan.steps - 1 and g > 1:
+            if plan.sends(KV, step, rank):
                 dst = plan.next_rank(rank)
                 ax.annotate("", xy=(step + 1.0, dst + 0.35), xytext=(step + 0.8, rank + 0.35),
                             arrowprops=dict(arrowstyle="->", color="#888888", lw=0.8))

@@ -221,7 +221,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
                            head_dim=meta.head_dim, local_rows=plan.local_len, world_size=world_size,
                            dtype=meta.dtype)
-    scheme = choose_backward(shape, backward)
+    scheme = choose_backward(shape, backward, plan if plan.mask is not None else None)
     if mask is not None and mask.dense_rows is not None:
         scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,

@@ -10,7 +10,9 @@ make G - 1 hops: a chunk's owner keeps its own step-0 partial and receives the s
   KV ring          K, V (e)                  2 * H_kv * d * e            + 2 * H_kv * d * a  (dK, dV)
 
 per row and hop, times B * L * (G - 1); e is the input element size and a the accumulation element
-size (4, or 8 for float64).
+size (4, or 8 for float64). That is the dense bound: a plan that trims rows and stops chunks nobody
+later needs (masks, padded tails, contiguous causal) sends `plan.rows_sent` rows instead, which
+`plan_backward_bytes` and `choose_backward(..., plan=)` use.
 """
 from __future__ import annotations
 
@@ -55,14 +57,27 @@ def forward_bytes(s: AttentionShape) -> Size:
     return _hop_rows(s) * 2 * s.heads_kv * s.head_dim * s.itemsize
 
 
-def backward_bytes_per_row(s: AttentionShape, scheme: str) -> int:
-    """Bytes one hop of the backward ring of `scheme` moves per local row (payload + accumulator)."""
+def backward_row_bytes(s: AttentionShape, scheme: str) -> tuple[int, int]:
+    """(payload, accumulator) bytes per row and hop of the backward ring of `scheme`, one batch row."""
     e, a, d = s.itemsize, s.acc_itemsize, s.head_dim
     if scheme == QUERY_RING:
-        return s.heads_q * (2 * d * e + 2 * a) + s.heads_q * d * a
+        return s.heads_q * (2 * d * e + 2 * a), s.heads_q * d * a
     if scheme == KV_RING:
-        return 2 * s.heads_kv * d * e + 2 * s.heads_kv * d * a
+        return 2 * s.heads_kv * d * e, 2 * s.heads_kv * d * a
     raise ValueError(f"unknown backward scheme {scheme!r}: choose one of {', '.join(BACKWARD_SCHEMES)}")
+
+
+def backward_bytes_per_row(s: AttentionShape, scheme: str) -> int:
+    """Bytes one hop of the backward ring of `scheme` moves per local row (payload + accumulator)."""
+    return sum(backward_row_bytes(s, scheme))
+
+
+def plan_backward_bytes(s: AttentionShape, plan, scheme: str) -> Size:
+    """Bytes all ranks send in the backward of `scheme` under `plan` (trimmed rows, stopped chunks)."""
+    from burstc.schedule.plan import KV, QUERY  # plan imports nothing from here; keep cost importable alone
+    role = QUERY if scheme == QUERY_RING else KV
+    payload, acc = backward_row_bytes(s, scheme)
+    return s.batch * (payload * plan.rows_sent(role) + acc * plan.rows_sent(role, accumulators=True))
 
 
 def backward_bytes(s: AttentionShape, scheme: str) -> Size:
@@ -70,13 +85,17 @@ def backward_bytes(s: AttentionShape, scheme: str) -> Size:
     return _hop_rows(s) * backward_bytes_per_row(s, scheme)
 
 
-def choose_backward(s: AttentionShape, requested: str = "auto") -> str:
+def choose_backward(s: AttentionShape, requested: str = "auto", plan=None) -> str:
     """The requested scheme, or for 'auto' the one that sends fewer bytes (query ring on ties).
-    Both costs share the factor B * L * (G - 1), so the choice never depends on the sequence length."""
+    Without a plan both costs share the factor B * L * (G - 1), so the choice never depends on the
+    sequence length; with one, the plan's trimmed rows count (a short window: the KV halo)."""
     if requested != "auto":
         backward_bytes_per_row(s, requested)  # validates the name
         return requested
-    q, kv = (backward_bytes_per_row(s, k) for k in (QUERY_RING, KV_RING))
+    if plan is not None:
+        q, kv = (plan_backward_bytes(s, plan, k) for k in (QUERY_RING, KV_RING))
+    else:
+        q, kv = (backward_bytes_per_row(s, k) for k in (QUERY_RING, KV_RING))
     return QUERY_RING if q <= kv else KV_RING
 
 

@@ -134,22 +134,23 @@ class RingPlan:
         ranks = range(self.world_size) if rank is None else [rank]
         return sum(p.mask == SKIPPED for r in ranks for p in self.pairs[r])
 
-    def table(self, bytes_per_step: Optional[int] = None) -> str:
-        """Steps x ranks: which key chunk each rank's queries meet and its mask class."""
-        head = ["step"] + [f"rank {r}" for r in range(self.world_size)]
-        if bytes_per_step is not None:
-            head.append("bytes sent / rank")
-        head.append("rows sent")
+    def table(self, bytes_per_row: Optional[int] = None) -> str:
+        """Steps x ranks: which key chunk each rank's queries meet and its mask class; a chunk that
+        stopped travelling shows as '(kN skipped)'. Last columns: K/V rows all ranks send after
+        the step (times bytes_per_row, if given, as bytes)."""
+        head = ["step"] + [f"rank {r}" for r in range(self.world_size)] + ["rows sent"]
+        if bytes_per_row is not None:
+            head.append("bytes sent")
         rows = []
         for s in range(self.steps):
             cells = [str(s)]
             for r in range(self.world_size):
                 p = self.kv_visit(s, r)
-                cells.append(f"k{p.k_rank} {p.mask}" if self.holds(KV, s, r) else "-")
-            if bytes_per_step is not None:
-                cells.append(str(bytes_per_step if s < self.steps - 1 else 0))
-            sent = [self.travel_rows[KV][c][1] - self.travel_rows[KV][c][0] for _, _, c in self.transfers(s)]
-            cells.append(str(sum(sent)))  # forward K/V rows, all ranks
+                cells.append(f"k{p.k_rank} {p.mask}" if self.holds(KV, s, r) else f"(k{p.k_rank} {p.mask})")
+            sent = sum(self.travel_rows[KV][c][1] - self.travel_rows[KV][c][0] for _, _, c in self.transfers(s))
+            cells.append(str(sent))
+            if bytes_per_row is not None:
+                cells.append(str(sent * bytes_per_row))
             rows.append(cells)
         mask = f" mask={self.mask.describe()}" if self.mask is not None else ""
         title = (f"ring plan: G={self.world_size} layout={self.layout} N={self.seq_len} "

@@ -88,12 +88,13 @@ def test_check_rejects_a_corrupted_plan():
 
 def test_table_lists_every_step_and_rank():
     plan = build_plan(3, "contiguous", 30, True)
-    table = plan.table(bytes_per_step=1234)
+    table = plan.table(bytes_per_row=1234)
     lines = table.splitlines()
     assert len(lines) == 1 + 2 + plan.steps
     assert lines[3].count("diagonal") == 3  # step 0: every rank meets its own chunk
-    assert "k2 skipped" in lines[4] and "k0 full" in lines[4]
+    assert "(k2 skipped)" in lines[4] and "k0 full" in lines[4]  # chunk 2 stopped: nobody later needs it
     assert lines[-1].rstrip(" |").endswith("0")
+    assert lines[3].rstrip(" |").endswith(str(20 * 1234))  # after step 0: chunks 0 and 1 travel, 10 rows each
 
 
 def test_ring_order_from_a_custom_topology():
