@@ -27,6 +27,7 @@ from burstc.debug.dump import CompilationDump
 from burstc.debug.dump import log as dump_log
 from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import rewrite_sites
 from burstc.passes.shard import ShardingError, shard_copy
@@ -77,7 +78,7 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
-    gm = canonicalize_attention(gm, example_inputs)
+    gm = recognize_masks(canonicalize_attention(gm, example_inputs))
     if dump:
         dump.add_graph("canonicalize", gm)
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)

@@ -30,12 +30,15 @@ def test_backend_resolves_by_name_without_import():
 def test_custom_ops_pass_opcheck():
     q = torch.randn(2, 4, 10, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 10, 8, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(torch.ops.burst.attention.default,
-                          (q, k, v, True, None, True, "zigzag", "auto", "auto", "", ""))
-    out, lse = torch.ops.burst.attention(q, k, v, True, 0.3, True, "zigzag", "auto", "auto", "", "")
-    torch.library.opcheck(torch.ops.burst.attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                           True, 0.3, True, "zigzag", "auto", "auto", ""))
+    no_masks = (None, None, None, True, None, None)  # attn_mask, key_padding, document_ids, causal, window
+    masks = (torch.rand(1, 1, 10, 10) > 0.2, torch.rand(2, 10) > 0.2, torch.tensor([[0] * 4 + [1] * 6] * 2), True, 3, None)
+    for mask_args in (no_masks, masks):
+        torch.library.opcheck(torch.ops.burst.attention.default,
+                              (q, k, v, *mask_args, None, True, "zigzag", "auto", "auto", "", ""))
+        out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, True, "zigzag", "auto", "auto", "", "")
+        torch.library.opcheck(torch.ops.burst.attention_backward.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                               *mask_args, 0.3, True, "zigzag", "auto", "auto", ""))
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
@@ -68,8 +71,7 @@ def test_unconvertible_site_stays_exact():
             return F.scaled_dot_product_attention(q, q, q, attn_mask=mask) * 2
 
     q = torch.randn(1, 2, 9, 8)
-    mask = torch.rand(9, 9) > 0.3
-    mask.fill_diagonal_(True)
+    mask = torch.randn(9, 9, requires_grad=True)  # a learned bias: burst leaves the site alone
     counters.clear()
     torch._dynamo.reset()
     out = torch.compile(Masked(), backend="burst", options={"inner": "eager"})(q, mask)

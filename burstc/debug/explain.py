@@ -19,6 +19,7 @@ from burstc.config import BurstConfig
 from burstc.debug.render import plan_report
 from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard import ShardingError, ShardingPlan, shard_copy
 from burstc.schedule.cost import AttentionShape
@@ -40,7 +41,7 @@ def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optio
     captured: list[SitePlan] = []
 
     def capture(gm, example_inputs):
-        gm = canonicalize_attention(gm, example_inputs)
+        gm = recognize_masks(canonicalize_attention(gm, example_inputs))
         plans = plan_sites(find_attention_sites(gm), cfg, world_size)
         captured.extend(plans)
         if shardings is not None and cfg.sequence_mode(world_size) and any(p.converts for p in plans):

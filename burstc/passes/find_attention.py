@@ -9,9 +9,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
+
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+# masked_sdpa: a recognised mask construction, as descriptors (burstc.passes.masks)
+_MASKED_PARAMS = ("query", "key", "value", "key_padding", "document_ids", "is_causal", "window_left",
+                  "window_right", "scale", "enable_gqa", "fill")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
+             "key_padding": None, "document_ids": None, "window_left": None, "window_right": None, "fill": None}
 
 
 @dataclass
@@ -28,6 +34,12 @@ class AttentionSite:
     scale: Any
     enable_gqa: Any
     source: str  # "file:line  code" of the user's call, or "" when Dynamo kept no stack
+    # a recognised mask (a masked_sdpa node): descriptor nodes / constants, all over global positions
+    key_padding: Any = None
+    document_ids: Any = None
+    window_left: Optional[int] = None
+    window_right: Optional[int] = None
+    fill: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -44,22 +56,34 @@ class AttentionSite:
         return getattr(self, which).meta.get("example_value")
 
     @property
+    def recognised_mask(self) -> bool:
+        return self.node.target is masked_sdpa
+
+    @property
     def mask_kind(self) -> str:
         if self.attn_mask is not None:
             return "tensor"
+        if self.recognised_mask:
+            return "recognised"
         return "causal" if self.is_causal is True else "none" if self.is_causal is False else "dynamic"
 
 
 def _bind(node: fx.Node) -> dict:
     bound = dict(_DEFAULTS)
-    bound.update(zip(_PARAMS, node.args))
+    params = _MASKED_PARAMS if node.target is masked_sdpa else _PARAMS[:4] if node.target is additive_attention else _PARAMS
+    bound.update(zip(params, node.args))
     bound.update(node.kwargs)
     return bound
 
 
+def is_attention(node: fx.Node) -> bool:
+    """SDPA, or what the masks pass made of it (descriptors; an additive mask run as eager math)."""
+    return node.op == "call_function" and (node.target in SDPA_TARGETS or node.target in (masked_sdpa, additive_attention))
+
+
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     return [AttentionSite(node=node, source=source_line(node), **_bind(node)) for node in gm.graph.nodes
-            if node.op == "call_function" and node.target in SDPA_TARGETS]
+            if is_attention(node)]
 
 
 def rebind(site: AttentionSite) -> None:

@@ -66,8 +66,6 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     q, k, v = site.tensor("query"), site.tensor("key"), site.tensor("value")
     if q is None or k is None or v is None:
         return leave("Dynamo recorded no example values for q/k/v")
-    if site.attn_mask is not None:
-        return leave("it passes an explicit attn_mask; burst converts causal or unmasked attention only")
     if not _is_zero(site.dropout_p):
         return leave(f"dropout_p={site.dropout_p} (training-mode dropout cannot be reproduced across the ring)")
     for name, value in (("is_causal", site.is_causal), ("enable_gqa", site.enable_gqa)):
@@ -84,6 +82,12 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
         return leave("query and key lengths may differ (cross-attention or a KV cache), not one sharded sequence")
     if not statically_known_true(v.shape[3] == q.shape[3]):
         return leave("value head dim differs from the query's")
+    if site.node.meta.get("burst_leave"):
+        return leave(site.node.meta["burst_leave"])
+    if site.attn_mask is not None:
+        why = _dense_mask_problem(site.attn_mask, q)
+        if why:
+            return leave(why)
     # head counts and head dim specialise (int() guards on them): kernels and costs depend on them
     heads_q, heads_kv, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     if heads_q % heads_kv or (heads_q != heads_kv and not site.enable_gqa):
@@ -96,6 +100,24 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     return SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
                     enable_gqa=site.enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
                     seq_len=seq_len, cost=cost.describe(shape))
+
+
+def _dense_mask_problem(mask, q: torch.Tensor) -> Optional[str]:
+    """Why a materialised attn_mask cannot travel with its query rows (None if it can). The masks
+    pass has made it 4-D with N rows (burstc.passes.masks)."""
+    m = mask.meta.get("example_value") if isinstance(mask, fx.Node) else None
+    if not isinstance(m, torch.Tensor):
+        return f"its attn_mask is not a tensor Dynamo recorded ({mask!r})"
+    if m.dtype != torch.bool and m.dtype != q.dtype:
+        return f"its attn_mask is {m.dtype}, neither bool nor the query's {q.dtype}"
+    if m.requires_grad:
+        return "its attn_mask requires grad (a learned bias): burst does not differentiate masks"
+    if m.dim() != 4 or not all(statically_known_true(a == b) for a, b in zip(m.shape[2:], (q.shape[2], q.shape[2]))):
+        return f"its attn_mask {tuple(m.shape)} is not [B|1, H|1, N, N] over the sequence"
+    if not (statically_known_true(m.shape[0] == 1) or statically_known_true(m.shape[0] == q.shape[0])) or \
+            not (statically_known_true(m.shape[1] == 1) or statically_known_true(m.shape[1] == q.shape[1])):
+        return f"its attn_mask {tuple(m.shape)} does not broadcast over batch and heads"
+    return None
 
 
 def plan_sites(sites: list[AttentionSite], cfg: BurstConfig, world_size: int) -> list[SitePlan]:

@@ -211,7 +211,7 @@ class _Sharder:
     def propagate_wants(self) -> None:
         proposals: dict[fx.Node, set[SeqDim]] = {}
         for site in self.sites.values():
-            for t in (site.site.query, site.site.key, site.site.value):
+            for t in _AttentionRule(site.site).inputs:
                 proposals.setdefault(t, set()).add(SeqDim(2))
         for node in reversed(list(self.graph.nodes)):
             wanted = proposals.get(node)
@@ -306,7 +306,9 @@ class _Sharder:
         """An in-place op must mutate the tensor later users read: its target may not be swapped for a
         shard or a gathered copy, so it has to be placed exactly like the op's result."""
         name = op_name(node)
-        if name.endswith("_") and name != "requires_grad_" and node.args and self.place.get(node.args[0]) != out:
+        in_place = name.endswith("_") and name not in ("requires_grad_", "and_", "or_") or node.target in (
+            operator.iand, operator.ior, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+        if in_place and node.args and self.place.get(node.args[0]) != out:
             raise ShardingError(f"in-place {name} on {node.args[0].name} at {source_line(node) or node.name} "
                                 "mixes sharded and replicated data")
 
@@ -493,13 +495,18 @@ class _Sharder:
 
 
 class _AttentionRule:
-    """A converted attention site: q, k, v and the output are sharded along dim 2 ([B, H, N, d])."""
+    """A converted attention site: q, k, v, the output and a materialised mask's query rows are sharded
+    along dim 2 ([B, H, N, d] / [B|1, H|1, N, N]); mask descriptors ([B, N] key padding, document ids)
+    stay replicated: they are read at global key positions."""
 
     def __init__(self, site):
-        self.inputs = [site.query, site.key, site.value]
+        self.inputs = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask is not None else [])
+        self.replicated = [t for t in (site.key_padding, site.document_ids) if isinstance(t, fx.Node)]
 
     def inputs_for(self, out: SeqDim):
-        return {a: SeqDim(2) for a in self.inputs} if out == SeqDim(2) else None
+        if out != SeqDim(2):
+            return None
+        return {**{a: None for a in self.replicated}, **{a: SeqDim(2) for a in self.inputs}}
 
     def output_for(self, a, spec: SeqDim):
         return SeqDim(2) if spec == SeqDim(2) else None

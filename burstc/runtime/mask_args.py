@@ -12,6 +12,9 @@ from burstc.schedule import layout as layouts
 from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens
 
 
+_AVERAGING_BIAS = -1e30  # an additive bias this negative swamps any score: a row of them is averaged
+
+
 @dataclass(frozen=True)
 class MaskArgs:
     key_padding_mask: Optional[torch.Tensor] = None
@@ -91,6 +94,11 @@ class MaskArgs:
                 where = "all" if rows is None else "this rank's"
                 raise ValueError(f"attn_mask {tuple(dense.shape)} must hold {where} {want} query rows over all "
                                  f"{seq_len} keys: [B|1, H|1, {want}, {seq_len}]")
+            if dense.dtype != torch.bool and want and bool((dense.amax(dim=-1) <= _AVERAGING_BIAS).any()):
+                raise ValueError(
+                    "attn_mask has rows whose every key carries a huge finite negative bias (<= -1e30, e.g. "
+                    "finfo.min): single-device SDPA averages all values there, which the ring cannot reproduce "
+                    "exactly. Mark hidden keys with -inf (or pass a boolean mask), so such rows give 0")
         mask = AttentionMask(
             causal=causal, window=tuple(self.window) if self.window is not None else None,
             key_padding=None if self.key_padding_mask is None else self.key_padding_mask.detach().bool().cpu(),

@@ -40,6 +40,6 @@ def test_explain_names_what_it_leaves():
         def forward(self, q, mask):
             return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
-    text = explain(Masked(), (torch.randn(1, 2, 64, 8), torch.ones(64, 64, dtype=torch.bool)), world_size=2,
-                   seq_len=64, cfg=BurstConfig())
-    assert "left as plain SDPA" in text and "explicit attn_mask" in text and "0 converted, 1 left" in text
+    learned_bias = torch.zeros(64, 64, requires_grad=True)
+    text = explain(Masked(), (torch.randn(1, 2, 64, 8), learned_bias), world_size=2, seq_len=64, cfg=BurstConfig())
+    assert "left as plain SDPA" in text and "attn_mask requires grad" in text and "0 converted, 1 left" in text

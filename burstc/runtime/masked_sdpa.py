@@ -1,0 +1,45 @@
+"""`masked_sdpa`: SDPA with its mask given by descriptors instead of a tensor. A recognised mask
+construction in a compiled graph (burstc.passes.masks) becomes a call to it; an attention the backend
+then converts reads the descriptors, one it leaves alone runs this, which materialises the very mask
+the model built and calls SDPA (exact either way)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from burstc.schedule.masks import AttentionMask
+
+
+def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
+                is_causal: bool = False, window_left: Optional[int] = None, window_right: Optional[int] = None,
+                scale: Optional[float] = None, enable_gqa: bool = False, fill: Optional[float] = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention(query, key, value, attn_mask=M) with M the conjunction of causal,
+    window [i - window_left, i + window_right], key_padding [B, N] and same document_ids [B, N];
+    fill: None for a boolean M, else the additive form where(M, 0, fill) (HF's eager path: finfo.min)."""
+    n = query.shape[2]
+    positions = torch.arange(n, device=query.device)
+    window = None if window_left is None and window_right is None else (window_left, window_right)
+    mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding,
+                         document_ids=document_ids).evaluate(positions, positions)
+    if fill is not None:
+        mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
+                           torch.full((), fill, dtype=query.dtype, device=query.device))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def additive_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
+                       scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale + attn_mask) v in plain ops, the softmax in float32, as hand-written eager
+    attention computes it. Where every key of a row carries finfo.min the row averages all values; the
+    fused SDPA kernels differ from this there in the backward, so a site the backend leaves alone for
+    that reason runs this."""
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale + attn_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
