@@ -136,3 +136,54 @@ def test_masks_that_disagree_with_the_sequence_name_the_fix():
         burstc.burst_attention(q, k, v, key_padding_mask=torch.ones(1, 9, dtype=torch.bool), virtual_world_size=2)
     with pytest.raises(burstc.BurstInputError, match="query rows over all"):
         burstc.burst_attention(q, k, v, attn_mask=torch.ones(1, 1, 4, 8, dtype=torch.bool), virtual_world_size=2)
+
+
+def _gloo_cases(rank, world_size):
+    import os
+
+    from tests.runtime.test_masks import MASKS
+    os.environ["BURST_MASK_TILE"] = "4"
+    results = []
+    names = ["combined", "padding", "window", "mask_mod_and_causal", "attn_mask"]
+    for i, (name, layout) in enumerate(itertools.product(names, ("zigzag", "contiguous"))):
+        q, k, v, dout = random_qkv(B, 4, 2, N, 8, torch.float64, 300 + i)
+        if name == "attn_mask":
+            g = torch.Generator().manual_seed(i)
+            full = torch.rand(B, 1, N, N, generator=g) > 0.5
+            want_mask, kwargs = full, {}
+        else:
+            kwargs, dense = MASKS[name]
+            want_mask = dense_mask(B, N, **dense)
+        shard = lambda x: burstc.shard_sequence(x, dim=2, layout=layout, world_size=world_size, rank=rank)  # noqa: E731
+        if name == "attn_mask":
+            kwargs = dict(attn_mask=shard(full))  # this rank's query rows over all keys
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = burstc.burst_attention(ql, kl, vl, enable_gqa=True, layout=layout, kernel="reference",
+                                     backward=QUERY_RING, **kwargs)
+        out.backward(shard(dout))
+        want = [shard(t) for t in sdpa_masked_with_grads(q, k, v, dout, want_mask)]
+        results.append((name, layout, max_errors((out.detach(), ql.grad, kl.grad, vl.grad), want)[0]))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gloo_ranks(world_size):
+    from burstc.launch import run_ranks
+    for per_rank in run_ranks(world_size, _gloo_cases):
+        for name, layout, abs_err in per_rank:
+            assert abs_err <= 1e-10, (world_size, name, layout, abs_err)
+
+
+def _disagreeing_masks(rank, world_size):
+    q, k, v, _ = random_qkv(1, 2, 2, 4, 8, torch.float32, 1)
+    try:
+        burstc.burst_attention(q, k, v, causal=True, window=(2 + rank, 0))
+    except burstc.BurstInputError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_passing_different_masks_get_the_same_error():
+    from burstc.launch import run_ranks
+    errors = run_ranks(2, _disagreeing_masks)
+    assert errors[0] == errors[1] and "mask arguments differ" in errors[0]
