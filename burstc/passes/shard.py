@@ -512,18 +512,31 @@ class _AttentionRule:
         return SeqDim(2) if spec == SeqDim(2) else None
 
 
-def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_size) -> None:
+def _local_attention(query, key, value, *args, **kwargs):
+    """The shape of a converted site's result on this rank's shards (its mask rows span all keys, which
+    SDPA itself would reject on local shapes; the ring op takes them)."""
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_size, sites=()) -> None:
     """Run the rewritten graph on fake tensors: every op must accept the local shapes, and every sharded
-    tensor must have its local size on its sequence dim."""
+    tensor must have its local size on its sequence dim. `sites` (converting attention nodes) run as
+    the ring op will."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    targets = {node: node.target for node in sites}
     try:
+        for node in sites:
+            node.target = _local_attention
         FakeTensorProp(gm, mode).propagate(*fakes)
     except Exception as e:  # noqa: BLE001 - any failure means the local program is not valid
         raise ShardingError(f"the sharded graph does not run on local shapes: {type(e).__name__}: {e}") from e
+    finally:
+        for node, target in targets.items():
+            node.target = target
     for node in gm.graph.nodes:
         spec = place.get(node)
         val = node.meta.get("val")
@@ -554,7 +567,7 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     plan = sharder.run()
     if not check_shapes:
         return plan
-    _check_local_shapes(gm, example_inputs, sharder.place, sharder.local_size)
+    _check_local_shapes(gm, example_inputs, sharder.place, sharder.local_size, [p.site.node for p in converting])
     for p in converting:  # the rewrite reads the sites' inputs: some are now boundary ops
         rebind(p.site)
     for node in gm.graph.nodes:  # later passes read example values: give them the local ones
