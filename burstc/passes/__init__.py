@@ -4,6 +4,9 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
 1. ``canonicalize.canonicalize_attention`` — hand-written attention (matmul / softmax / matmul,
    einsum, baddbmm, masks, scales, no-op dropouts) -> one ``torch._C._nn.scaled_dot_product_attention``
    call per site, only where the rewrite is exact; records what it did in ``gm.meta``.
+1b. ``masks.recognize_masks`` — an ``attn_mask`` built from index comparisons, a [B, N] padding mask
+   and document ids (HF ``masking_utils``) becomes ``masked_sdpa`` with compact descriptors; other
+   masks take the [B|1, H|1, N, N] row form the ring shards by query rows.
 2. ``find_attention.find_attention_sites`` — every SDPA call becomes an AttentionSite with shapes,
    scale, mask kind, GQA ratio, dropout and the user's source line.
 3. ``plan.plan_sites`` — per site: convert or the reason not to; layout, backward scheme by the cost

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.passes.find_attention import SDPA_TARGETS, source_line
@@ -360,6 +361,8 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         record["recognised"].append((where, _describe(found, kwargs["is_causal"])))
+    counters["burst"]["masks_recognised"] += len(record["recognised"])
+    counters["burst"]["masks_materialised"] += len(record["materialised"])
     if record["recognised"] or record["materialised"]:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
