@@ -1,5 +1,6 @@
 """Masked models end to end: HF decoders with a padded batch, the eager attention path, a sliding window,
-packed documents through restarting position ids, and a mask no construction describes, compiled with
+packed documents through restarting position ids, a FlexAttention document mask_mod, and a mask no
+construction describes, compiled with
 backend="burst" on 2 and 3 gloo ranks against single-device eager (loss, logits, every gradient)."""
 import copy
 
@@ -46,8 +47,47 @@ class _RandomMaskModel(torch.nn.Module):
         return self.head(y.transpose(1, 2).reshape(b, n, 32))
 
 
+class _FlexDocuments(torch.nn.Module):
+    """FlexAttention with a document mask_mod over a captured [N] tensor (inference: FlexAttention has no
+    CPU backward)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.embed, self.qkv = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 96)
+
+    def forward(self, idx):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        b, n = idx.shape
+        q, k, v = self.qkv(self.embed(idx)).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v, block_mask=_FLEX_MASK[n]).transpose(1, 2).reshape(b, n, 32)
+
+
+def _flex_mask(n):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = torch.repeat_interleave(torch.arange(3), torch.tensor([9, 20, n - 29]))
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx)
+    return create_block_mask(same_document_causal, None, None, n, n, device="cpu")
+
+
+_FLEX_MASK = {}
+
+
 def _case(name):
     idx = torch.randint(0, 50, (2, N), generator=torch.Generator().manual_seed(1))
+    if name == "flex_documents":
+        _FLEX_MASK[N] = _flex_mask(N)
+        model = _FlexDocuments().eval()
+
+        def step(m):
+            with torch.no_grad():
+                out = m(idx)
+            return out.sum(), out, {}
+        return model, step
     labels, kwargs = idx.clone(), {}
     if name == "random_mask":
         model = _RandomMaskModel()
@@ -95,7 +135,8 @@ def _compare(rank, world_size, cases):
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(model), backend="burst", options={"inner": "aot_eager", **options})
         got_loss, got_out, got = step(compiled)
-        grad_err = max((got[n] - want[n]).abs().max().item() / max(1.0, want[n].abs().max().item()) for n in want)
+        grad_err = max(((got[n] - want[n]).abs().max().item() / max(1.0, want[n].abs().max().item()) for n in want),
+                       default=0.0)
         results.append(dict(name=name, options=options, loss_err=abs(got_loss - want_loss).item(),
                             out_err=(got_out - want_out).abs().max().item(), grad_err=grad_err,
                             counters=dict(counters["burst"])))
@@ -118,6 +159,7 @@ def test_masked_models_on_two_ranks():
     cases = [("llama_padded", {"parallel": "sequence"}), ("llama_eager", {"parallel": "sequence"}),
              ("mistral_window", {"parallel": "sequence", "layout": "contiguous"}),
              ("llama_packed", {"parallel": "sequence"}), ("random_mask", {"parallel": "sequence"}),
+             ("flex_documents", {"parallel": "sequence"}),
              ("llama_padded", {"parallel": "attention"}), ("random_mask", {"parallel": "attention"})]
     for rank_results in run_ranks(2, _compare, cases, timeout_s=900):
         _check(rank_results)

@@ -23,6 +23,7 @@ masks for the sdpa and eager implementations.
 """
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -34,7 +35,11 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.passes.find_attention import SDPA_TARGETS, source_line
+from burstc.runtime.mask_mods import register
 from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
+
+
+log = logging.getLogger("burstc.passes")
 
 
 class NotRecognised(Exception):
@@ -328,8 +333,11 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
 
 def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the masked SDPA calls of gm in place (see the module docstring)."""
-    record = {"recognised": [], "materialised": []}
+    record = {"recognised": [], "materialised": [], "flex": []}
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is _FLEX:
+            _flex_site(gm, node, record)
+            continue
         if not (node.op == "call_function" and node.target in SDPA_TARGETS):
             continue
         args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
@@ -369,6 +377,56 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
         gm.recompile()
     gm.meta["burst_masks"] = record
     return gm
+
+
+_FLEX = torch.ops.higher_order.flex_attention
+
+
+def _flex_site(gm: fx.GraphModule, node: fx.Node, record: dict) -> None:
+    """flex_attention(q, k, v, block_mask=...) with a mask_mod and no score_mod becomes masked_sdpa with
+    the mask_mod registered by name (its captured tensors as arguments); anything else stays flex."""
+    where = source_line(node) or node.name
+    q, k, v, score_mod, block_mask, scale, options, score_buffers, mask_buffers = node.args[:9]
+    qv, kv = _value(q), _value(k)
+
+    def leave(why):
+        record["flex"].append((where, f"left as flex_attention: {why}"))
+        counters["burst"]["flex_left"] += 1
+        log.warning("burst: flex_attention %s left as it is: %s (at %s)", node.name, why, where)
+
+    if not _is_identity(gm, score_mod) or score_buffers:
+        return leave("it has a score_mod")
+    mask_mod = block_mask[-1] if isinstance(block_mask, (tuple, list)) else None
+    if not (isinstance(mask_mod, fx.Node) and mask_mod.op == "get_attr"):
+        return leave("no mask_mod in its block mask")
+    n = qv.shape[2]
+    if not (_provably(block_mask[0], n) and _provably(block_mask[1], n) and _provably(kv.shape[2], n)):
+        return leave("query and key lengths differ from the block mask's")
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return leave("its logsumexp is used")
+    name = register(getattr(gm, mask_mod.target))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(masked_sdpa, (q, k, v), dict(
+            scale=scale, enable_gqa=qv.shape[1] != kv.shape[1], mask_mod=name, mask_buffers=tuple(mask_buffers)))
+    new.meta.update(node.meta)
+    new.meta["example_value"] = _value(node)[0]
+    for user in list(node.users):
+        user.replace_all_uses_with(new)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    record["recognised"].append((where, f"flex_attention mask_mod {name}"))
+
+
+def _is_identity(gm: fx.GraphModule, score_mod) -> bool:
+    """Whether a traced score_mod returns its score unchanged."""
+    if not (isinstance(score_mod, fx.Node) and score_mod.op == "get_attr"):
+        return False
+    graph = getattr(gm, score_mod.target).graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+    return bool(placeholders) and result is placeholders[0]
 
 
 def _as_additive_attention(gm: fx.GraphModule, node: fx.Node, args: dict) -> None:

@@ -36,8 +36,9 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
             call = graph.call_function(op, (
-                site.query, site.key, site.value, site.attn_mask, site.key_padding, site.document_ids, plan.causal,
-                site.window_left, site.window_right, plan.scale, plan.enable_gqa, plan.layout,
+                site.query, site.key, site.value, site.attn_mask, site.key_padding, site.document_ids,
+                list(site.mask_buffers), plan.causal, site.window_left, site.window_right, site.mask_mod,
+                plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, group_name, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(site.node.meta)

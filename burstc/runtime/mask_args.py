@@ -65,6 +65,8 @@ class MaskArgs:
                 h.update(repr((tuple(t.shape), str(t.dtype))).encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
         h.update(getattr(self.mask_mod, "__qualname__", "-").encode())
+        if hasattr(self.mask_mod, "digest"):
+            h.update(self.mask_mod.digest())
         h.update(b"-" if self.attn_mask is None else str(self.attn_mask.dtype).encode())
         return int.from_bytes(h.digest()[:8], "little") >> 2
 

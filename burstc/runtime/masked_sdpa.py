@@ -9,21 +9,25 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from burstc.runtime.mask_mods import BoundMaskMod
 from burstc.schedule.masks import AttentionMask
 
 
 def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
                 is_causal: bool = False, window_left: Optional[int] = None, window_right: Optional[int] = None,
-                scale: Optional[float] = None, enable_gqa: bool = False, fill: Optional[float] = None) -> torch.Tensor:
+                scale: Optional[float] = None, enable_gqa: bool = False, fill: Optional[float] = None,
+                mask_mod: str = "", mask_buffers: tuple = ()) -> torch.Tensor:
     """F.scaled_dot_product_attention(query, key, value, attn_mask=M) with M the conjunction of causal,
-    window [i - window_left, i + window_right], key_padding [B, N] and same document_ids [B, N];
+    window [i - window_left, i + window_right], key_padding [B, N], same document_ids [B, N] and a
+    registered FlexAttention mask_mod (burstc.runtime.mask_mods) with its captured tensors;
     fill: None for a boolean M, else the additive form where(M, 0, fill) (HF's eager path: finfo.min)."""
     n = query.shape[2]
     positions = torch.arange(n, device=query.device)
     window = None if window_left is None and window_right is None else (window_left, window_right)
-    mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding,
-                         document_ids=document_ids).evaluate(positions, positions)
+    mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding, document_ids=document_ids,
+                         mask_mod=BoundMaskMod(mask_mod, list(mask_buffers)) if mask_mod else None
+                         ).evaluate(positions, positions, query.shape[1])
     if fill is not None:
         mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
                            torch.full((), fill, dtype=query.dtype, device=query.device))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from burstc.runtime.attention import prepare_run
 from burstc.runtime.mask_args import MaskArgs
+from burstc.runtime.mask_mods import BoundMaskMod
 from burstc.runtime.kernels import accumulation_dtype
 from burstc.runtime.sharding import unshard_sequence
 
@@ -37,31 +38,35 @@ def resolve_group(group_name: str) -> Optional[dist.ProcessGroup]:
 
 # Every op takes the same mask arguments after q, k, v: a materialised attn_mask (bool or additive;
 # [B|1, H|1, N, N], or this rank's rows in sequence mode) and/or the compact descriptors a recognised
-# mask construction became (key padding [B, N], document ids [B, N], a window), all over global
-# positions. Options follow; verify_site comes last.
+# mask construction became (key padding [B, N], document ids [B, N], a window, a registered FlexAttention
+# mask_mod with its captured tensors mask_buffers), all over global positions. Options follow;
+# verify_site comes last.
 
-def _masks(attn_mask, key_padding, document_ids, window_left, window_right) -> MaskArgs:
+def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod) -> MaskArgs:
     window = None if window_left is None and window_right is None else (window_left, window_right)
-    return MaskArgs(key_padding_mask=key_padding, document_ids=document_ids, window=window, attn_mask=attn_mask)
+    return MaskArgs(key_padding_mask=key_padding, document_ids=document_ids, window=window, attn_mask=attn_mask,
+                    mask_mod=BoundMaskMod(mask_mod, mask_buffers) if mask_mod else None)
 
 
-def _run(q, k, v, attn_mask, key_padding, document_ids, causal, window_left, window_right, scale, enable_gqa,
-         layout, backward, kernel, group_name, full_sequence: bool, check_replicas: bool = False):
+def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
+         scale, enable_gqa, layout, backward, kernel, group_name, full_sequence: bool, check_replicas: bool = False):
     return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
                        layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence,
                        check_replicas=check_replicas,
-                       masks=_masks(attn_mask, key_padding, document_ids, window_left, window_right))
+                       masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
+                                    mask_mod))
 
 
 @torch.library.custom_op("burst::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor], causal: bool,
-              window_left: Optional[int], window_right: Optional[int], scale: Optional[float],
+              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
+              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
+              window_right: Optional[int], mask_mod: str, scale: Optional[float],
               enable_gqa: bool, layout: str, backward: str, kernel: str, group_name: str,
               verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
-    masks = (attn_mask, key_padding, document_ids, causal, window_left, window_right)
+    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod)
     run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=True,
                check_replicas=True)
     out, lse = _forward(run, q, k, v)
@@ -97,26 +102,28 @@ attention.register_fake(_fake_forward)
 @torch.library.custom_op("burst::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding: Optional[torch.Tensor],
-                       document_ids: Optional[torch.Tensor], causal: bool, window_left: Optional[int],
-                       window_right: Optional[int], scale: Optional[float], enable_gqa: bool, layout: str,
+                       document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
+                       window_left: Optional[int], window_right: Optional[int], mask_mod: str,
+                       scale: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) over the full sequence, given the forward's out and lse."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
-    run = _run(q, k, v, attn_mask, key_padding, document_ids, causal, window_left, window_right, scale, enable_gqa,
-               layout, backward, kernel, group_name, full_sequence=True)
+    run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
+               mask_mod, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=True)
     return _grads(run, dout, q, k, v, out, lse)
 
 
 attention_backward.register_fake(_fake_grads)
 
-_MASK_TENSORS = 3  # attn_mask, key_padding, document_ids: saved with q, k, v (they may be None)
+_MASK_TENSORS = 3  # attn_mask, key_padding, document_ids (may be None), then the list mask_buffers
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *rest[:_MASK_TENSORS])
-    ctx.options = rest[_MASK_TENSORS:-1]  # everything but verify_site
+    buffers = rest[_MASK_TENSORS]
+    ctx.save_for_backward(q, k, v, out, lse, *rest[:_MASK_TENSORS], *buffers)
+    ctx.options = rest[_MASK_TENSORS + 1:-1]  # everything but verify_site
     ctx.mark_non_differentiable(lse)
 
 
@@ -124,8 +131,10 @@ def _backward_through(backward_op):
     """The autograd formula of an attention op whose (dq, dk, dv) come from backward_op."""
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *masks = ctx.saved_tensors
-        grads = backward_op(dout.contiguous(), q, k, v, out, lse, *masks, *ctx.options)
-        return (*grads, *[None] * (_MASK_TENSORS + len(ctx.options) + 1))
+        tensors, buffers = masks[:_MASK_TENSORS], list(masks[_MASK_TENSORS:])
+        grads = backward_op(dout.contiguous(), q, k, v, out, lse, *tensors, buffers, *ctx.options)
+        # no gradients for masks; the list argument mask_buffers gets a list
+        return (*grads, *[None] * _MASK_TENSORS, [None] * len(buffers), *[None] * (len(ctx.options) + 1))
     return backward
 
 
@@ -155,14 +164,15 @@ def _verify(site, q, k, v, out, mask, causal, scale, enable_gqa) -> None:
 
 @torch.library.custom_op("burst::attention_local", mutates_args=())
 def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                    key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor], causal: bool,
-                    window_left: Optional[int], window_right: Optional[int], scale: Optional[float],
+                    key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
+                    mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
+                    window_right: Optional[int], mask_mod: str, scale: Optional[float],
                     enable_gqa: bool, layout: str, backward: str, kernel: str, group_name: str,
                     verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
     tokens in the layout's order (sequence mode), attn_mask this rank's query rows over all keys. No
     gather: the output stays sharded."""
-    masks = (attn_mask, key_padding, document_ids, causal, window_left, window_right)
+    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod)
     run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=False)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
@@ -170,7 +180,7 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
         if attn_mask is not None:  # the full rows, for the reference
             dense = unshard_sequence(attn_mask.contiguous(), dim=2, layout=layout, group=run.group)
             masks = (dense, *masks[1:])
-        mask = _masks(masks[0], key_padding, document_ids, window_left, window_right).build(
+        mask = _masks(masks[0], key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod).build(
             causal, run.plan.seq_len, full[0], layout, 1, None)
         _verify(verify_site, *full, mask, causal, scale, enable_gqa)
         _verified_sites.add(verify_site)
@@ -184,12 +194,13 @@ attention_local.register_fake(_fake_forward)
 def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
                              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
-                             causal: bool, window_left: Optional[int], window_right: Optional[int],
-                             scale: Optional[float], enable_gqa: bool, layout: str, backward: str, kernel: str,
+                             mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
+                             window_right: Optional[int], mask_mod: str, scale: Optional[float],
+                             enable_gqa: bool, layout: str, backward: str, kernel: str,
                              group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards."""
-    run = _run(q, k, v, attn_mask, key_padding, document_ids, causal, window_left, window_right, scale, enable_gqa,
-               layout, backward, kernel, group_name, full_sequence=False)
+    run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
+               mask_mod, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=False)
     return _grads(run, dout, q, k, v, out, lse)
 
 

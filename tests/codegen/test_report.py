@@ -1,32 +1,37 @@
 """Ahead-of-time compiles for sm_90 and sm_80 (no GPU): no spills, tensor cores, shared memory in budget.
 
 A representative subset: both archs, the three kernels of a step and one elementwise kernel, every
-dtype, padded and large head dims. `python -m burstc.codegen.report` compiles all variants."""
+dtype, padded and large head dims, every mask class (full, causal, and the generic tile masks bool and
+bias). `python -m burstc.codegen.report` compiles all variants."""
 import json
 
 import pytest
 
 from burstc.codegen import report
-from burstc.codegen.spec import KernelSpec, SHARED_LIMIT
+from burstc.codegen.spec import SHARED_LIMIT
 
 pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
 if report.cuobjdump() is None:
     pytest.skip("cuobjdump not available (Triton ships it in backends/nvidia/bin)", allow_module_level=True)
 
 SUBSET = [
-    ("forward_step", 128, "bf16", True),
-    ("forward_step", 256, "fp16", False),
-    ("backward_dkdv", 96, "fp16", True),
-    ("backward_dq", 64, "bf16", False),
-    ("backward_dq", 128, "fp32", True),
-    ("finalize", 80, "bf16", False),
+    ("forward_step", 128, "bf16", "causal"),
+    ("forward_step", 256, "fp16", "full"),
+    ("backward_dkdv", 96, "fp16", "causal"),
+    ("backward_dq", 64, "bf16", "full"),
+    ("backward_dq", 128, "fp32", "causal"),
+    ("finalize", 80, "bf16", "full"),
+    ("forward_step", 128, "fp16", "bias"),
+    ("backward_dkdv", 64, "bf16", "bool"),
+    ("backward_dq", 128, "fp16", "bool"),
 ]
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("kind,head_dim,dtype,causal", SUBSET)
-def test_compiled_kernel_resources(arch, kind, head_dim, dtype, causal):
-    row = report.report_row(KernelSpec(kind, head_dim, dtype, 1, causal, arch))
+@pytest.mark.parametrize("kind,head_dim,dtype,mask", SUBSET)
+def test_compiled_kernel_resources(arch, kind, head_dim, dtype, mask):
+    row = report.report_row(report.spec_of(kind, head_dim, dtype, arch, mask))
+    assert row["mask"] == mask
     assert row["spill_bytes"] == 0, row
     assert 0 < row["registers"] <= 255, row
     assert row["shared_bytes"] <= SHARED_LIMIT[arch], row
@@ -43,3 +48,27 @@ def test_cli_writes_json_rows(tmp_path, capsys):
     assert len(rows) == 1
     assert {"kernel", "arch", "registers", "spill_bytes", "shared_bytes", "tensor_core"} <= set(rows[0])
     assert "### delta" in capsys.readouterr().out
+
+
+def test_variants_cover_the_mask_classes():
+    specs = report.variants(archs=("sm_90",), dtypes=("fp16",), head_dims=(64,))
+    classes = {(spec.kind, spec.mask_class) for spec in specs}
+    for kind in ("forward_step", "backward_dkdv", "backward_dq"):
+        assert {c for k, c in classes if k == kind} == {"full", "causal", "bool", "bias"}
+    assert {c for k, c in classes if k in ("finalize", "delta")} == {"full"}
+    masked_only = report.variants(archs=("sm_80",), dtypes=("bf16",), head_dims=(128,), masks=("bool", "bias"))
+    assert len(masked_only) == 6 and all(spec.mask in ("bool", "bias") for spec in masked_only)
+
+
+def test_masked_arguments_compile_as_a_launch_passes_them():
+    """No mask: the five mask arguments are constexpr None (the unmasked binary); a mask: a uint8 or
+    input-dtype pointer, a unit key stride, the other strides plain ints."""
+    plain = report.ast_source(report.spec_of("forward_step", 64, "fp16", "sm_90", "full"))
+    for name in ("mask_ptr", "stride_mb", "stride_mh", "stride_mq", "stride_mk"):
+        assert plain.signature[name] == "constexpr"
+        index = (plain.fn.arg_names.index(name),)
+        assert index in plain.constants and plain.constants[index] is None
+    for mask, pointer in (("bool", "*u8"), ("bias", "*fp16")):
+        source = report.ast_source(report.spec_of("forward_step", 64, "fp16", "sm_90", mask))
+        assert source.signature["mask_ptr"] == pointer
+        assert source.signature["stride_mk"] == "constexpr" and source.signature["stride_mq"] == "i32"

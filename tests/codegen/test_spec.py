@@ -1,7 +1,7 @@
 """KernelSpec validation and the launch-parameter table."""
 import pytest
 
-from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, KernelSpec, TileConfig,
+from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, MASKS, KernelSpec, TileConfig,
                                  select_config)
 
 
@@ -16,6 +16,10 @@ def test_every_variant_has_a_table_row(arch, kind):
             if kind in MASKED_KINDS:
                 assert config.block_n >= 16
             assert spec.config == config
+            if kind in MASKED_KINDS:
+                for mask in MASKS:
+                    masked = KernelSpec(kind, head_dim, dtype, arch=arch, mask=mask)
+                    assert masked.config.block_m >= 16 and masked.config.block_n >= 16
 
 
 def test_block_d_pads_to_a_power_of_two():
@@ -29,10 +33,26 @@ def test_constexprs_follow_the_kernel_kind():
     assert masked["CAUSAL"] is True and masked["PRECISION"] == "ieee"
     assert KernelSpec("forward_step", 64, "bf16").constexprs()["PRECISION"] == "tf32"
     assert set(KernelSpec("finalize", 64, "bf16").constexprs()) == {"HEAD_DIM", "BLOCK_D", "BLOCK_M"}
+    assert masked["MASK"] == "none"
+    bias = KernelSpec("forward_step", 64, "fp16", group=2, arch="sm_90", mask="bias").constexprs()
+    assert bias["MASK"] == "bias" and bias["CAUSAL"] is False
+
+
+def test_mask_classes():
+    assert [KernelSpec("forward_step", 64, "fp16", causal=c, mask=m).mask_class
+            for c, m in ((False, "none"), (True, "none"), (False, "bool"), (False, "bias"))] == \
+        ["full", "causal", "bool", "bias"]
+    assert "mask='bool'" in repr(KernelSpec("backward_dq", 64, "fp16", mask="bool"))
+    # masked rows narrow the key tile where the unmasked row spills, and only there
+    plain, masked = (KernelSpec("forward_step", 128, "bf16", arch="sm_90", mask=m).config for m in ("none", "bool"))
+    assert masked.block_n < plain.block_n and masked.block_m == plain.block_m
+    assert KernelSpec("backward_dkdv", 128, "fp16", arch="sm_90", mask="bias").config == \
+        KernelSpec("backward_dkdv", 128, "fp16", arch="sm_90").config
 
 
 @pytest.mark.parametrize("fields", [
     dict(kind="attention"), dict(dtype="fp64"), dict(arch="sm_70"), dict(head_dim=512), dict(group=0),
+    dict(mask="int"), dict(mask="bool", causal=True), dict(kind="finalize", mask="bias"),
 ])
 def test_invalid_specs_are_refused(fields):
     with pytest.raises(ValueError):
@@ -41,3 +61,4 @@ def test_invalid_specs_are_refused(fields):
 
 def test_specs_are_hashable_cache_keys():
     assert len({KernelSpec("forward_step", 64, "fp16"), KernelSpec("forward_step", 64, "fp16")}) == 1
+    assert len({KernelSpec("forward_step", 64, "fp16", mask=m) for m in MASKS}) == len(MASKS)

@@ -117,3 +117,31 @@ def test_unrecognised_masks_take_the_row_form():
     assert [tuple(s.attn_mask.meta["example_value"].shape) for s in sites] == [(1, 1, N, N)] * 2
     assert len(after.meta["burst_masks"]["materialised"]) == 2
     _same_outputs(before, after, example_inputs)
+
+
+def test_flex_attention_mask_mod_becomes_a_registered_descriptor():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    docs = torch.repeat_interleave(torch.arange(2), torch.tensor([9, N - 9]))
+
+    def same_document(b, h, q_idx, kv_idx):
+        return docs[q_idx] == docs[kv_idx]
+
+    block_mask = create_block_mask(same_document, None, None, N, N, device="cpu")
+
+    class Flex(torch.nn.Module):
+        def forward(self, q, k, v, score_mod=None):
+            return flex_attention(q, k, v, block_mask=None if score_mod else block_mask, score_mod=score_mod)
+
+    q = torch.randn(1, 2, N, 8)
+    _, after, example_inputs = _captured(Flex(), q=q, k=q, v=q)
+    (target, site), = _sites(after)
+    assert target is masked_sdpa and site.mask_mod.startswith("mask_mod_") and len(site.mask_buffers) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(after(*example_inputs)[0], Flex()(q, q, q), rtol=0, atol=1e-6)
+    _, after, _ = _captured(Flex(), q=q, k=q, v=q, score_mod=_double)  # a score_mod: left as flex_attention
+    assert not _sites(after) and any("score_mod" in why for _, why in after.meta["burst_masks"]["flex"])
+
+
+def _double(score, b, h, q_idx, kv_idx):
+    return score * 2
