@@ -84,7 +84,8 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
     shardings: list = []
     plans = trace_plans(model, args, cfg, world_size, shardings)
     mode = "sequence" if cfg.sequence_mode(world_size) else "attention-parallel"
-    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {cfg.layout}, "
+    layout = plans[0].layout if plans else cfg.layout
+    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {layout}, "
              f"{mode} mode", ""]
     for sharding in shardings:
         lines += sharding_summary(sharding) if isinstance(sharding, ShardingPlan) else [f"graph {sharding}", ""]

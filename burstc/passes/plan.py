@@ -3,7 +3,7 @@ scheme by the cost model, sizes as sympy expressions when the sequence length is
 that cannot convert get the reason. The graph is not changed."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import sympy
@@ -120,5 +120,16 @@ def _dense_mask_problem(mask, q: torch.Tensor) -> Optional[str]:
     return None
 
 
+def resolved_layout(cfg: BurstConfig, sites: list[AttentionSite]) -> str:
+    """cfg.layout, with 'auto' made concrete for these sites: contiguous when every site has a bounded
+    sliding window (a short window is then a halo exchange), else zigzag (balances causal work)."""
+    if cfg.layout != "auto":
+        return cfg.layout
+    windowed = sites and all(s.window_left is not None and (s.is_causal is True or s.window_right is not None)
+                             for s in sites)
+    return "contiguous" if windowed else "zigzag"
+
+
 def plan_sites(sites: list[AttentionSite], cfg: BurstConfig, world_size: int) -> list[SitePlan]:
+    cfg = replace(cfg, layout=resolved_layout(cfg, sites))
     return [plan_site(s, cfg, world_size) for s in sites]

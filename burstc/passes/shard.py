@@ -585,6 +585,7 @@ def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_si
     so a ShardingError leaves the caller free to compile gm attention-parallel."""
     work = copy_graph(gm)
     plans = plan_sites(find_attention_sites(work), cfg, world_size)
-    sharding = shard_graph(work, example_inputs, plans, layout=cfg.layout, world_size=world_size, rank=rank,
+    layout = plans[0].layout if plans else cfg.layout  # plan_sites made an 'auto' layout concrete
+    sharding = shard_graph(work, example_inputs, plans, layout=layout, world_size=world_size, rank=rank,
                            group_name=group_name, local_outputs=cfg.outputs == "local", check_shapes=check_shapes)
     return work, plans, sharding

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,9 +161,9 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v)."""
     cfg = BurstConfig.from_env()
     masks = masks or MaskArgs()
-    if layout is None and "BURST_LAYOUT" not in os.environ and (full_sequence or virtual_world_size is not None):
-        layout = masks.preferred_layout(causal)  # the layout is internal to the call: pick it per mask
     layout = layout or cfg.layout
+    if layout == "auto":  # inputs this call shards itself: pick per mask; inputs sharded by the caller: zigzag
+        layout = masks.preferred_layout(causal) if full_sequence or virtual_world_size is not None else "zigzag"
     backward = backward or cfg.backward
     kernel = kernel or cfg.kernel
 
