@@ -6,7 +6,8 @@ mode for the whole process, so instead each mode gets its own copy of the module
 interpreter knob set as asked. Triton's own @jit library functions (tl.max, tl.sum, tl.zeros...)
 have the same problem; `stdlib_mode` swaps in twins of the right mode around a launch or compile.
 Compiled binaries are cached by Triton itself, keyed by the arguments' types and the spec's
-constexprs (see `KernelSpec.constexprs`).
+constexprs (see `KernelSpec.constexprs`): the mask kind is the MASK constexpr, a mask's dtype is its
+pointer's type, and without a mask the mask arguments are None, hence constexprs too.
 """
 from __future__ import annotations
 

@@ -12,6 +12,18 @@ kernels take the natural-log global lse and convert it on load.
 
 Head dims that are not a power of two (80, 96) run in a BLOCK_D = next power of two tile with the
 extra columns masked on every load and store.
+
+MASK (forward_step, backward_dkdv, backward_dq) is the item's generic tile mask: "none" (the item is
+full or CAUSAL), "bool" (a uint8 view of a boolean mask, nonzero = visible) or "bias" (a floating
+additive bias on the scaled scores, -inf = hidden). The mask covers exactly the item's rectangle and
+is read through its own strides (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk; 0 strides for
+broadcast batch/head dims); with MASK == "none" these arguments are None and the kernels compile to
+the code they had before masks existed. Each program first scans its strip of the mask for the first
+and last tile with a visible entry and runs its loops over that range only: leading and trailing
+tiles the mask hides entirely (windows, padding, documents) cost one mask read and no dot product,
+and the loops stay free of branches (which would keep Triton from pipelining their K/V loads). A
+query row that sees no visible key of an item leaves its running state as it was (m = -inf and
+l = 0 while empty); its backward lse is -inf and it gets zero gradients.
 """
 import triton
 import triton.language as tl
@@ -79,24 +91,71 @@ def _base2_lse(lse_base, rows, n_rows, stride_l):
 
 
 @triton.jit
+def _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, cols, n_rows, n_cols, stride_r, stride_c,
+               MASK: tl.constexpr):
+    """The item mask of batch b, query head h on a [rows, cols] tile (query x key, or key x query with the
+    strides swapped): MASK "bool" gives visible (bool), "bias" the bias as stored (natural-log units, its
+    own dtype until it is added: fewer registers). Entries outside the item's rectangle are hidden
+    (False / -inf)."""
+    base = mask_ptr + b * stride_mb + h * stride_mh
+    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if MASK == "bool":
+        tile = tl.load(ptrs, mask=inside, other=0) != 0
+    else:
+        tile = tl.load(ptrs, mask=inside, other=float("-inf"))
+    return tile
+
+
+@triton.jit
+def _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, n_rows, n_cols, stride_r, stride_c,
+                   BLOCK: tl.constexpr, MASK: tl.constexpr):
+    """[first, last): the tiles of BLOCK columns (keys, or queries with the strides swapped) from the first to
+    the last one where the mask shows the given rows anything; empty (first >= last) if it shows nothing."""
+    first = n_cols
+    last = 0
+    for start in range(0, n_cols, BLOCK):
+        user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, start + tl.arange(0, BLOCK), n_rows, n_cols,
+                          stride_r, stride_c, MASK)
+        if MASK == "bool":
+            seen = tl.max(tl.max(user.to(tl.int32), 1), 0) != 0
+        else:
+            seen = tl.max(tl.max(user, 1), 0) > float("-inf")
+        first = tl.where(seen, tl.minimum(first, start), first)
+        last = tl.where(seen, start + BLOCK, last)
+    return first, last
+
+
+@triton.jit
 def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                    k_len, lo, hi, qk_scale,
+                    k_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax of q over key tiles [lo, hi): the updated (acc, m, l); MASKED: bounds and causal mask."""
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of q over key tiles [lo, hi): the updated (acc, m, l); MASKED: bounds and causal mask;
+    MASK: the item mask (mask_ptr, b, h, its strides, q_len)."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, keys, cols, k_len, stride_kl, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base, keys, cols, k_len, stride_vl, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
+        if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
+            user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, keys, q_len, k_len, stride_mq, stride_mk,
+                              MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASK != "none":
+            if MASK == "bool":
+                s = tl.where(user, s, float("-inf"))
+            else:
+                s = s + user.to(tl.float32) * LOG2E
         if MASKED:
             visible = keys[None, :] < k_len
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None])
             s = tl.where(visible, s, float("-inf"))
+        # A row whose keys are all hidden keeps (acc, m, l): p = 0, and alpha = 1 if it saw a key before,
+        # else alpha = 0 on acc = l = 0. A row that has seen no key yet keeps m = -inf; exponentiate it
+        # against 0, not -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf; exponentiate it against 0, not -inf - -inf
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
@@ -108,17 +167,28 @@ def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd
 
 @triton.jit
 def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                  k_len, lo, hi, qk_scale,
+                  k_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dq += dS K over key tiles [lo, hi) (unscaled), dS = P * (dO V^T - D); MASKED applies bounds and causal mask."""
+                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS K over key tiles [lo, hi) (unscaled), dS = P * (dO V^T - D); MASKED applies bounds and causal mask,
+    MASK the item mask."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, keys, cols, k_len, stride_kl, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base, keys, cols, k_len, stride_vl, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
+        if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
+            user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, keys, q_len, k_len, stride_mq, stride_mk,
+                              MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
+        if MASK != "none":
+            # hidden entries get P = 0, also in rows with lse2 = +inf (rows that saw no key)
+            if MASK == "bool":
+                p = tl.where(user, tl.math.exp2(s - lse2[:, None]), 0.0)
+            else:
+                p = tl.math.exp2(s + user.to(tl.float32) * LOG2E - lse2[:, None])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             visible = keys[None, :] < k_len
             if CAUSAL:
@@ -133,10 +203,11 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                      q_len, lo, hi, qk_scale,
+                      q_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dv += P^T dO, dk += dS^T Q (unscaled) over query tiles [lo, hi) of one head; MASKED: causal mask."""
+                      MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """dv += P^T dO, dk += dS^T Q (unscaled) over query tiles [lo, hi) of one head; MASKED: causal mask;
+    MASK: the item mask of head h."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -144,8 +215,17 @@ def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         do = _load_tile(do_base, rows, cols, q_len, stride_dol, stride_dod, HEAD_DIM, BLOCK_D, True)
         lse2 = _base2_lse(lse_base, rows, q_len, stride_ll)
         delta = tl.load(delta_base + rows * stride_dl, mask=rows < q_len, other=0.0)
+        if MASK != "none":  # the mask tile transposed: [keys, rows], loaded ahead of the dot
+            user_t = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, keys, rows, k_len, q_len, stride_mk, stride_mq,
+                                MASK)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASK != "none":
+            if MASK == "bool":
+                p_t = tl.where(user_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            else:
+                p_t = tl.math.exp2(s_t + user_t.to(tl.float32) * LOG2E - lse2[None, :])
+        else:
+            p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASKED:
             p_t = tl.where(keys[:, None] <= rows[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -168,8 +248,9 @@ def forward_step_kernel(
     stride_ab, stride_ah, stride_al, stride_ad,
     stride_sb, stride_sh, stride_sl,
     n_heads, q_len, k_len, scale,
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward step: attend one item and merge it into its rows' running fp32 state (acc, m in base 2, l)."""
     row_block = tl.program_id(0)
@@ -194,12 +275,20 @@ def forward_step_kernel(
 
     qk_scale = scale * LOG2E
     clean_end, end = _key_range(first_row, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    lo = 0
+    if MASK != "none":  # (never CAUSAL) only the key tiles from the first to the last the mask shows anything of
+        lo, hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, q_len, k_len, stride_mq, stride_mk,
+                                BLOCK_N, MASK)
+        clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
+        end = tl.minimum(end, hi)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
-                                    stride_vl, stride_vd, k_len, 0, clean_end, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, PRECISION)
+                                    stride_vl, stride_vd, k_len, lo, clean_end, qk_scale,
+                                    mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, PRECISION)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
                                     stride_vl, stride_vd, k_len, clean_end, end, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, PRECISION)
+                                    mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, PRECISION)
 
     # the cross-step merge: fold this item's partial state into the stored state of earlier steps
     # (loaded only now, so it does not occupy registers during the loop)
@@ -283,8 +372,9 @@ def backward_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     n_kv_heads, q_len, k_len, scale,
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """KV-stationary backward: one K/V tile gets dK += scale dS^T Q, dV += P^T dO over its GQA heads' item rows."""
     col_block = tl.program_id(0)
@@ -317,14 +407,25 @@ def backward_dkdv_kernel(
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
         delta_base = delta_ptr + b * stride_db + h * stride_dh
-        dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
-                                   stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                   q_len, lo, clean_start, qk_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
-        dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
-                                   stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                   q_len, clean_start, q_len, qk_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION)
+        if MASK == "none":
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
+                                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
+                                       q_len, lo, clean_start, qk_scale,
+                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, MASK, PRECISION)
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
+                                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
+                                       q_len, clean_start, q_len, qk_scale,
+                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, PRECISION)
+        else:  # (never CAUSAL) the query tiles from the first to the last the head's mask shows this key tile to
+            q_lo, q_hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, keys, k_len, q_len, stride_mk,
+                                        stride_mq, BLOCK_M, MASK)
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
+                                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
+                                       q_len, q_lo, q_hi, qk_scale,
+                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, PRECISION)
 
     _add_into_tile(dk_ptr + b * stride_dkb + kv_h * stride_dkh, dk * scale, keys, cols, k_len,
                    stride_dkl, stride_dkd, HEAD_DIM)
@@ -343,8 +444,9 @@ def backward_dq_kernel(
     stride_db, stride_dh, stride_dl,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     n_heads, q_len, k_len, scale,
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ backward: one Q tile gets dQ += scale dS K over the item's keys, dS = P * (dO V^T - D), P = exp(S - lse)."""
     row_block = tl.program_id(0)
@@ -368,10 +470,18 @@ def backward_dq_kernel(
 
     qk_scale = scale * LOG2E
     clean_end, end = _key_range(first_row, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    lo = 0
+    if MASK != "none":  # as in forward_step_kernel
+        lo, hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, q_len, k_len, stride_mq, stride_mk,
+                                BLOCK_N, MASK)
+        clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
+        end = tl.minimum(end, hi)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, 0, clean_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, PRECISION)
+                       k_len, lo, clean_end, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk,
+                       q_len, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, clean_end, end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, PRECISION)
+                       k_len, clean_end, end, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk,
+                       q_len, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, PRECISION)
 
     _add_into_tile(dq_ptr + b * stride_dqb + h * stride_dqh, dq * scale, rows, cols, q_len,
                    stride_dql, stride_dqd, HEAD_DIM)

@@ -1,7 +1,7 @@
 """Static resource report of every kernel variant, compiled ahead of time for sm_90 and sm_80 (no GPU).
 
     python -m burstc.codegen.report [--json PATH] [--arch sm_90] [--kind forward_step] [--dtype bf16]
-                                    [--head-dim 128]
+                                    [--head-dim 128] [--mask bool]
 
 Each variant (kind x head dim x dtype x mask class x arch, GQA group 1: the group only changes index
 arithmetic) is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` with
@@ -11,6 +11,10 @@ no calls and keep no local arrays, so any stack frame or local memory holds spil
 ptxas can report few registers and a large stack frame), shared memory (Triton's dynamic
 allocation plus any static), and whether the SASS holds tensor-core instructions (HGMMA on sm_90a,
 HMMA on sm_80).
+
+The mask classes of a step's kernels are full, causal and the generic tile masks bool and bias (a
+[B, H, q_len, k_len] mask read with a unit key stride and row/batch/head strides with no divisibility
+to promise; a boolean mask as uint8, a bias in the inputs' dtype).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from triton.compiler import ASTSource
 from burstc.codegen import cache
 from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, SHARED_LIMIT, KernelSpec)
 
+MASK_CLASSES = ("full", "causal", "bool", "bias")  # KernelSpec.mask_class of the masked kinds
+
 COMPUTE_CAPABILITY = {"sm_80": 80, "sm_90": 90}
 TENSOR_CORE_OPS = {"sm_80": ("HMMA",), "sm_90": ("HGMMA", "HMMA")}  # wgmma first; mma.sync also counts
 
@@ -43,17 +49,34 @@ UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_ad", "stride_od",
 # Integer arguments with no divisibility to promise (lengths, head counts); other ints are strides
 # of contiguous tensors, multiples of 16 for every head dim of the table.
 PLAIN_INTS = {"n_heads", "n_kv_heads", "q_len", "k_len", "seq_len"}
+# The generic tile mask's arguments (None, hence constexpr, without a mask). Its key stride is 1; its
+# row stride is a key count and its batch/head strides are 0 (broadcast) or products of lengths: no
+# divisibility to promise. A boolean mask arrives as a uint8 view, a bias in the inputs' dtype.
+MASK_ARGS = {"mask_ptr", "stride_mb", "stride_mh", "stride_mq", "stride_mk"}
+MASK_UNIT_STRIDES = {"stride_mk"}
 
 
-def variants(archs=("sm_90", "sm_80"), kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[KernelSpec]:
-    """Every (arch, kind, dtype, head dim, mask class) combination; mask classes only for masked kinds."""
+def spec_of(kind: str, head_dim: int, dtype: str, arch: str, mask_class: str = "full") -> KernelSpec:
+    """The GQA-group-1 spec of a mask class (MASK_CLASSES)."""
+    if mask_class not in MASK_CLASSES:
+        raise ValueError(f"unknown mask class {mask_class!r}; one of {MASK_CLASSES}")
+    mask = mask_class if mask_class in ("bool", "bias") else "none"
+    return KernelSpec(kind, head_dim, dtype, 1, mask_class == "causal", arch, mask)
+
+
+def variants(archs=("sm_90", "sm_80"), kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS,
+             masks=MASK_CLASSES) -> list[KernelSpec]:
+    """Every (arch, kind, dtype, head dim, mask class) combination; mask classes other than full only
+    for masked kinds (kernels without a mask appear once, when `masks` holds full)."""
     specs = []
     for arch in archs:
         for kind in kinds:
+            classes = [m for m in masks if m in MASK_CLASSES] if kind in MASKED_KINDS else \
+                [m for m in masks if m == "full"]
             for dtype in dtypes:
                 for head_dim in head_dims:
-                    for causal in ((False, True) if kind in MASKED_KINDS else (False,)):
-                        specs.append(KernelSpec(kind, head_dim, dtype, 1, causal, arch))
+                    for mask_class in classes:
+                        specs.append(spec_of(kind, head_dim, dtype, arch, mask_class))
     return specs
 
 
@@ -65,6 +88,17 @@ def ast_source(spec: KernelSpec) -> ASTSource:
     for index, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name] = "constexpr"
+        elif name in MASK_ARGS and spec.mask == "none":
+            signature[name] = "constexpr"  # the launch passes None
+            constants[name] = None
+        elif name == "mask_ptr":
+            signature[name] = "*u8" if spec.mask == "bool" else "*" + spec.dtype
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in MASK_UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        elif name in MASK_ARGS:
+            signature[name] = "i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32_POINTERS else "*" + spec.dtype
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -125,7 +159,7 @@ def report_row(spec: KernelSpec) -> dict:
     shared = compiled.metadata.shared + usage["static_shared"]
     return {
         "kernel": spec.kind, "arch": spec.arch, "dtype": spec.dtype, "head_dim": spec.head_dim,
-        "causal": spec.causal, **asdict(spec.config),
+        "causal": spec.causal, "mask": spec.mask_class, **asdict(spec.config),
         "registers": usage["registers"], "spill_bytes": usage["spill_bytes"], "shared_bytes": shared,
         "shared_limit": SHARED_LIMIT[spec.arch], "tensor_core": bool(usage["tensor_core_op"]),
         "tensor_core_op": usage["tensor_core_op"],
@@ -140,7 +174,7 @@ def markdown(rows: list[dict]) -> str:
                   "| arch | dtype | d | mask | tile (M x N, warps, stages) | regs | spill B | smem B | tensor core |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in (row for row in rows if row["kernel"] == kind):
-            mask = "causal" if r["causal"] else "full"
+            mask = r["mask"]
             tile = f"{r['block_m']} x {r['block_n']}, {r['num_warps']}, {r['num_stages']}"
             lines.append(f"| {r['arch']} | {r['dtype']} | {r['head_dim']} | {mask} | {tile} | {r['registers']} | "
                          f"{r['spill_bytes']} | {r['shared_bytes']} | {r['tensor_core_op'] or '-'} |")
@@ -154,9 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", choices=KINDS, action="append")
     parser.add_argument("--dtype", choices=DTYPES, action="append")
     parser.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append")
+    parser.add_argument("--mask", choices=MASK_CLASSES, action="append",
+                        help="mask classes of the step kernels (default: all; finalize/delta only with full)")
     args = parser.parse_args(argv)
     specs = variants(archs=args.arch or ("sm_90", "sm_80"), kinds=args.kind or KINDS,
-                     dtypes=args.dtype or DTYPES, head_dims=args.head_dim or HEAD_DIMS)
+                     dtypes=args.dtype or DTYPES, head_dims=args.head_dim or HEAD_DIMS,
+                     masks=args.mask or MASK_CLASSES)
     rows = []
     for number, spec in enumerate(specs, 1):
         print(f"[{number}/{len(specs)}] {spec}", file=sys.stderr, flush=True)
@@ -166,8 +203,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
     problems = [r for r in rows if r["spill_bytes"] or r["shared_bytes"] > r["shared_limit"]]
     for r in problems:
-        print(f"problem: {r['kernel']} {r['arch']} {r['dtype']} d={r['head_dim']}: spills {r['spill_bytes']} B, "
-              f"shared {r['shared_bytes']} of {r['shared_limit']} B", file=sys.stderr)
+        print(f"problem: {r['kernel']} {r['arch']} {r['dtype']} d={r['head_dim']} {r['mask']}: "
+              f"spills {r['spill_bytes']} B, shared {r['shared_bytes']} of {r['shared_limit']} B", file=sys.stderr)
     return 1 if problems else 0
 
 

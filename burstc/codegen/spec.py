@@ -16,6 +16,9 @@ BACKWARD_DKDV = "backward_dkdv"
 BACKWARD_DQ = "backward_dq"
 KINDS = (FORWARD_STEP, FINALIZE, DELTA, BACKWARD_DKDV, BACKWARD_DQ)
 MASKED_KINDS = (FORWARD_STEP, BACKWARD_DKDV, BACKWARD_DQ)  # kernels that see a WorkItem's mask class
+# The generic tile mask of an item: none (full or causal by `causal`), a boolean mask (True = visible) or
+# an additive floating bias on the scaled scores (-inf = hidden), read from a tensor covering the item.
+MASKS = ("none", "bool", "bias")
 
 HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims the table is tuned for; any d <= MAX_HEAD_DIM runs
 MAX_HEAD_DIM = 256
@@ -40,7 +43,9 @@ class TileConfig:
 @dataclass(frozen=True)
 class KernelSpec:
     """One kernel variant. `group` is H_q // H_kv; `causal` is the WorkItem's mask class (top-left
-    causal inside its rectangle, else full). Kernels without a mask (finalize, delta) ignore both."""
+    causal inside its rectangle, else full); `mask` is the item's generic tile mask ("none", "bool",
+    "bias"; one of MASKS), never together with `causal` (a given mask holds the causal part).
+    Kernels without a mask (finalize, delta) ignore group, causal and mask."""
 
     kind: str
     head_dim: int
@@ -48,6 +53,7 @@ class KernelSpec:
     group: int = 1
     causal: bool = False
     arch: str = "sm_90"
+    mask: str = "none"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,6 +66,19 @@ class KernelSpec:
             raise ValueError(f"head dim {self.head_dim} outside 1..{MAX_HEAD_DIM}")
         if self.group < 1:
             raise ValueError(f"GQA group size {self.group} < 1")
+        if self.mask not in MASKS:
+            raise ValueError(f"unknown mask {self.mask!r}; one of {MASKS}")
+        if self.mask != "none" and self.causal:
+            raise ValueError(f"a {self.mask} mask is not combined with causal: the mask holds the causal part")
+        if self.mask != "none" and self.kind not in MASKED_KINDS:
+            raise ValueError(f"{self.kind} kernels take no mask")
+
+    @property
+    def mask_class(self) -> str:
+        """What the kernel masks: "full", "causal", "bool" or "bias" (reports, names)."""
+        if self.mask != "none":
+            return self.mask
+        return "causal" if self.causal else "full"
 
     @property
     def block_d(self) -> int:
@@ -86,7 +105,7 @@ class KernelSpec:
         cfg = self.config
         values = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": cfg.block_m}
         if self.kind in MASKED_KINDS:
-            values.update(BLOCK_N=cfg.block_n, GROUP=self.group, CAUSAL=self.causal,
+            values.update(BLOCK_N=cfg.block_n, GROUP=self.group, CAUSAL=self.causal, MASK=self.mask,
                           PRECISION=self.dot_precision)
         return values
 
@@ -129,6 +148,21 @@ _FP32_TABLE = {
     ("sm_80", BACKWARD_DKDV): {64: _T(32, 64, 8, 1), 128: _T(32, 32, 8, 1), 256: _T(16, 32, 8, 1)},
     ("sm_80", BACKWARD_DQ): {64: _T(64, 32, 8, 1), 128: _T(64, 32, 8, 1), 256: _T(32, 16, 8, 1)},
 }
+# Rows of the generic tile masks (mask "bool" / "bias") where the unmasked row spills: the mask tile
+# takes registers (and its load a pipeline buffer), so these use a smaller tile or fewer stages;
+# chosen like the rows above, by compiling the unmasked row's tile and its halvings largest first and
+# keeping the first with no spill and shared memory in budget for bool and bias masks (fp16 and bf16
+# alike; head dims 80, 96 and 128 for the BLOCK_D 128 rows). Every other masked variant runs its
+# unmasked row.
+_MASKED_TABLE = {
+    ("sm_90", FORWARD_STEP, "16bit"): {64: _T(64, 64, 4, 3), 128: _T(128, 32, 8, 3), 256: _T(64, 32, 8, 2)},
+    ("sm_90", BACKWARD_DQ, "16bit"): {256: _T(64, 16, 8, 2)},
+    ("sm_80", FORWARD_STEP, "16bit"): {128: _T(128, 32, 8, 1)},
+    ("sm_80", BACKWARD_DKDV, "16bit"): {64: _T(32, 128, 8, 1)},
+    ("sm_80", BACKWARD_DQ, "16bit"): {64: _T(128, 32, 8, 3), 128: _T(128, 16, 8, 2)},
+    ("sm_80", BACKWARD_DKDV, "fp32"): {128: _T(32, 16, 8, 1)},
+    ("sm_80", BACKWARD_DQ, "fp32"): {128: _T(32, 16, 8, 1)},
+}
 # The interpreter runs one numpy program per tile: small tiles keep the tests' lengths short while
 # crossing several tiles, and block_m != block_n exercises the causal tile arithmetic.
 _INTERPRETER = {
@@ -143,4 +177,9 @@ def select_config(spec: KernelSpec) -> TileConfig:
         return _INTERPRETER[spec.kind]
     table = _FP32_TABLE if spec.dtype == "fp32" and (spec.arch, spec.kind) in _FP32_TABLE else _TABLE
     rows = table[(spec.arch, spec.kind)]
-    return rows[min(bd for bd in rows if bd >= spec.block_d)]
+    block_d = min(bd for bd in rows if bd >= spec.block_d)
+    if spec.mask != "none":
+        masked = _MASKED_TABLE.get((spec.arch, spec.kind, "fp32" if spec.dtype == "fp32" else "16bit"), {})
+        if block_d in masked:
+            return masked[block_d]
+    return rows[block_d]

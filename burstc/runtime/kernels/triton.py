@@ -2,7 +2,9 @@
 
 Runs on CUDA devices of compute capability 8.0 or newer; with TRITON_INTERPRET=1 in the
 environment it runs anywhere (CPU tensors included) in Triton's interpreter. A WorkItem's rows are
-passed to the kernels as views (pointer offset + the tensors' own strides), never copied.
+passed to the kernels as views (pointer offset + the tensors' own strides), never copied. So is an
+item's mask tile ([B|1, H_q|1, q_len, k_len], bool or an additive floating bias): broadcast batch and
+head dims are read with stride 0, a boolean mask through a uint8 view of its bytes.
 """
 from __future__ import annotations
 
@@ -33,6 +35,40 @@ class TritonState:
 def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """The rows [start, stop) along L of a [B, H, L, ...] tensor, as a view."""
     return t[:, :, start:stop]
+
+
+_NO_MASK = ("none", (None, None, None, None, None))
+
+
+def _item_mask(mask: Optional[torch.Tensor], q: torch.Tensor, item: WorkItem) -> tuple[str, tuple]:
+    """(the spec's mask kind, the kernels' mask arguments: pointer tensor and its 4 strides) of an item."""
+    if mask is None:
+        return _NO_MASK
+    if item.causal:
+        raise ValueError("a masked WorkItem must not be causal: the causal part belongs in the mask")
+    if mask.device != q.device:
+        raise ValueError(f"the mask is on {mask.device}, the queries on {q.device}")
+    if mask.dtype == torch.bool:
+        kind = "bool"
+        mask = mask.view(torch.uint8)  # same bytes, same strides: 0 = hidden, 1 = visible
+    elif mask.is_floating_point():
+        kind = "bias"
+    else:
+        raise TypeError(f"a mask is bool or floating (an additive bias), got {mask.dtype}")
+    batch, heads = q.shape[:2]
+    shape = (batch, heads, item.q_len, item.k_len)
+    if mask.dim() > 4 or mask.shape[-2:] != shape[-2:]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not cover the item: expected [B|1, H_q|1, "
+                         f"{item.q_len}, {item.k_len}] for B={batch}, H_q={heads}")
+    try:
+        mask = mask.expand(shape)
+    except RuntimeError as e:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {list(shape)}") from e
+    if (item.q_len - 1) * mask.stride(2) + (item.k_len - 1) * mask.stride(3) >= 2 ** 31:
+        # the kernels index inside one (batch, head) plane of the mask with 32-bit offsets
+        raise ValueError(f"a {item.q_len} x {item.k_len} mask tile with strides {mask.stride()[2:]} spans 2^31 "
+                         "elements or more: split the item")
+    return kind, (mask, *mask.stride())
 
 
 class TritonKernel:
@@ -69,11 +105,12 @@ class TritonKernel:
                            l=torch.zeros(b, h, length, **f32), dtype=q.dtype)
 
     def forward_step(self, state: TritonState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     item: WorkItem, scale: float) -> None:
+                     item: WorkItem, scale: float, mask: Optional[torch.Tensor] = None) -> None:
         if item.q_len == 0 or item.k_len == 0:
             return
         batch, heads = q.shape[:2]
-        spec = self._spec(FORWARD_STEP, q, k, item.causal)
+        mask_kind, mask_args = _item_mask(mask, q, item)
+        spec = self._spec(FORWARD_STEP, q, k, item.causal, mask_kind)
         qs = _rows(q, item.q_start, item.q_stop)
         ks = _rows(k, item.k_start, item.k_stop)
         vs = _rows(v, item.k_start, item.k_stop)
@@ -83,7 +120,7 @@ class TritonKernel:
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, qs, ks, vs, acc, m, l,
                      *qs.stride(), *ks.stride(), *vs.stride(), *acc.stride(), *m.stride(),
-                     heads, item.q_len, item.k_len, scale)
+                     heads, item.q_len, item.k_len, scale, *mask_args)
 
     def forward_finalize(self, state: TritonState) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, length, d = state.acc.shape
@@ -111,9 +148,11 @@ class TritonKernel:
         return delta
 
     def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
-                      scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+                      scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                      mask: Optional[torch.Tensor] = None) -> None:
         if item.q_len == 0 or item.k_len == 0:
             return
+        mask_kind, mask_args = _item_mask(mask, bundle.q, item)
         dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         for name, acc in (("dq", dq), ("dk", dk), ("dv", dv)):
             if acc.dtype != torch.float32:
@@ -131,31 +170,31 @@ class TritonKernel:
         dvs = dv.rows(item.k_start, item.k_stop)
         common = (*q.stride(), *ks.stride(), *vs.stride(), *do.stride(), *lse.stride(), *delta.stride())
 
-        spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal)
+        spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal, mask_kind)
         grid = (triton.cdiv(item.k_len, spec.config.block_n), batch * kv_heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dks, dvs, *common, *dks.stride(), *dvs.stride(),
-                     kv_heads, item.q_len, item.k_len, scale)
+                     kv_heads, item.q_len, item.k_len, scale, *mask_args)
 
-        spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal)
+        spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal, mask_kind)
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dqs, *common, *dqs.stride(),
-                     heads, item.q_len, item.k_len, scale)
+                     heads, item.q_len, item.k_len, scale, *mask_args)
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _spec(self, kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> KernelSpec:
+    def _spec(self, kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, mask: str = "none") -> KernelSpec:
         heads, kv_heads = q.shape[1], k.shape[1]
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
         if k.dtype != q.dtype:
             raise TypeError(f"q is {q.dtype} but k/v are {k.dtype}")
-        return self._spec_for(kind, q.shape[-1], q.dtype, q.device, heads // kv_heads, causal)
+        return self._spec_for(kind, q.shape[-1], q.dtype, q.device, heads // kv_heads, causal, mask)
 
     @staticmethod
     def _spec_for(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device,
-                  group: int = 1, causal: bool = False) -> KernelSpec:
+                  group: int = 1, causal: bool = False, mask: str = "none") -> KernelSpec:
         arch = "interpreter" if cache.interpreting() else arch_of(device)
-        return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch)
+        return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch, mask)
 
     @staticmethod
     def _launch(spec: KernelSpec, grid: tuple, *args) -> None:
