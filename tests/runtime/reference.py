@@ -56,3 +56,14 @@ def sdpa_masked_with_grads(q, k, v, dout, attn_mask):
     out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     grads = torch.autograd.grad(out, (qq, kk, vv), dout.to(torch.float64))
     return (out.detach(),) + grads
+
+
+def run_burst(q, k, v, dout, **kwargs):
+    """burst_attention on fresh leaves of q, k, v: ((out, dq, dk, dv), the call's CommStats)."""
+    import burstc
+
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    with burstc.comm_stats() as stats:
+        out = burstc.burst_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out.detach(),) + grads, stats

@@ -8,7 +8,7 @@ import torch
 
 import burstc
 from burstc.schedule.cost import KV_RING, QUERY_RING
-from tests.runtime.reference import dense_mask, max_errors, random_qkv, sdpa_masked_with_grads
+from tests.runtime.reference import dense_mask, max_errors, random_qkv, run_burst, sdpa_masked_with_grads
 
 B, N = 2, 45
 
@@ -46,14 +46,6 @@ MASKS = {
 }
 
 
-def _run(q, k, v, dout, **kwargs):
-    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    with burstc.comm_stats() as stats:
-        out = burstc.burst_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    return (out.detach(),) + grads, stats
-
-
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     monkeypatch.setenv("BURST_MASK_TILE", "4")
@@ -68,7 +60,7 @@ def test_float64_reference_kernel(name):
     for world_size, layout in itertools.product((2, 3, 8), burstc.LAYOUTS):
         scheme = next(schemes)
         q, k, v, dout = random_qkv(B, 4, 2, N, 8, torch.float64, next(seed))
-        got, _ = _run(q, k, v, dout, layout=layout, backward=scheme, kernel="reference",
+        got, _ = run_burst(q, k, v, dout, layout=layout, backward=scheme, kernel="reference",
                       virtual_world_size=world_size, **kwargs)
         abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, want_mask))
         assert abs_err <= 1e-10, (name, world_size, layout, scheme, abs_err)
@@ -81,7 +73,7 @@ def test_float32_cpu_kernel(name):
     seed = itertools.count(200)
     for world_size, layout, scheme in itertools.product((2, 3), ("zigzag", "contiguous"), (QUERY_RING, KV_RING)):
         q, k, v, dout = random_qkv(B, 4, 1, N, 16, torch.float32, next(seed))
-        got, _ = _run(q, k, v, dout, layout=layout, backward=scheme, kernel="cpu",
+        got, _ = run_burst(q, k, v, dout, layout=layout, backward=scheme, kernel="cpu",
                       virtual_world_size=world_size, **kwargs)
         abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, want_mask))
         assert abs_err <= 2e-5, (name, world_size, layout, scheme, abs_err)  # O(1) values (a window of one has zero dq)
@@ -98,7 +90,7 @@ def test_materialised_attn_mask(additive):
     for world_size, layout, kernel in itertools.product((1, 3), ("zigzag", "striped"), ("reference", "cpu")):
         dtype = torch.float64 if kernel == "reference" else torch.float32
         q, k, v, dout = random_qkv(B, 2, 2, N, 8, dtype, world_size)
-        got, _ = _run(q, k, v, dout, layout=layout, kernel=kernel, virtual_world_size=world_size,
+        got, _ = run_burst(q, k, v, dout, layout=layout, kernel=kernel, virtual_world_size=world_size,
                       attn_mask=mask if mask.dtype == torch.bool else mask.to(dtype))
         abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, mask))
         assert abs_err <= (1e-10 if kernel == "reference" else 2e-5), (world_size, layout, kernel, abs_err)
@@ -108,7 +100,7 @@ def test_rows_with_no_visible_key_are_zero_with_zero_gradients():
     kp = torch.ones(B, N, dtype=torch.bool)
     kp[1] = False  # batch row 1 attends to nothing
     q, k, v, dout = random_qkv(B, 2, 2, N, 8, torch.float64, 5)
-    got, _ = _run(q, k, v, dout, causal=True, key_padding_mask=kp, kernel="reference", virtual_world_size=3)
+    got, _ = run_burst(q, k, v, dout, causal=True, key_padding_mask=kp, kernel="reference", virtual_world_size=3)
     assert all(bool(torch.isfinite(t).all()) for t in got)
     assert float(got[0][1].abs().max()) == 0.0 and float(got[1][1].abs().max()) == 0.0
     assert float(got[0][0].abs().max()) > 0.0
@@ -119,7 +111,7 @@ def test_short_window_sends_only_the_halo():
     its predecessor, once; the forward ring runs two steps; the work skipped is counted."""
     world_size, n, left = 4, 64, 3
     q, k, v, dout = random_qkv(1, 2, 2, n, 8, torch.float64, 11)
-    got, stats = _run(q, k, v, dout, causal=True, window=(left, 0), layout="contiguous", kernel="reference",
+    got, stats = run_burst(q, k, v, dout, causal=True, window=(left, 0), layout="contiguous", kernel="reference",
                       virtual_world_size=world_size)
     abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, dense_mask(1, n, causal=True, window=(left, 0))))
     assert abs_err <= 1e-10

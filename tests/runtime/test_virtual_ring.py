@@ -10,15 +10,7 @@ from burstc.schedule.cost import (KV_RING, QUERY_RING, AttentionShape, backward_
                                   forward_bytes)
 from burstc.schedule.plan import KV, QUERY, build_plan
 from burstc.schedule.layout import local_padded_length
-from tests.runtime.reference import max_errors, random_qkv, sdpa_with_grads
-
-
-def run_burst(q, k, v, dout, **kwargs):
-    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    with burstc.comm_stats() as stats:
-        out = burstc.burst_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    return (out.detach(),) + grads, stats
+from tests.runtime.reference import max_errors, random_qkv, run_burst, sdpa_with_grads
 
 
 @pytest.mark.parametrize("world_size", range(1, 9))
