@@ -275,8 +275,9 @@ def _verify_sequence_fault(rank, world_size, inject):
     import burstc.runtime.op as op
 
     if inject:  # a broken ring: every step computed without the causal mask
-        original = op._run_local
-        op._run_local = lambda q, k, v, causal, *rest: original(q, k, v, False, *rest)
+        original = op._run
+        op._run = lambda q, k, v, mask, padding, docs, buffers, causal, *rest, **kw: original(
+            q, k, v, mask, padding, docs, buffers, False, *rest, **kw)
     model, _ = _tiny(0, 16)
     compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True,
                                                               "parallel": "sequence"})
@@ -345,16 +346,15 @@ def _site_left_as_sdpa(rank, world_size):
             super().__init__()
             self.proj = torch.nn.Linear(8, 8)
 
-        def forward(self, x, mask):
+        def forward(self, x, memory):
             y = F.scaled_dot_product_attention(self.proj(x), x, x, is_causal=True)  # converts
-            z = F.scaled_dot_product_attention(y, y, y, attn_mask=mask)  # a mask: stays SDPA
+            z = F.scaled_dot_product_attention(y, memory, memory)  # cross-attention: stays SDPA
             return (z * y).sum()
 
     torch.manual_seed(0)
     model = Mixed()
     x = torch.randn(2, 3, 20, 8, requires_grad=True)
-    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(2)) > 0.4
-    mask.fill_diagonal_(True)
+    mask = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(2))  # 7 memory tokens
     want = model(x, mask)
     want_grads = torch.autograd.grad(want, [x, *model.parameters()])
     counters.clear()
@@ -370,4 +370,42 @@ def test_a_site_left_as_sdpa_gets_gathered_inputs_and_stays_exact():
     for loss_err, grad_err, burst in run_ranks(2, _site_left_as_sdpa):
         assert loss_err <= 1e-4 and grad_err <= 1e-4, (loss_err, grad_err)  # sums over 2x3x20x8 terms
         assert burst["sites_converted"] == 1 and burst["sites_left"] == 1 and burst["seq_graphs"] == 1
-        assert burst["seq_gathers"] == 1  # y, once, for the masked attention
+        assert burst["seq_gathers"] == 1  # y, once, for the cross-attention
+
+
+def _chained_masked_sites(rank, world_size):
+    class Chained(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            y = F.scaled_dot_product_attention(self.proj(x), x, x, is_causal=True)
+            z = F.scaled_dot_product_attention(y, y, y, attn_mask=mask)  # fed by the first site, masked
+            return (z * y).sum()
+
+    torch.manual_seed(0)
+    model = Chained()
+    x = torch.randn(2, 3, 20, 8, requires_grad=True)
+    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(2)) > 0.4
+    want = model(x, mask)
+    want_grads = torch.autograd.grad(want, [x, *model.parameters()])
+    results = {}
+    for parallel in ("sequence", "attention"):
+        counters.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="burst", options={"inner": "aot_eager",
+                                                                                 "parallel": parallel})
+        got = compiled(x, mask)
+        got_grads = torch.autograd.grad(got, [x, *compiled.parameters()])
+        grad_err = max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads))
+        results[parallel] = (abs(got - want).item(), grad_err, dict(counters["burst"]))
+    return results
+
+
+def test_a_masked_site_fed_by_another_converts_in_both_modes():
+    for per_mode in run_ranks(2, _chained_masked_sites):
+        for parallel, (loss_err, grad_err, burst) in per_mode.items():
+            assert loss_err <= 1e-4 and grad_err <= 1e-4, (parallel, loss_err, grad_err)
+            assert burst["sites_converted"] == 2 and not burst.get("sites_left") and not burst.get("seq_gathers"), burst
+            assert bool(burst.get("seq_graphs")) == (parallel == "sequence"), burst

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import burstc.runtime.op  # noqa: F401  (registers torch.ops.burst)
 from burstc.config import BurstConfig
+from burstc.passes.find_attention import rebind
 from burstc.passes.plan import SitePlan
 
 log = logging.getLogger("burstc.passes")
@@ -32,6 +33,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
                 log.warning("burst: attention %s left as plain SDPA: %s%s", site.name, plan.reason,
                             f" (at {site.source})" if site.source else "")
             continue
+        rebind(site)  # an earlier rewrite may have replaced this site's inputs (one attention feeding another)
         graph = gm.graph
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""

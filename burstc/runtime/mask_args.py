@@ -96,7 +96,8 @@ class MaskArgs:
                 where = "all" if rows is None else "this rank's"
                 raise ValueError(f"attn_mask {tuple(dense.shape)} must hold {where} {want} query rows over all "
                                  f"{seq_len} keys: [B|1, H|1, {want}, {seq_len}]")
-            if dense.dtype != torch.bool and want and bool((dense.amax(dim=-1) <= _AVERAGING_BIAS).any()):
+            row_max = dense.amax(dim=-1) if dense.dtype != torch.bool and want else None
+            if row_max is not None and bool(((row_max <= _AVERAGING_BIAS) & (row_max > float("-inf"))).any()):
                 raise ValueError(
                     "attn_mask has rows whose every key carries a huge finite negative bias (<= -1e30, e.g. "
                     "finfo.min): single-device SDPA averages all values there, which the ring cannot reproduce "

@@ -124,7 +124,7 @@ def test_bad_inputs_raise_on_every_rank_before_the_ring():
         assert "ranks disagree on heads_q" in r["heads_disagree"]
         assert "ranks disagree on dtype" in r["dtype_disagree"]
         assert "burstc.shard_sequence" in r["wrong_local_length"] and "expected [8, 8]" in r["wrong_local_length"]
-        assert "rank 1: attn_mask is not supported" in r["one_rank_bad_mask"]
+        assert "rank 1: attn_mask must be a 4-D" in r["one_rank_bad_mask"]
         assert "ranks disagree on causal" in r["causal_disagrees"]
         assert "enable_gqa=True" in r["gqa_without_flag"]
         assert "dropout_p" in r["dropout"]
