@@ -72,15 +72,17 @@ class _MaskTiles:
     """The mask of a plan evaluated on work items (global positions of both sides), on a device."""
 
     def __init__(self, plan: RingPlan, heads: int, device: torch.device):
-        self.plan, self.heads, self.device = plan, heads, device
-        self._positions = {r: plan.positions(r) for r in range(plan.world_size)} if plan.mask is not None else {}
+        self.heads = heads
+        self.mask = plan.mask.to(device) if plan.mask is not None else None
+        self._positions = ({r: plan.positions(r).to(device) for r in range(plan.world_size)}
+                           if plan.mask is not None else {})
 
     def __call__(self, q_rank: int, k_rank: int, item) -> Optional[torch.Tensor]:
         if not item.masked:
             return None
         qp = self._positions[q_rank][item.q_start:item.q_stop]
         kp = self._positions[k_rank][item.k_start:item.k_stop]
-        return self.plan.mask.evaluate(qp, kp, self.heads).to(self.device)
+        return self.mask.evaluate(qp, kp, self.heads)
 
 
 def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Held, v: Held,

@@ -59,6 +59,12 @@ class AttentionMask:
             parts.append("additive attn_mask" if self.additive else "attn_mask")
         return " & ".join(parts) or "none"
 
+    def to(self, device: torch.device) -> "AttentionMask":
+        """The same mask with its descriptor tensors on device (tiles are then evaluated there)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, key_padding=move(self.key_padding), document_ids=move(self.document_ids),
+                       dense=move(self.dense), dense_rows=move(self.dense_rows))
+
     def normalized(self) -> "AttentionMask":
         """The same mask without redundant parts (a window side implied by causal, an unbounded window)."""
         window = self.window
@@ -109,14 +115,22 @@ class AttentionMask:
         return tile.masked_fill(~visible, float("-inf"))
 
     def _mod(self, q_pos, k_pos, heads: int) -> torch.Tensor:
-        batch = self._batch()
-        b = torch.arange(batch, device=q_pos.device).view(-1, 1, 1, 1)
-        h = torch.arange(heads, device=q_pos.device).view(1, -1, 1, 1)
-        out = self.mask_mod(b, h, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1))
-        out = torch.as_tensor(out, device=q_pos.device).bool()
+        device = q_pos.device
+        try:
+            out = self._call_mod(q_pos, k_pos, heads, device)
+        except RuntimeError:
+            if device.type == "cpu":
+                raise
+            out = self._call_mod(q_pos, k_pos, heads, torch.device("cpu"))  # a mask_mod over host tensors
+        out = torch.as_tensor(out).to(device).bool()
         while out.dim() < 4:
             out = out.unsqueeze(0)
         return out
+
+    def _call_mod(self, q_pos, k_pos, heads: int, device: torch.device):
+        b = torch.arange(self._batch(), device=device).view(-1, 1, 1, 1)
+        h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+        return self.mask_mod(b, h, q_pos.to(device).view(1, 1, -1, 1), k_pos.to(device).view(1, 1, 1, -1))
 
     def _batch(self) -> int:
         for t in (self.key_padding, self.document_ids, self.dense):
