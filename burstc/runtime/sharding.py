@@ -45,14 +45,28 @@ def assemble(shards: list[torch.Tensor], *, dim: int, layout: str, seq_len: int)
 def unshard_sequence(x_local: torch.Tensor, *, dim: int, layout: str,
                      group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Gather every rank's shard of the group into the full tensor in global token order, on every
-    rank. Not differentiable: the result is a plain tensor."""
-    world_size = dist.get_world_size(group)
-    lengths = torch.tensor([x_local.shape[dim]], device=x_local.device)
-    all_lengths = [torch.empty_like(lengths) for _ in range(world_size)]
-    dist.all_gather(all_lengths, lengths, group=group)
-    seq_len = int(sum(int(n) for n in all_lengths))
-    rows = layouts.local_padded_length(seq_len, layout, world_size)
-    padded = pad_shard(x_local.detach().contiguous(), dim=dim, rows=rows)
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    return assemble(gathered, dim=dim, layout=layout, seq_len=seq_len)
+    rank. Differentiable: the full result is treated as one replicated value, so the gradient of a
+    shard is this rank's slice of the full gradient (`shard_sequence` of it); composed with
+    `shard_sequence` it is the identity, gradients included, once the ranks' input gradients are summed."""
+    return _Unshard.apply(x_local, dim, layout, group)
+
+
+class _Unshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local, dim, layout, group):
+        world_size = dist.get_world_size(group)
+        lengths = torch.tensor([x_local.shape[dim]], device=x_local.device)
+        all_lengths = [torch.empty_like(lengths) for _ in range(world_size)]
+        dist.all_gather(all_lengths, lengths, group=group)
+        seq_len = int(sum(int(n) for n in all_lengths))
+        rows = layouts.local_padded_length(seq_len, layout, world_size)
+        padded = pad_shard(x_local.contiguous(), dim=dim, rows=rows)
+        gathered = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(gathered, padded, group=group)
+        ctx.dim, ctx.layout, ctx.world_size, ctx.rank = dim, layout, world_size, dist.get_rank(group)
+        return assemble(gathered, dim=dim, layout=layout, seq_len=seq_len)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        grad = shard_sequence(grad_full, dim=ctx.dim, layout=ctx.layout, world_size=ctx.world_size, rank=ctx.rank)
+        return grad, None, None, None
