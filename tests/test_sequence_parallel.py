@@ -409,3 +409,44 @@ def test_a_masked_site_fed_by_another_converts_in_both_modes():
             assert loss_err <= 1e-4 and grad_err <= 1e-4, (parallel, loss_err, grad_err)
             assert burst["sites_converted"] == 2 and not burst.get("sites_left") and not burst.get("seq_gathers"), burst
             assert bool(burst.get("seq_graphs")) == (parallel == "sequence"), burst
+
+
+class _SharedMemory(torch.nn.Module):
+    """Attention whose keys/values broadcast over the batch (one shared memory), and one whose single
+    key/value head broadcasts over the query heads without enable_gqa: eager SDPA accepts both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.q, self.kv = torch.nn.Linear(8, 32), torch.nn.Linear(8, 16)
+
+    def forward(self, x, shared):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 8).transpose(1, 2)
+        k, v = self.kv(shared).view(1, n, 2, 8).permute(2, 0, 1, 3).unsqueeze(2).unbind(0)  # [1, 1, n, 8] each
+        one_head = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # batch and heads broadcast
+        shared_kv = F.scaled_dot_product_attention(q, k.expand(1, 4, n, 8), v.expand(1, 4, n, 8))  # batch only
+        return (one_head + shared_kv).transpose(1, 2).reshape(b, n, 32)
+
+
+def _broadcast_kv(rank, world_size):
+    model = _SharedMemory()
+    x = torch.randn(2, 19, 8, generator=torch.Generator().manual_seed(1))
+    shared = torch.randn(1, 19, 8, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(2, 19, 32, generator=torch.Generator().manual_seed(3))
+    want = model(x, shared)
+    want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()))
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="burst", options={"inner": "aot_eager"})
+    got = compiled(x, shared)
+    got_grads = torch.autograd.grad((got * weights).sum(), list(compiled.parameters()))
+    return ((got - want).abs().max().item(), max((g - w).abs().max().item() for g, w in zip(got_grads, want_grads)),
+            dict(counters["burst"]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_broadcast_keys_and_values_convert_and_match_eager(world_size):
+    for out_err, grad_err, burst in run_ranks(world_size, _broadcast_kv):
+        assert out_err <= 1e-5 and grad_err <= 1e-5, (out_err, grad_err)
+        assert burst["sites_converted"] == 2 and not burst.get("sites_left"), burst

@@ -88,9 +88,17 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
         why = _dense_mask_problem(site.attn_mask, q)
         if why:
             return leave(why)
+    if not all(_broadcasts(t.shape[0], q.shape[0], k.shape[0], v.shape[0]) for t in (q, k, v)):
+        return leave(f"batch sizes {q.shape[0]}/{k.shape[0]}/{v.shape[0]} of q/k/v do not broadcast")
     # head counts and head dim specialise (int() guards on them): kernels and costs depend on them
     heads_q, heads_kv, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
-    if heads_q % heads_kv or (heads_q != heads_kv and not site.enable_gqa):
+    if int(v.shape[1]) != heads_kv:
+        return leave(f"k has {heads_kv} heads and v {int(v.shape[1])}")
+    # SDPA broadcasts one key/value head over every query head (grouped-query attention with one group)
+    # and one query head over the key/value heads (the rewrite expands the query: a local view)
+    enable_gqa = site.enable_gqa or heads_kv == 1
+    heads_q = max(heads_q, heads_kv) if heads_q == 1 else heads_q
+    if heads_q % heads_kv or (heads_q != heads_kv and not enable_gqa):
         return leave(f"{heads_q} query heads over {heads_kv} key/value heads without enable_gqa")
     seq_len = _expr(q.shape[2])
     chunks = chunk_count(cfg.layout, world_size)
@@ -98,8 +106,13 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                 local_rows=local_rows, world_size=world_size, dtype=q.dtype)
     return SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
-                    enable_gqa=site.enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
+                    enable_gqa=enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
                     seq_len=seq_len, cost=cost.describe(shape))
+
+
+def _broadcasts(size, *sizes) -> bool:
+    """Whether a batch size is 1 or equal to the largest of sizes (SDPA's batch broadcasting)."""
+    return statically_known_true(size == 1) or all(statically_known_true(size >= s) for s in sizes)
 
 
 def _dense_mask_problem(mask, q: torch.Tensor) -> Optional[str]:

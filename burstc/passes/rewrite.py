@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import burstc.runtime.op  # noqa: F401  (registers torch.ops.burst)
 from burstc.config import BurstConfig
@@ -37,8 +38,9 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
         graph = gm.graph
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
+            query, key, value = _broadcast(graph, site)
             call = graph.call_function(op, (
-                site.query, site.key, site.value, site.attn_mask, site.key_padding, site.document_ids,
+                query, key, value, site.attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers), plan.causal, site.window_left, site.window_right, site.mask_mod,
                 plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, group_name, verify_site))
@@ -52,3 +54,22 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _broadcast(graph: fx.Graph, site) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """q, k, v with SDPA's broadcasting made explicit where the ring needs equal sizes: a batch of 1
+    expanded to the others' batch, one query head to the key/value heads (views, nothing copied here;
+    one key/value head is grouped-query attention and stays as it is)."""
+    q, k, v = (site.tensor(n) for n in ("query", "key", "value"))
+    nodes = [site.query, site.key, site.value]
+    batches = [t.shape[0] for t in (q, k, v)]
+    widest = next((i for i, b in enumerate(batches) if not statically_known_true(b == 1)), None)
+    for i, t in enumerate((q, k, v)):
+        heads = -1
+        if i == 0 and statically_known_true(t.shape[1] == 1) and not statically_known_true(k.shape[1] == 1):
+            heads = graph.call_method("size", (site.key, 1))
+        expand_batch = widest is not None and i != widest and statically_known_true(batches[i] == 1)
+        if expand_batch or heads != -1:
+            batch = graph.call_method("size", (nodes[widest], 0)) if expand_batch else -1
+            nodes[i] = graph.call_method("expand", (nodes[i], batch, heads, -1, -1))
+    return tuple(nodes)
