@@ -39,7 +39,7 @@ def test_custom_ops_pass_opcheck():
         out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, True, "zigzag", "auto", "auto", "", "")
         torch.library.opcheck(torch.ops.burst.attention_backward.default,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                               *mask_args, 0.3, True, "zigzag", "auto", "auto", ""))
+                               *mask_args, 0.3, True, "zigzag", "auto", "auto", "", ""))
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])

@@ -271,27 +271,35 @@ def test_a_graph_without_attention_is_left_alone():
     assert torch.equal(out, Mlp()(x)) and not counters["burst"].get("seq_graphs")
 
 
-def _verify_sequence_fault(rank, world_size, inject):
+def _verify_sequence_fault(rank, world_size, inject, parallel):
     import burstc.runtime.op as op
 
-    if inject:  # a broken ring: every step computed without the causal mask
+    if inject == "forward":  # a broken ring: every step computed without the causal mask
         original = op._run
         op._run = lambda q, k, v, mask, padding, docs, buffers, causal, *rest, **kw: original(
             q, k, v, mask, padding, docs, buffers, False, *rest, **kw)
+    if inject == "backward":  # a broken backward: dk off by 1 % (the forward is right)
+        original_grads = op._grads
+        op._grads = lambda *args: (lambda dq, dk, dv: (dq, dk * 1.01, dv))(*original_grads(*args))
     model, _ = _tiny(0, 16)
     compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True,
-                                                              "parallel": "sequence"})
+                                                              "parallel": parallel})
     try:
-        compiled(torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0)))
+        compiled(torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0))).sum().backward()
     except op.BurstVerificationError as e:
         return str(e)
     return None
 
 
-@pytest.mark.parametrize("inject", [True, False], ids=["broken", "correct"])
-def test_verify_checks_sharded_sites_too(inject):
-    for message in run_ranks(2, _verify_sequence_fault, inject):
-        assert (message is not None and "differs from F.scaled_dot_product_attention" in message) == inject
+@pytest.mark.parametrize("parallel", ["sequence", "attention"])
+@pytest.mark.parametrize("inject", ["forward", "backward", None], ids=["broken_forward", "broken_backward", "correct"])
+def test_verify_checks_forward_and_backward(inject, parallel):
+    for message in run_ranks(2, _verify_sequence_fault, inject, parallel):
+        if inject is None:
+            assert message is None
+        else:
+            assert message is not None and "differs from F.scaled_dot_product_attention" in message, message
+            assert ("its output" if inject == "forward" else "its dk") in message and "exclude" in message
 
 
 def _dynamic_lengths(rank, world_size):

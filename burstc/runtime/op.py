@@ -23,6 +23,7 @@ from burstc.runtime.kernels import accumulation_dtype
 from burstc.runtime.sharding import unshard_sequence
 
 _verified_sites: set[str] = set()
+_verified_backward: set[str] = set()
 
 
 class BurstVerificationError(RuntimeError):
@@ -105,12 +106,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
                        scale: Optional[float], enable_gqa: bool, layout: str,
-                       backward: str, kernel: str, group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) over the full sequence, given the forward's out and lse."""
+                       backward: str, kernel: str, group_name: str,
+                       verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) over the full sequence, given the forward's out and lse. verify_site: '' or the
+    site whose first backward is checked against SDPA's gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=True)
-    return _grads(run, dout, q, k, v, out, lse)
+    grads = _grads(run, dout, q, k, v, out, lse)
+    if verify_site and verify_site not in _verified_backward:
+        _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, enable_gqa)
+        _verified_backward.add(verify_site)
+    return grads
 
 
 attention_backward.register_fake(_fake_grads)
@@ -123,7 +130,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     buffers = rest[_MASK_TENSORS]
     ctx.save_for_backward(q, k, v, out, lse, *rest[:_MASK_TENSORS], *buffers)
-    ctx.options = rest[_MASK_TENSORS + 1:-1]  # everything but verify_site
+    ctx.options = rest[_MASK_TENSORS + 1:]  # the options, verify_site last
     ctx.mark_non_differentiable(lse)
 
 
@@ -134,29 +141,70 @@ def _backward_through(backward_op):
         tensors, buffers = masks[:_MASK_TENSORS], list(masks[_MASK_TENSORS:])
         grads = backward_op(dout.contiguous(), q, k, v, out, lse, *tensors, buffers, *ctx.options)
         # no gradients for masks; the list argument mask_buffers gets a list
-        return (*grads, *[None] * _MASK_TENSORS, [None] * len(buffers), *[None] * (len(ctx.options) + 1))
+        return (*grads, *[None] * _MASK_TENSORS, [None] * len(buffers), *[None] * len(ctx.options))
     return backward
 
 
 attention.register_autograd(_backward_through(attention_backward), setup_context=_setup_context)
 
 
+def _sdpa(q, k, v, mask, causal, scale, enable_gqa) -> torch.Tensor:
+    """Plain SDPA on the full sequence, the call's mask (an AttentionMask or None) materialised (N x N:
+    a debugging aid)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
+    positions = torch.arange(q.shape[2])
+    dense = mask.evaluate(positions, positions, q.shape[1]).to(q.device)
+    dense = dense if dense.dtype == torch.bool else dense.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=enable_gqa)
+
+
 def _verify(site, q, k, v, out, mask, causal, scale, enable_gqa) -> None:
-    """Compare with SDPA on the full sequence, the call's mask (an AttentionMask or None) materialised
-    (N x N: a debugging aid)."""
+    """The first forward of a site against SDPA."""
+    _compare(site, "output", out, _sdpa(q, k, v, mask, causal, scale, enable_gqa))
+
+
+def _verify_grads(site, q, k, v, dout, grads, mask, causal, scale, enable_gqa) -> None:
+    """The first backward of a site against SDPA's gradients on the same inputs, from the textbook
+    formulas in float64 (autograd is not available inside an op's implementation)."""
+    want = _sdpa_grads(q, k, v, dout, mask, causal, scale)
+    for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
+        _compare(site, name, got, expected.to(got.dtype))
+
+
+def _sdpa_grads(q, k, v, dout, mask, causal, scale) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of softmax(q k^T * scale [+ mask]) v: P = softmax(S), dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dP * P)), dQ = dS K * scale, dK = dS^T Q * scale; K/V heads repeated for
+    grouped-query attention and their gradients summed back."""
+    n, group = q.shape[2], q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qd, kd, vd, do = (t.double() for t in (q, k, v, dout))
+    kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
     if mask is not None:
-        positions = torch.arange(q.shape[2])
+        positions = torch.arange(n)
         dense = mask.evaluate(positions, positions, q.shape[1]).to(q.device)
-        dense = dense if dense.dtype == torch.bool else dense.to(q.dtype)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=enable_gqa)
-    else:
-        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-    err = (out.double() - want.double()).abs().max().item()
-    bound = {torch.float64: 1e-9, torch.float32: 1e-4}.get(q.dtype, 3e-2) * max(1.0, want.abs().max().item())
+        s = s.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else s + dense.double()
+    elif causal:
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))  # rows with no key: 0
+    dp = torch.matmul(do, vd.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(ds, kd) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qd) * scale
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    fold = lambda t: t.view(t.shape[0], -1, group, *t.shape[2:]).sum(dim=2)  # noqa: E731
+    return dq, fold(dk), fold(dv)
+
+
+def _compare(site: str, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got.double() - want.double()).abs().max().item()
+    bound = {torch.float64: 1e-9, torch.float32: 1e-4}.get(want.dtype, 3e-2) * max(1.0, want.abs().max().item())
     if not math.isfinite(err) or err > bound:
         raise BurstVerificationError(
-            f"burst: attention site {site} differs from F.scaled_dot_product_attention by {err:.3e} "
-            f"(allowed {bound:.1e} for {q.dtype}). This is a burstc bug: please report it with the site's "
+            f"burst: attention site {site}: its {what} differs from F.scaled_dot_product_attention's by {err:.3e} "
+            f"(allowed {bound:.1e} for {want.dtype}). This is a burstc bug: please report it with the site's "
             f"plan; meanwhile compile with options={{'exclude': ['{site.split('/')[-1]}']}}.")
 
 
@@ -177,14 +225,20 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
-        if attn_mask is not None:  # the full rows, for the reference
-            dense = unshard_sequence(attn_mask.contiguous(), dim=2, layout=layout, group=run.group)
-            masks = (dense, *masks[1:])
-        mask = _masks(masks[0], key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod).build(
-            causal, run.plan.seq_len, full[0], layout, 1, None)
+        mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
+                          mask_mod, run, full[0], layout)
         _verify(verify_site, *full, mask, causal, scale, enable_gqa)
         _verified_sites.add(verify_site)
     return out, lse
+
+
+def _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
+               run, q_full, layout):
+    """The AttentionMask of a sequence-mode call over the whole sequence (attn_mask rows gathered)."""
+    if attn_mask is not None:
+        attn_mask = unshard_sequence(attn_mask.contiguous(), dim=2, layout=layout, group=run.group)
+    return _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod).build(
+        causal, run.plan.seq_len, q_full, layout, 1, None)
 
 
 attention_local.register_fake(_fake_forward)
@@ -197,11 +251,19 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                              window_right: Optional[int], mask_mod: str, scale: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str,
-                             group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             group_name: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, scale, enable_gqa, layout, backward, kernel, group_name, full_sequence=False)
-    return _grads(run, dout, q, k, v, out, lse)
+    grads = _grads(run, dout, q, k, v, out, lse)
+    if verify_site and verify_site not in _verified_backward:
+        gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
+        full = [gather(t) for t in (q, k, v, dout)]
+        mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
+                          mask_mod, run, full[0], layout)
+        _verify_grads(verify_site, *full, [gather(g) for g in grads], mask, causal, scale, enable_gqa)
+        _verified_backward.add(verify_site)
+    return grads
 
 
 attention_local_backward.register_fake(_fake_grads)
