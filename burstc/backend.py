@@ -29,7 +29,7 @@ from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import plan_sites
-from burstc.passes.rewrite import rewrite_sites
+from burstc.passes.rewrite import report_unconverted_softmax, rewrite_sites
 from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
 
@@ -79,8 +79,12 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     if dump:
         dump.add_graph("dynamo", gm)
     gm = recognize_masks(canonicalize_attention(gm, example_inputs))
+    unconverted = report_unconverted_softmax(gm)
     if dump:
         dump.add_graph("canonicalize", gm)
+        if unconverted:
+            dump.add_text("unconverted.md", "# softmax attention left as it is (runs whole on every rank)\n\n"
+                          + "\n".join(f"- {where}: {why}" for where, why in unconverted) + "\n")
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
     target = _Target(cfg, world_size, rank, group_name, graph_id, kwargs.get("mode"))
     if cfg.sequence_mode(world_size) and any(p.converts and not isinstance(p.seq_len, int) for p in plans):

@@ -1,6 +1,7 @@
 """torch.compile(model, backend="burst") end to end: one process and 2 gloo ranks, outputs and every
 parameter gradient against eager; recompilation; verify=True; the custom ops' registration."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import burstc.runtime.op  # noqa: F401
+from burstc.config import BurstConfig
 from burstc.launch import run_ranks
 from tests.models import TinyGPT, loss_and_grads
 
@@ -183,3 +185,44 @@ def _different_inputs_per_rank(rank, world_size):
 def test_ranks_with_different_inputs_get_an_error_not_a_wrong_answer():
     for message in run_ranks(2, _different_inputs_per_rank):
         assert message is not None and "q/k/v differ" in message and "same inputs" in message
+
+
+class _SoftCapped(torch.nn.Module):
+    """Gemma-2-style soft-capped scores: softmax attention SDPA cannot express."""
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        scores = torch.tanh(scores / 30.0) * 30.0
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def test_unconverted_softmax_attention_is_reported(caplog):
+    q = torch.randn(1, 2, 12, 8)
+    counters.clear()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="burstc.passes"):
+        out = torch.compile(_SoftCapped(), backend="burst", options={"inner": "eager"})(q, q, q)
+    torch.testing.assert_close(out, _SoftCapped()(q, q, q))
+    assert counters["burst"]["sites_left"] == 1 and not counters["burst"].get("sites_converted")
+    assert "soft-capped with tanh" in caplog.text and "test_backend.py" in caplog.text
+    from burstc.debug.explain import explain
+    text = explain(_SoftCapped(), (q, q, q), world_size=2, seq_len=12, cfg=BurstConfig())
+    assert "soft-capped with tanh" in text and "1 softmax attention not converted" in text
+
+
+def test_gpt2_eager_attention_converts():
+    """HF GPT-2's eager path casts P with .type(value.dtype) and masks with where(M, 0, finfo.min)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "eager"
+    model = transformers.GPT2LMHeadModel(config).eval()
+    idx = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="burst", options={"inner": "aot_eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx, use_cache=False).logits, model(idx, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert counters["burst"]["sites_converted"] == 2 and not counters["burst"].get("sites_left"), counters["burst"]

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from burstc.config import BurstConfig
 from burstc.debug.render import plan_report
-from burstc.passes.canonicalize import canonicalize_attention
+from burstc.passes.canonicalize import canonicalize_attention, canonicalize_result
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import SitePlan, plan_sites
@@ -35,13 +35,18 @@ def load_factory(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optional[list] = None) -> list[SitePlan]:
+def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optional[list] = None,
+                unrecognised: Optional[list] = None) -> list[SitePlan]:
     """Run Dynamo on fake copies of args and the burst passes with G simulated ranks; in sequence mode
-    the ShardingPlan of rank 0 of each graph is appended to `shardings` (or the reason it has none)."""
+    the ShardingPlan of rank 0 of each graph is appended to `shardings` (or the reason it has none);
+    softmax attention canonicalize could not rewrite goes to `unrecognised` as (location, reason)."""
     captured: list[SitePlan] = []
 
     def capture(gm, example_inputs):
         gm = recognize_masks(canonicalize_attention(gm, example_inputs))
+        result = canonicalize_result(gm)
+        if unrecognised is not None and result is not None:
+            unrecognised.extend((s.location, s.reason) for s in result.skipped)
         plans = plan_sites(find_attention_sites(gm), cfg, world_size)
         captured.extend(plans)
         if shardings is not None and cfg.sequence_mode(world_size) and any(p.converts for p in plans):
@@ -82,7 +87,8 @@ def sharding_summary(plan: ShardingPlan) -> list[str]:
 
 def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> str:
     shardings: list = []
-    plans = trace_plans(model, args, cfg, world_size, shardings)
+    unrecognised: list = []
+    plans = trace_plans(model, args, cfg, world_size, shardings, unrecognised)
     mode = "sequence" if cfg.sequence_mode(world_size) else "attention-parallel"
     layout = plans[0].layout if plans else cfg.layout
     lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {layout}, "
@@ -108,8 +114,11 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
                  f"device ({mine / alone:.2f}x)"]
         lines.append(plan_report(ring, shape, title=f"site {site.name}: converted", scale=plan.scale,
                                  scheme=plan.backward, notes=notes))
+    for where, why in unrecognised:
+        lines += [f"## attention at {where}: left as it is (runs whole on every rank)", f"reason: {why}", ""]
     left = [p for p in plans if not p.converts]
-    lines.append(f"summary: {len(plans) - len(left)} converted, {len(left)} left as SDPA")
+    lines.append(f"summary: {len(plans) - len(left)} converted, {len(left)} left as SDPA"
+                 + (f", {len(unrecognised)} softmax attention not converted" if unrecognised else ""))
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ with :func:`canonicalize_result`):
   matched, the mask kind, the scale, the GQA group count, the nodes removed and the ``stack_trace``
   of the softmax (``.location`` gives ``file:line`` of the user's source line).
 * ``skipped``: one :class:`SkippedSite` per softmax that feeds a ``P @ V`` product but was left as
-  it is, with the reason (also logged on ``burstc.passes.canonicalize`` at INFO).
+  it is, with the reason. The backend reports each as an attention site left (a warning with the
+  source line, ``sites_left``, ``explain`` and the dumps).
 
 It also counts into ``torch._dynamo.utils.counters["burst"]`` (``"canonicalized"`` and
 ``"canonicalize_skipped"``), the project's convention for "what the passes did".
@@ -119,7 +120,7 @@ _DIV_FNS = (operator.truediv, torch.div, torch.true_divide)
 _ADD_FNS = (operator.add, torch.add)
 _TRANSPOSE_FNS = (torch.transpose, torch.swapaxes, torch.swapdims)
 _TRANSPOSE_METHODS = ("transpose", "swapaxes", "swapdims")
-_CAST_METHODS = ("to", "type_as", "float", "half", "bfloat16", "double", "bool")
+_CAST_METHODS = ("to", "type", "type_as", "float", "half", "bfloat16", "double", "bool")
 _ONES_FNS = (torch.ones, torch.ones_like)
 
 
@@ -363,6 +364,9 @@ def _walk_scores(node: fx.Node, acc: _Scores) -> _Scores:
         return _walk_additive_mask(node, acc)
     qk = _match_qk(node)
     if qk is None:
+        if _is_call(node, (torch.tanh,), ("tanh",)) or _is_call(node, _MUL_FNS, ("mul",)) and any(
+                _is_call(a, (torch.tanh,), ("tanh",)) for a in node.args):
+            raise _Skip("the scores are soft-capped with tanh (cap * tanh(S / cap)), which SDPA cannot express")
         raise _Skip(f"the softmax input does not come from a Q·Kᵀ product (stops at {node.name})")
     return dataclasses.replace(acc, qk=qk)
 
@@ -826,7 +830,7 @@ def _is_dtype_cast(node: fx.Node) -> bool:
     """x.to(dtype), x.type_as(y), x.float() and friends: nothing but a dtype change."""
     if not _is_call(node, (), _CAST_METHODS) or not isinstance(node.args[0], fx.Node):
         return False
-    if node.target == "to":
+    if node.target in ("to", "type"):
         dtypes = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k == "dtype"]
         return len(dtypes) == 1 and len(node.args) + len(node.kwargs) == 2 and isinstance(dtypes[0], torch.dtype)
     if node.target == "type_as":

@@ -73,3 +73,19 @@ def _broadcast(graph: fx.Graph, site) -> tuple[fx.Node, fx.Node, fx.Node]:
             batch = graph.call_method("size", (nodes[widest], 0)) if expand_batch else -1
             nodes[i] = graph.call_method("expand", (nodes[i], batch, heads, -1, -1))
     return tuple(nodes)
+
+
+def report_unconverted_softmax(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Softmax attention that canonicalize walked from but could not turn into SDPA (soft-capped scores,
+    unsupported spellings): each is an attention site left, counted in sites_left and warned about once
+    with its source line. Returns (location, reason) per site."""
+    from burstc.passes.canonicalize import canonicalize_result
+
+    result = canonicalize_result(gm)
+    left = [(s.location, s.reason) for s in (result.skipped if result else [])]
+    for where, why in left:
+        counters["burst"]["sites_left"] += 1
+        if (where, why) not in _logged:
+            _logged.add((where, why))
+            log.warning("burst: attention at %s left as it is (it runs whole on every rank): %s", where, why)
+    return left
