@@ -55,6 +55,9 @@ What is matched (4-D tensors [B, H, T, D] only)
     get_attr); ``torch.tril(torch.ones(...))`` / ``torch.triu(ones, diagonal=1)``, through
     ``.bool()``/``.to(dtype)``, ``~``/``logical_not``/``== 0``, top-left-corner slices and
     views that keep the last two dims. Any other boolean M -> ``attn_mask=~M`` (SDPA: True = keep).
+  - ``S.masked_fill(M, v)`` / ``torch.where(K, S, v)`` with a constant ``v <= -1e9`` (``finfo.min``)
+    under a provably causal M (K its complement) -> ``is_causal=True``: every row keeps its diagonal,
+    so ``exp(v - max)`` is exactly 0. ``torch.where(K, S, -inf)`` with any boolean K -> ``attn_mask=K``.
   - ``S + A`` with a float A of S's dtype -> ``attn_mask=A`` (SDPA adds it after scaling, so no
     scale may follow the add). A scale after a masked_fill must be > 0 (it keeps -inf at -inf).
   - A mask that depends on the scores themselves stays as it is.
@@ -71,8 +74,9 @@ Deliberately not converted
 is lifted), masks with fewer than 2 dims (SDPA rejects them, eager broadcasts them), batch or
 head dims in other positions (``einsum("bqhd,bkhd->bhqk")``), broadcasting between the batch/head
 dims of Q, K, V, dropout with p > 0 in training (the RNG stream would differ), ``baddbmm`` with
-``beta != 0`` (ALiBi-style biases), ``masked_fill`` with finite values (``-1e9``, ``finfo.min``),
-scales that are tensors, a symbolic scale after ``masked_fill`` (its sign is unknown), more than
+``beta != 0`` (ALiBi-style biases), ``masked_fill`` / ``torch.where`` with a finite value above -1e9
+(its exponential is not provably 0), a finite value (``finfo.min``, ``-1e9``) under a mask not
+provably causal (a row it hides entirely averages its values), scales that are tensors, a symbolic scale after ``masked_fill`` (its sign is unknown), more than
 one mask op, and ``softmax(dim=None)``. Causal masks that HF builds from position indices arrive
 as an additive float mask and stay ``attn_mask`` (exact, but not recognised as causal).
 
@@ -266,8 +270,9 @@ class _Scores:
     """The chain from Q·Kᵀ up to the softmax, collected walking upwards."""
     nodes: tuple = ()             # chain nodes, softmax side first
     factors: tuple = ()           # _Scales met so far (they act after what lies above)
-    mask_op: str | None = None    # "masked_fill" | "add"
+    mask_op: str | None = None    # "masked_fill" | "add" | "where"
     mask: fx.Node | None = None
+    finite_fill: bool = False     # the masked value is a huge finite negative, not -inf
     qk: _QK | None = None
 
 
@@ -356,10 +361,16 @@ def _walk_scores(node: fx.Node, acc: _Scores) -> _Scores:
         return _walk_scores(src, dataclasses.replace(acc, nodes=acc.nodes + (node,), factors=acc.factors + (c,)))
     filled = _masked_fill_operands(node)
     if filled is not None:
-        src, bool_mask = filled
+        src, bool_mask, finite = filled
         _check_mask_position(acc, "masked_fill")
         return _walk_scores(src, dataclasses.replace(
-            acc, nodes=acc.nodes + (node,), mask_op="masked_fill", mask=bool_mask))
+            acc, nodes=acc.nodes + (node,), mask_op="masked_fill", mask=bool_mask, finite_fill=finite))
+    kept = _where_operands(node)
+    if kept is not None:
+        src, keep, finite = kept
+        _check_mask_position(acc, "masked_fill")
+        return _walk_scores(src, dataclasses.replace(
+            acc, nodes=acc.nodes + (node,), mask_op="where", mask=keep, finite_fill=finite))
     if _is_call(node, _ADD_FNS, ("add",)):
         return _walk_additive_mask(node, acc)
     qk = _match_qk(node)
@@ -587,8 +598,14 @@ def _classify_mask(scores: _Scores, x: fx.Node, ctx: _Context):
     if _dtype(m) != torch.bool:
         raise _Skip("masked_fill with a non-boolean mask")
     seen: list[fx.Node] = []
-    if _same_dims(_shape(m)[-2:], _shape(x)[-2:]) and _is_strict_upper(m, ctx, seen):
+    hides_upper = scores.mask_op == "masked_fill"  # masked_fill hides where True; where keeps where True
+    if _same_dims(_shape(m)[-2:], _shape(x)[-2:]) and _is_triangle(m, ctx, seen, upper=hides_upper):
         return "causal", None, False, seen
+    if scores.finite_fill:
+        raise _Skip("a finite masked value (finfo.min, -1e9) under a mask that is not provably causal: a row it "
+                    "hides entirely averages its values in eager, which SDPA does not reproduce")
+    if scores.mask_op == "where":
+        return "bool", m, False, []
     negated = _is_call(m, (operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not"))
     if negated and _dtype(m.args[0]) == torch.bool:
         return "bool", m.args[0], False, [m]
@@ -868,16 +885,44 @@ def _as_scale(x) -> _Scale | None:
     return None
 
 
-def _masked_fill_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(x, mask) for x.masked_fill(mask, -inf); raises _Skip for other masked_fill values."""
+# A masked value this negative makes exp(value - row max) exactly 0 wherever the row keeps one key
+# (finfo.min, -1e9, ...): such a fill is exact as a causal mask, whose rows always keep the diagonal.
+_HIDING_FILL = -1e9
+
+
+def _fill_kind(node: fx.Node, value) -> bool:
+    """False for -inf, True for a huge finite negative constant; raises _Skip otherwise."""
+    value = _constant(value) if isinstance(value, fx.Node) else value
+    if _is_number(value) and value == -math.inf:
+        return False
+    if _is_number(value) and value <= _HIDING_FILL:
+        return True
+    raise _Skip(f"{node.name}: masks with {value!r}, neither -inf nor a value <= {_HIDING_FILL:g} such as finfo.min")
+
+
+def _masked_fill_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(x, mask, finite fill?) for x.masked_fill(mask, -inf | finfo.min | -1e9); raises _Skip for other
+    masked_fill values."""
     if not _is_call(node, (torch.masked_fill,), ("masked_fill",)):
         return None
     x, mask, value = node.args[0], _arg(node, 1, "mask"), _arg(node, 2, "value")
-    if not (isinstance(value, float) and value == -math.inf):
-        raise _Skip(f"{node.name}: masked_fill with {value!r}, not -inf")
+    finite = _fill_kind(node, value)
     if not isinstance(mask, fx.Node) or not _same_shape(x, node):
         raise _Skip(f"{node.name}: the mask broadcasts the scores to a larger shape")
-    return x, mask
+    return x, mask, finite
+
+
+def _where_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(x, keep, finite fill?) for torch.where(keep, x, fill) with a constant fill (-inf or finite <= -1e9)."""
+    if not _is_call(node, (torch.where,), ()) or len(node.args) != 3 or node.kwargs:
+        return None
+    keep, x, value = node.args
+    if not isinstance(keep, fx.Node) or not isinstance(x, fx.Node) or _dtype(keep) != torch.bool:
+        return None
+    finite = _fill_kind(node, value)
+    if not _same_shape(x, node):
+        raise _Skip(f"{node.name}: the mask broadcasts the scores to a larger shape")
+    return x, keep, finite
 
 
 def _is_reshape(node) -> bool:

@@ -246,13 +246,13 @@ class SoftmaxClassifier(nn.Module):
 
 
 class FiniteFillAttention(QKVBlock):
-    """masked_fill with -1e9 is not a mask SDPA can express exactly."""
+    """masked_fill with -1e4: exp(-1e4 - max) is not provably 0 (scores are unbounded), so not exact."""
 
     def forward(self, x):
         q, k, v = self.qkv(x)
         t = x.shape[1]
         mask = torch.triu(torch.ones(t, t), diagonal=1).bool()
-        att = (q @ k.transpose(-2, -1) * D ** -0.5).masked_fill(mask, -1e9)
+        att = (q @ k.transpose(-2, -1) * D ** -0.5).masked_fill(mask, -1e4)
         return self.merge(att.softmax(-1) @ v)
 
 
@@ -417,7 +417,7 @@ def test_dropout_in_training_stays():
 
 
 @pytest.mark.parametrize("model_cls, extra, reason", [
-    (FiniteFillAttention, (), "not -inf"),
+    (FiniteFillAttention, (), "neither -inf nor a value <= -1e+09"),
     (ScaleAfterMaskAttention, (torch.randn(B, 1, T, T),), "scale is applied after the additive mask"),
     (NegativeScaleAfterMaskAttention, (), "not known to be positive"),
     (MaskFromScoresAttention, (), "also used elsewhere"),
@@ -479,3 +479,42 @@ def test_hf_llama_eager_attention_is_converted(dynamic):
                    for s in scales)
     else:
         assert scales == [0.25, 0.25]
+
+
+class _FiniteFill(torch.nn.Module):
+    """Causal masks spelled with a huge finite value: masked_fill(triu, finfo.min) and where(tril, S, -1e9)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("hidden", torch.rand(9, 9, generator=torch.Generator().manual_seed(1)) > 0.5)
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        s = q @ k.transpose(-2, -1) * 0.3
+        if self.spelling == "masked_fill":
+            upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+            s = s.masked_fill(upper, torch.finfo(s.dtype).min)
+        elif self.spelling == "where":
+            s = torch.where(torch.tril(torch.ones(n, n)).bool(), s, -1e9)
+        else:  # a random mask with a finite fill: a fully hidden row would average its values
+            s = s.masked_fill(self.hidden, -1e9)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill", "where"])
+def test_finite_fill_under_a_causal_mask_becomes_causal_sdpa(spelling):
+    model = _FiniteFill(spelling)
+    compiled, captured = compile_with_pass(model)
+    inputs = [torch.randn(2, 3, 9, 8, requires_grad=True) for _ in range(3)]
+    assert_same_as_eager(model, compiled, inputs)
+    (sdpa,) = captured[-1].sdpa_nodes()
+    assert sdpa.kwargs.get("is_causal") is True and sdpa.kwargs.get("attn_mask") is None
+
+
+def test_finite_fill_under_other_masks_is_left_with_the_reason():
+    model = _FiniteFill("random")
+    compiled, captured = compile_with_pass(model)
+    compiled(*[torch.randn(1, 2, 9, 8) for _ in range(3)])
+    result = canonicalize_result(captured[-1].gm)
+    assert not captured[-1].sdpa_nodes() and "not provably causal" in result.skipped[0].reason
