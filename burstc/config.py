@@ -8,7 +8,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | kernel    | BURST_KERNEL      | auto     | auto, cpu, reference or triton local kernel |
 | timeout_s | BURST_TIMEOUT_S   | 300      | seconds a rank waits for a ring transfer before raising |
 | inner     | BURST_INNER       | inductor | compiler for the rest of the graph: inductor, aot_eager or eager |
-| verify    | BURST_VERIFY      | False    | first call of each converted site also runs plain SDPA and raises on a mismatch |
+| verify    | BURST_VERIFY      | False    | the first forward and backward of each converted site are compared with plain SDPA (and its gradients); a mismatch raises |
 | dump_dir  | BURST_DUMP_DIR    | None     | write graphs, plans, pictures and kernels of each compiled graph there |
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
 | parallel  | BURST_PARALLEL    | auto     | sequence: every rank runs the whole model on its own tokens; attention: only attention is split, the rest runs replicated; auto: sequence when the group has more than one rank |
