@@ -359,18 +359,13 @@ def _walk_scores(node: fx.Node, acc: _Scores) -> _Scores:
     if scaled is not None:
         src, c = scaled
         return _walk_scores(src, dataclasses.replace(acc, nodes=acc.nodes + (node,), factors=acc.factors + (c,)))
-    filled = _masked_fill_operands(node)
-    if filled is not None:
-        src, bool_mask, finite = filled
-        _check_mask_position(acc, "masked_fill")
-        return _walk_scores(src, dataclasses.replace(
-            acc, nodes=acc.nodes + (node,), mask_op="masked_fill", mask=bool_mask, finite_fill=finite))
-    kept = _where_operands(node)
-    if kept is not None:
-        src, keep, finite = kept
-        _check_mask_position(acc, "masked_fill")
-        return _walk_scores(src, dataclasses.replace(
-            acc, nodes=acc.nodes + (node,), mask_op="where", mask=keep, finite_fill=finite))
+    for operands, op in ((_masked_fill_operands, "masked_fill"), (_where_operands, "where")):
+        found = operands(node)
+        if found is not None:
+            src, bool_mask, finite = found
+            _check_mask_position(acc, "masked_fill")  # both hide entries with a constant
+            return _walk_scores(src, dataclasses.replace(
+                acc, nodes=acc.nodes + (node,), mask_op=op, mask=bool_mask, finite_fill=finite))
     if _is_call(node, _ADD_FNS, ("add",)):
         return _walk_additive_mask(node, acc)
     qk = _match_qk(node)
