@@ -46,9 +46,9 @@ class NotRecognised(Exception):
     """The mask's construction is not one the descriptors express (the reason is the message)."""
 
 
-_AVERAGING_ROWS = ("an additive finfo.min mask with key padding: a query whose keys are all padding averages "
-                   "every value under SDPA (finite fill), which the ring cannot reproduce; use "
-                   "attn_implementation='sdpa' (a boolean mask) to convert it")
+_AVERAGING_ROWS = ("an additive finfo.min mask that can hide a whole row (key padding, or a window without the "
+                   "diagonal): such a row averages every value under SDPA (finite fill), which the ring cannot "
+                   "reproduce; use attn_implementation='sdpa' (a boolean mask) to convert it")
 
 
 @dataclass(frozen=True)
@@ -322,8 +322,9 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
             raise NotRecognised("bounds on position ids without a same-document atom of the same ids")
     if docs is not None and docs.positions.arange_c is not None:
         docs = None  # arange positions: one document per row, the atom is always true
-    if fill is not None and fill != -math.inf and p.paddings:
-        # a finite fill: a query whose keys are all padding attends uniformly to all keys (SDPA on the
+    keeps_diagonal = p.lo <= 0 <= p.hi  # documents keep it too: a token shares its own document
+    if fill is not None and fill != -math.inf and (p.paddings or not keeps_diagonal):
+        # a finite fill: a query whose keys are all hidden attends uniformly to all keys (SDPA on the
         # additive mask); the descriptors would give it 0. Keep the mask: exact through its rows.
         raise NotRecognised(_AVERAGING_ROWS)
     left = None if p.lo == -math.inf else int(-p.lo)
