@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from burstc.launch import run_ranks  # noqa: E402
-from ring_cpu import _inputs, _rss_mib, _slowest, _timed  # noqa: E402
+from ring_cpu import _inputs, _rss_mib, _slowest, _timed, burst_ranks  # noqa: E402
 
 # eight documents of mixed lengths, as fractions of the sequence (the last takes the rest)
 _DOCUMENT_SHARES = (0.06, 0.18, 0.03, 0.15, 0.25, 0.08, 0.12)
@@ -65,27 +65,6 @@ def single_process(rank, world_size, seq_len, heads, head_dim, kind, window, ite
     return dict(time=_timed(step, iters), peak_mib=_rss_mib() - base)
 
 
-def burst_ranks(rank, world_size, seq_len, heads, head_dim, kind, window, iters, layout):
-    import torch.distributed as dist
-
-    import burstc
-
-    base = _rss_mib()
-    local = burstc.local_length(seq_len, layout, world_size, rank)
-    q, k, v, dout = _inputs(local, heads, head_dim, seed=rank)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    masks = _mask_kwargs(kind, seq_len, window)
-
-    def step():
-        q.grad = k.grad = v.grad = None
-        burstc.burst_attention(q, k, v, causal=True, layout=layout, **masks).backward(dout)
-    with burstc.comm_stats() as stats:
-        elapsed = _timed(step, iters, sync=dist.barrier)
-    calls = iters + 1
-    return dict(time=elapsed, peak_mib=_rss_mib() - base, forward_bytes=stats.forward_bytes // calls,
-                backward_bytes=stats.backward_bytes // calls, skipped=stats.skipped_pairs // calls)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=16384)
@@ -104,8 +83,8 @@ def main() -> None:
     results, singles = {}, {}
     for kind, layout in configs:
         print(f"N={n} {kind}: burst on {g} ranks ({layout}) ...", file=sys.stderr, flush=True)
-        results[kind] = _slowest(run_ranks(g, burst_ranks, n, *shape, kind, args.window, args.iters, layout,
-                                           threads=args.threads, timeout_s=3600))
+        results[kind] = _slowest(run_ranks(g, burst_ranks, n, *shape, True, args.iters, "auto", layout,
+                                           _mask_kwargs(kind, n, args.window), threads=args.threads, timeout_s=3600))
         if not args.skip_single:
             print(f"N={n} {kind}: one process, SDPA with the materialised mask ...", file=sys.stderr, flush=True)
             singles[kind] = run_ranks(1, single_process, n, *shape, kind, args.window, args.iters,

@@ -61,7 +61,8 @@ def single_process(rank, world_size, seq_len, heads, head_dim, causal, iters):
     return dict(time=_timed(step, iters), peak_mib=_rss_mib() - base)
 
 
-def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, scheme, layout):
+def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, scheme, layout, masks=None):
+    """masks: extra mask arguments of burst_attention (benchmarks/masks_cpu.py)."""
     import torch.distributed as dist
 
     import burstc
@@ -73,12 +74,12 @@ def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, schem
 
     def step():
         q.grad = k.grad = v.grad = None
-        burstc.burst_attention(q, k, v, causal=causal, layout=layout, backward=scheme).backward(dout)
+        burstc.burst_attention(q, k, v, causal=causal, layout=layout, backward=scheme, **(masks or {})).backward(dout)
     with burstc.comm_stats() as stats:
         elapsed = _timed(step, iters, sync=dist.barrier)
     calls = iters + 1
     return dict(time=elapsed, peak_mib=_rss_mib() - base, forward_bytes=stats.forward_bytes // calls,
-                backward_bytes=stats.backward_bytes // calls)
+                backward_bytes=stats.backward_bytes // calls, skipped=stats.skipped_pairs // calls)
 
 
 def torch_cp_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters):

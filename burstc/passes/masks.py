@@ -46,6 +46,10 @@ class NotRecognised(Exception):
     """The mask's construction is not one the descriptors express (the reason is the message)."""
 
 
+class _AveragingRows(NotRecognised):
+    """A finite-fill mask that can hide a whole row: exact only as the eager formula (the message says why)."""
+
+
 _AVERAGING_ROWS = ("an additive finfo.min mask that can hide a whole row (key padding, or a window without the "
                    "diagonal): such a row averages every value under SDPA (finite fill), which the ring cannot "
                    "reproduce; use attn_implementation='sdpa' (a boolean mask) to convert it")
@@ -326,7 +330,7 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
     if fill is not None and fill != -math.inf and (p.paddings or not keeps_diagonal):
         # a finite fill: a query whose keys are all hidden attends uniformly to all keys (SDPA on the
         # additive mask); the descriptors would give it 0. Keep the mask: exact through its rows.
-        raise NotRecognised(_AVERAGING_ROWS)
+        raise _AveragingRows(_AVERAGING_ROWS)
     left = None if p.lo == -math.inf else int(-p.lo)
     right = None if p.hi == math.inf else int(p.hi)
     return MaskDescriptor(left, right, p.paddings[0] if p.paddings else None, docs.node if docs else None, fill)
@@ -352,7 +356,7 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
             found = recognise(mask, q.shape[2], k.shape[2])
         except NotRecognised as e:
             record["materialised"].append((where, str(e)))
-            if e.args and e.args[0] == _AVERAGING_ROWS:
+            if isinstance(e, _AveragingRows):
                 _as_additive_attention(gm, node, args)
                 continue
             _rows_form(gm, node, mask, q)

@@ -153,10 +153,15 @@ def _sdpa(q, k, v, mask, causal, scale, enable_gqa) -> torch.Tensor:
     a debugging aid)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-    positions = torch.arange(q.shape[2])
-    dense = mask.evaluate(positions, positions, q.shape[1]).to(q.device)
+    dense = _materialised(mask, q)
     dense = dense if dense.dtype == torch.bool else dense.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=enable_gqa)
+
+
+def _materialised(mask, q: torch.Tensor) -> torch.Tensor:
+    """An AttentionMask over the whole sequence of q as one [B|1, H|1, N, N] tensor, on q's device."""
+    positions = torch.arange(q.shape[2])
+    return mask.evaluate(positions, positions, q.shape[1]).to(q.device)
 
 
 def _verify(site, q, k, v, out, mask, causal, scale, enable_gqa) -> None:
@@ -182,8 +187,7 @@ def _sdpa_grads(q, k, v, dout, mask, causal, scale) -> tuple[torch.Tensor, ...]:
     kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
     s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
     if mask is not None:
-        positions = torch.arange(n)
-        dense = mask.evaluate(positions, positions, q.shape[1]).to(q.device)
+        dense = _materialised(mask, q)
         s = s.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else s + dense.double()
     elif causal:
         s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))

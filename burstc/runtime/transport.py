@@ -49,7 +49,7 @@ class VirtualTransport:
         self.ranks = tuple(range(plan.world_size))
         self.traced_rank = None  # hops are free: no communication spans
         self._field = f"{phase}_bytes"
-        self._mailbox: dict[int, Held] = {}
+        self._mailbox: dict[tuple[int, int, int], dict] = {}  # (tag, src, dst) -> {0: tensors}
 
     def shift(self, send: Held, recv_like: Held, tag: int) -> Pending:
         stats.count(self._field, sum(_nbytes(ts) for ts in send.values()))

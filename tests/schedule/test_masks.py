@@ -1,5 +1,6 @@
-"""Masked ring plans: tile classes proven against a brute-force evaluation of the mask, skipped work
-exactly the empty pairs, transfers only of rows somebody later reads."""
+"""Masked ring plans: work items checked against the mask materialised independently
+(tests/runtime/reference.py), skipped work exactly the empty pairs, transfers only of rows somebody
+later reads."""
 import itertools
 
 import pytest
@@ -10,11 +11,25 @@ from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, choose_bac
 from burstc.schedule.layout import LAYOUTS
 from burstc.schedule.masks import EMPTY, FULL, PARTIAL, AttentionMask, documents_from_cu_seqlens
 from burstc.schedule.plan import KV, QUERY, SKIPPED, build_plan
+from tests.runtime.reference import dense_mask
 
 
-def _visible(mask, q_pos, k_pos):
-    m = mask.evaluate(q_pos, k_pos)
-    return (m if m.dtype == torch.bool else m > float("-inf")).any(dim=1).any(dim=0)
+def _visible(full_mask, q_pos, k_pos):
+    """[Lq, Lk]: visible for some batch row, from the independent materialised mask."""
+    return full_mask[:, :, q_pos][..., k_pos].any(dim=1).any(dim=0)
+
+
+def _covered(pair, n_q, n_k):
+    """How many items compute each (query, key) pair, and which pairs unmasked items compute."""
+    count = torch.zeros(n_q, n_k, dtype=torch.int64)
+    unmasked = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for it in pair.items:
+        shape = torch.ones(it.q_len, it.k_len, dtype=torch.bool)
+        shape = shape.tril() if it.causal else shape
+        count[it.q_start:it.q_stop, it.k_start:it.k_stop] += shape
+        if not it.masked:
+            unmasked[it.q_start:it.q_stop, it.k_start:it.k_stop] |= shape
+    return count, unmasked
 
 
 @settings(max_examples=40, deadline=None)
@@ -32,11 +47,17 @@ def test_random_masks_give_exact_plans(world_size, seq_len, layout, causal, left
     mask = AttentionMask(causal=causal, window=window, key_padding=padding, document_ids=docs)
     plan = build_plan(world_size, layout, seq_len, causal, mask=mask, tile=tile)
     plan.check(brute_force=True)
-    norm = mask.normalized()
+    full = dense_mask(2, seq_len, causal=causal, window=window, key_padding=padding,
+                      document_ids=None if docs is None else docs.expand(2, -1))
+    everywhere = full.all(dim=1).all(dim=0)
     for q_rank, k_rank in itertools.product(range(world_size), repeat=2):
         pair = plan.pair(q_rank, k_rank)
-        seen = _visible(norm, plan.positions(q_rank), plan.positions(k_rank))
+        q_pos, k_pos = plan.positions(q_rank), plan.positions(k_rank)
+        seen = _visible(full, q_pos, k_pos)
         assert (pair.mask == SKIPPED) == (not bool(seen.any()))
+        count, unmasked = _covered(pair, len(q_pos), len(k_pos))
+        assert bool((count[seen] == 1).all()) and bool((count <= 1).all())  # each visible pair exactly once
+        assert bool(everywhere[q_pos][:, k_pos][unmasked].all()), "an unmasked item computes a hidden pair"
         for it in pair.items:  # no item is wasted on a region with nothing visible
             assert bool(seen[it.q_start:it.q_stop, it.k_start:it.k_stop].any()), it
 
