@@ -14,6 +14,13 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | parallel  | BURST_PARALLEL    | auto     | sequence: every rank runs the whole model on its own tokens; attention: only attention is split, the rest runs replicated; auto: sequence when the group has more than one rank |
 | outputs   | BURST_OUTPUTS     | gathered | sequence mode: graph outputs with the sequence dim are gathered on every rank, or 'local' (this rank's rows, see burstc.shard_positions) |
 | mask_tile | BURST_MASK_TILE   | 256      | rows per tile when a structured mask (window, padding, documents, mask_mod, attn_mask) is classified: smaller skips work more finely, larger makes fewer kernel calls |
+| schedule  | BURST_SCHEDULE    | auto     | how chunks travel over the nodes: ring (one flat ring), double_ring (inner ring per node, outer ring across nodes), ulysses_ring (all-to-all to head shards inside a node, ring across nodes); auto: the least predicted time per attention (burstc.schedule.predict) |
+| node_size | BURST_NODE_SIZE   | None     | ranks per node; None: torchrun's LOCAL_WORLD_SIZE, else the whole group is one node |
+| intra_gbs | BURST_INTRA_GBS   | 450      | intra-node link bandwidth per GPU and direction, GB/s (H100 SXM NVLink) |
+| inter_gbs | BURST_INTER_GBS   | 50       | inter-node link bandwidth per GPU and direction, GB/s (8 x 400 Gb/s InfiniBand per 8 GPUs) |
+| intra_latency_us | BURST_INTRA_LATENCY_US | 5 | intra-node message latency, microseconds |
+| inter_latency_us | BURST_INTER_LATENCY_US | 15 | inter-node message latency, microseconds |
+| tflops    | BURST_TFLOPS      | 700      | attention kernel throughput per device, TFLOP/s, for the schedule choice |
 | group     | -                 | None     | the ring's torch.distributed process group (None: the default group) |
 """
 from __future__ import annotations
@@ -22,10 +29,14 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
+from burstc.schedule.plan import SCHEDULE_CHOICES
+from burstc.schedule.topology import INTER, INTRA, LinkSpec
+
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 PARALLEL_MODES = ("auto", "sequence", "attention")
 OUTPUT_MODES = ("gathered", "local")
 _TRUE = ("1", "true", "yes", "on")
+_FLOATS = ("timeout_s", "intra_gbs", "inter_gbs", "intra_latency_us", "inter_latency_us", "tflops")
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,19 @@ class BurstConfig:
     parallel: str = "auto"
     outputs: str = "gathered"
     mask_tile: int = 256
+    schedule: str = "auto"
+    node_size: Optional[int] = None
+    intra_gbs: float = 450.0
+    inter_gbs: float = 50.0
+    intra_latency_us: float = 5.0
+    inter_latency_us: float = 15.0
+    tflops: float = 700.0
     group: Optional[Any] = None  # torch.distributed.ProcessGroup
+
+    def links(self) -> dict[str, LinkSpec]:
+        """The link classes' bandwidths and latencies (burstc.schedule.topology)."""
+        return {INTRA: LinkSpec(self.intra_gbs * 1e9, self.intra_latency_us * 1e-6),
+                INTER: LinkSpec(self.inter_gbs * 1e9, self.inter_latency_us * 1e-6)}
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "BurstConfig":
@@ -50,9 +73,9 @@ class BurstConfig:
             raw = environ.get(f"BURST_{f.name.upper()}")
             if raw is None or f.name == "group":
                 continue
-            if f.name == "timeout_s":
+            if f.name in _FLOATS:
                 values[f.name] = float(raw)
-            elif f.name == "mask_tile":
+            elif f.name in ("mask_tile", "node_size"):
                 values[f.name] = int(raw)
             elif f.name == "verify":
                 values[f.name] = raw.strip().lower() in _TRUE
@@ -73,7 +96,8 @@ class BurstConfig:
         if "exclude" in options:
             options["exclude"] = tuple(options["exclude"])
         cfg = replace(cls.from_env(environ), **options)
-        for name, allowed in (("inner", INNER_COMPILERS), ("parallel", PARALLEL_MODES), ("outputs", OUTPUT_MODES)):
+        for name, allowed in (("inner", INNER_COMPILERS), ("parallel", PARALLEL_MODES), ("outputs", OUTPUT_MODES),
+                              ("schedule", SCHEDULE_CHOICES)):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
         return cfg

@@ -22,8 +22,7 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
         f"k/v heads H_kv={shape.heads_kv} (GQA group {shape.heads_q // shape.heads_kv}), dtype {shape.dtype}",
         f"- scale: {scale if scale is not None else f'1/sqrt({shape.head_dim}) (default)'}; mask: "
         f"{plan.mask.describe() if plan.mask is not None else 'causal' if plan.causal else 'none'} (global positions)",
-        f"- layout: {plan.layout}; ring order: {' -> '.join(map(str, plan.order))}"
-        f"{' -> ' + str(plan.order[0]) if plan.world_size > 1 else ''}; rows per rank: {plan.local_len} "
+        f"- layout: {plan.layout}; {_route_line(plan)}; rows per rank: {plan.local_len} "
         f"(real tokens per rank: {list(plan.valid_lens)})",
         f"- forward bytes sent, all ranks: {fwd} (K, V: 2*H_kv*d*e per row and hop; a dense ring would send "
         f"{plan.world_size * forward_bytes(shape)})",
@@ -45,9 +44,16 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
     return "\n".join(lines) + "\n"
 
 
+def _route_line(plan: RingPlan) -> str:
+    if plan.order is not None:
+        ring = " -> ".join(map(str, plan.order + plan.order[:1] if plan.world_size > 1 else plan.order))
+        return f"schedule: {plan.schedule}, ring order: {ring}"
+    return f"schedule: {plan.describe_route()}"
+
+
 def plan_picture(plan: RingPlan, path: str, title: str = "") -> Optional[str]:
     """Ranks x steps: a box per (rank, step) coloured by mask class, annotated with the key chunk and
-    the share of compute; arrows for the K/V hop to the successor. Returns the path, or None when
+    the share of compute; arrows for the K/V transfers (to the step that needs them). Returns the path, or None when
     matplotlib is missing (pip install burstc[debug])."""
     try:
         import matplotlib
@@ -66,9 +72,8 @@ def plan_picture(plan: RingPlan, path: str, title: str = "") -> Optional[str]:
             ax.add_patch(plt.Rectangle((step, rank), 0.8, 0.7, color=_COLORS[pair.mask]))
             share = pair.visible_pairs / most
             ax.text(step + 0.4, rank + 0.35, f"k{pair.k_rank}\n{share:.0%}", ha="center", va="center", fontsize=8)
-            if plan.sends(KV, step, rank):
-                dst = plan.next_rank(rank)
-                ax.annotate("", xy=(step + 1.0, dst + 0.35), xytext=(step + 0.8, rank + 0.35),
+            for dst, dst_step in plan.deliveries(KV, step, rank):
+                ax.annotate("", xy=(dst_step, dst + 0.35), xytext=(step + 0.8, rank + 0.35),
                             arrowprops=dict(arrowstyle="->", color="#888888", lw=0.8))
     ax.set_xlim(-0.2, plan.steps)
     ax.set_ylim(g, -0.3)

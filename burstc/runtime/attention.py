@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -13,11 +13,15 @@ from burstc.runtime.kernels import LocalKernel, select_kernel
 from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
+from burstc.runtime.ulysses import NodeExchange, ring_transports
 from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, local_problem,
                                      replicated_checksum)
 from burstc.runtime.mask_args import MaskArgs
+from burstc.schedule import layout as layouts
+from burstc.schedule import predict
 from burstc.schedule.cost import KV_RING, AttentionShape, choose_backward
-from burstc.schedule.plan import RingPlan, build_plan
+from burstc.schedule.plan import ULYSSES_RING, RingPlan, build_plan
+from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads, ulysses_kv_range
 
 SEQ_DIM = 2
 
@@ -29,7 +33,8 @@ class RingRun:
     inputs: what the call's tensors are. "shard": this rank's shard (burst_attention under a group).
     "full": the whole sequence, identical on every rank of the group (the compiled op); each rank
     computes its shard and the results are gathered. "virtual": the whole sequence, and this process
-    runs all G ranks (rank is None)."""
+    runs all G ranks (rank is None). topology: the group's nodes and links; the plan's schedule says
+    how chunks travel over them (plan.world_size is the number of nodes for ulysses_ring)."""
 
     plan: RingPlan
     kernel: LocalKernel
@@ -39,48 +44,121 @@ class RingRun:
     rank: Optional[int]
     timeout_s: float
     inputs: str = "shard"
+    topology: Optional[Topology] = None  # None: one node
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the group (the layout's shards), whatever the schedule."""
+        return self.topology.world_size if self.topology is not None else self.plan.world_size
+
+    @property
+    def _topology(self) -> Topology:
+        return self.topology or Topology(self.world_size, self.world_size)
+
+    def _shard_rows(self) -> int:
+        return layouts.local_padded_length(self.plan.seq_len, self.plan.layout, self.world_size)
+
+    def _valid(self, rank: int) -> int:
+        return layouts.local_length(self.plan.seq_len, self.plan.layout, self.world_size, rank)
 
     def transport(self, phase: str, device: torch.device):
+        """The transport over the group's ranks (the ring, or Ulysses' all-to-alls)."""
+        link = self._topology.link
         if self.rank is None:
-            return VirtualTransport(self.plan, phase)
-        return GroupTransport(self.plan, phase, self.group, self.rank, self.timeout_s, device)
+            return VirtualTransport(range(self.world_size), phase, link)
+        return GroupTransport(phase, self.group, self.rank, range(self.world_size), self.timeout_s, device, link)
 
     def to_ranks(self, x: torch.Tensor) -> Held:
         """Padded shards of x for the ranks this process runs."""
-        p = self.plan
-        pad = lambda t: pad_shard(t.contiguous(), dim=SEQ_DIM, rows=p.local_len)  # noqa: E731
+        p, g = self.plan, self.world_size
+        pad = lambda t: pad_shard(t.contiguous(), dim=SEQ_DIM, rows=self._shard_rows())  # noqa: E731
         if self.inputs == "shard":
             return {self.rank: pad(x)}
-        ranks = range(p.world_size) if self.rank is None else [self.rank]
-        return {r: pad(shard_sequence(x, dim=SEQ_DIM, layout=p.layout, world_size=p.world_size, rank=r))
-                for r in ranks}
+        ranks = range(g) if self.rank is None else [self.rank]
+        return {r: pad(shard_sequence(x, dim=SEQ_DIM, layout=p.layout, world_size=g, rank=r)) for r in ranks}
 
     def from_ranks(self, held: Held) -> torch.Tensor:
         """This call's result tensor from per-rank padded shards."""
-        p = self.plan
+        p, g = self.plan, self.world_size
         if self.inputs == "shard":
-            return held[self.rank].narrow(SEQ_DIM, 0, p.valid_lens[self.rank])
+            return held[self.rank].narrow(SEQ_DIM, 0, self._valid(self.rank))
         if self.rank is None:
-            shards = [held[r] for r in range(p.world_size)]
+            shards = [held[r] for r in range(g)]
         else:
             mine = held[self.rank].contiguous()
-            shards = [torch.empty_like(mine) for _ in range(p.world_size)]
+            shards = [torch.empty_like(mine) for _ in range(g)]
             dist.all_gather(shards, mine, group=self.group)
         return assemble(shards, dim=SEQ_DIM, layout=p.layout, seq_len=p.seq_len)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Held, ...]:
         """(out, lse, q, k, v) as per-rank padded shards."""
         qd, kd, vd = self.to_ranks(q), self.to_ranks(k), self.to_ranks(v)
-        out, lse = ring_forward(self.plan, self.transport("forward", q.device), self.kernel, qd, kd, vd, self.scale)
+        if self.plan.schedule == ULYSSES_RING:
+            out, lse = self._ulysses_forward(qd, kd, vd, q.device)
+        else:
+            out, lse = ring_forward(self.plan, self.transport("forward", q.device), self.kernel, qd, kd, vd,
+                                    self.scale)
         return out, lse, qd, kd, vd
 
     def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor):
         """(dq, dk, dv) tensors of the call's kind (shards or full), in the input dtype."""
         dtype = next(iter(qd.values())).dtype
         dd = self.to_ranks(dout.to(dtype))
-        grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
-                              qd, kd, vd, out, dd, lse, self.scale)
+        if self.plan.schedule == ULYSSES_RING:
+            grads = self._ulysses_backward(qd, kd, vd, out, dd, lse, dout.device)
+        else:
+            grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
+                                  qd, kd, vd, out, dd, lse, self.scale)
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
+
+    # --- ulysses_ring: all-to-all to head shards, a ring per local index across the nodes, and back ---
+
+    def _heads(self, qd: Held, kd: Held):
+        """(query head range, K/V head range) of a local index, and the head counts."""
+        topo = self._topology
+        heads_q, heads_kv = next(iter(qd.values())).shape[1], next(iter(kd.values())).shape[1]
+        per = heads_q // topo.node_size
+        return ((lambda j: (j * per, (j + 1) * per)), (lambda j: ulysses_kv_range(heads_q, heads_kv, topo.node_size, j)),
+                heads_q, heads_kv)
+
+    def _rings(self, phase: str, device: torch.device):
+        """(transport, {plan rank: group rank}) of every ring across the nodes this process runs."""
+        topo = self._topology
+        for j, transport in ring_transports(self.plan, topo, phase, self.rank, self.group, self.timeout_s,
+                                            device).items():
+            yield transport, {p: topo.rank_at(p, j) for p in transport.ranks}
+
+    def _ulysses_forward(self, qd: Held, kd: Held, vd: Held, device: torch.device) -> tuple[Held, Held]:
+        qh, kvh, heads_q, _ = self._heads(qd, kd)
+        valid = [self._valid(r) for r in range(self.world_size)]
+        ex = NodeExchange(self.plan, self._topology, self.transport("forward", device), valid)
+        qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
+        out_n, lse_n = {}, {}
+        for transport, members in self._rings("forward", device):
+            pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+            o, lse = ring_forward(self.plan, transport, self.kernel, pick(qn), pick(kn), pick(vn), self.scale)
+            for p, g in members.items():
+                out_n[g], lse_n[g] = o[p], lse[p]
+        rows = self._shard_rows()
+        return ex.to_sequence(out_n, qh, heads_q, rows), ex.to_sequence(lse_n, qh, heads_q, rows)
+
+    def _ulysses_backward(self, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, lse: Held,
+                          device: torch.device) -> tuple[Held, Held, Held]:
+        qh, kvh, heads_q, heads_kv = self._heads(qd, kd)
+        valid = [self._valid(r) for r in range(self.world_size)]
+        ex = NodeExchange(self.plan, self._topology, self.transport("backward", device), valid)
+        qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
+        on, don, ln = ex.to_heads(out, qh), ex.to_heads(dout, qh), ex.to_heads(lse, qh)
+        dq_n, dk_n, dv_n = {}, {}, {}
+        for transport, members in self._rings("backward", device):
+            pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+            dq, dk, dv = ring_backward(self.plan, transport, self.kernel, self.scheme, pick(qn), pick(kn), pick(vn),
+                                       pick(on), pick(don), pick(ln), self.scale)
+            for p, g in members.items():
+                dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]
+        rows = self._shard_rows()
+        return (ex.to_sequence(dq_n, qh, heads_q, rows), ex.to_sequence(dk_n, kvh, heads_kv, rows, accumulate=True),
+                ex.to_sequence(dv_n, kvh, heads_kv, rows, accumulate=True))
 
 
 class _BurstAttention(torch.autograd.Function):
@@ -108,7 +186,7 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     dropout_p: float = 0.0, key_padding_mask: Optional[torch.Tensor] = None,
                     document_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                     window: Optional[tuple[Optional[int], Optional[int]]] = None,
-                    mask_mod=None) -> torch.Tensor:
+                    mask_mod=None, schedule: Optional[str] = None, node_size: Optional[int] = None) -> torch.Tensor:
     """Exact attention over a sequence sharded across the ranks of `group` (BurstAttention).
 
     q, k, v: this rank's shard, [B, H, S_local, d] like `F.scaled_dot_product_attention`'s inputs
@@ -140,14 +218,23 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         this rank's query rows over all N keys (with virtual_world_size: [B|1, H|1, N, N]). Forces
         the kv_ring backward (the rows stay with their queries).
     Rows with no visible key return 0 with zero gradients, as single-device SDPA does.
-    Defaults of layout/backward/kernel and the transfer timeout come from BURST_* environment
-    variables (burstc.config).
+
+    schedule: how chunks travel when the group spans several nodes: 'ring' (one flat ring),
+        'double_ring' (an inner ring per node, an outer ring across nodes: a chunk crosses the
+        inter-node link once per inner cycle), 'ulysses_ring' (an all-to-all inside each node turns
+        sequence shards into head shards, a ring runs across nodes; needs the query heads to divide
+        by node_size and no per-head mask) or 'auto' (default: the least predicted time, from the
+        cost model of burstc.schedule.predict and the link figures of burstc.config).
+    node_size: ranks per node (default: BURST_NODE_SIZE, else torchrun's LOCAL_WORLD_SIZE, else one
+        node); with virtual_world_size it pretends the virtual ranks sit on nodes of this size.
+    Defaults of layout/backward/kernel/schedule, the link figures and the transfer timeout come
+    from BURST_* environment variables (burstc.config).
     """
     masks = MaskArgs(key_padding_mask=key_padding_mask, document_ids=document_ids, cu_seqlens=cu_seqlens,
                      window=window, mask_mod=mask_mod, attn_mask=attn_mask)
     run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=group, layout=layout,
                       backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
-                      dropout_p=dropout_p, masks=masks)
+                      dropout_p=dropout_p, masks=masks, schedule=schedule, node_size=node_size)
     return _BurstAttention.apply(q, k, v, run)
 
 
@@ -155,7 +242,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                 group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
                 kernel: Optional[str], virtual_world_size: Optional[int] = None,
                 dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True,
-                masks: Optional["MaskArgs"] = None) -> RingRun:
+                masks: Optional["MaskArgs"] = None, schedule: Optional[str] = None,
+                node_size: Optional[int] = None) -> RingRun:
     """Validate a call (on every rank) and build its RingRun. full_sequence: q, k, v are the whole
     sequence on every rank of the group (the compiled op) instead of this rank's shard;
     check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v)."""
@@ -166,6 +254,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         layout = masks.preferred_layout(causal) if full_sequence or virtual_world_size is not None else "zigzag"
     backward = backward or cfg.backward
     kernel = kernel or cfg.kernel
+    schedule = schedule or cfg.schedule
+    node_size = node_size or cfg.node_size
 
     if virtual_world_size is not None:
         if group is not None:
@@ -184,7 +274,13 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         world_size, rank = 1, None
 
     problem = local_problem(q, k, v, enable_gqa=enable_gqa, layout=layout, backward=backward,
-                            dropout_p=dropout_p) or masks.problem(q)
+                            dropout_p=dropout_p, schedule=schedule) or masks.problem(q)
+    topology = None
+    if problem is None:
+        try:
+            topology = topology_for(world_size, node_size, cfg.links())
+        except ValueError as e:
+            problem = str(e)
     local_kernel = None
     if problem is None:
         try:
@@ -198,7 +294,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
                         checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
-                        else (0.0, 0.0), mask_code=masks.code())
+                        else (0.0, 0.0), mask_code=masks.code(), schedule=schedule,
+                        node_size=topology.node_size)
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)
@@ -216,13 +313,47 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         mask = masks.build(bool(causal), seq_len, q, layout, world_size, rank if inputs == "shard" else None)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
-    plan = build_plan(world_size, layout, seq_len, bool(causal), mask=mask, tile=cfg.mask_tile)
     shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
-                           head_dim=meta.head_dim, local_rows=plan.local_len, world_size=world_size,
-                           dtype=meta.dtype)
-    scheme = choose_backward(shape, backward, plan if plan.mask is not None else None)
+                           head_dim=meta.head_dim, local_rows=layouts.local_padded_length(seq_len, layout, world_size),
+                           world_size=world_size, dtype=meta.dtype)
+    try:
+        chosen = choose_schedule(shape, topology, schedule, causal=bool(causal), backward=backward,
+                                 mask=mask, flops_per_s=cfg.tflops * 1e12)[0]
+    except ValueError as e:
+        raise BurstInputError(f"burst_attention: {e}") from e
+    plan = build_plan(world_size, layout, seq_len, bool(causal), mask=mask, tile=cfg.mask_tile, schedule=chosen,
+                      node_size=topology.node_size)
+    if chosen == ULYSSES_RING:
+        shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
+                        heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
+                        local_rows=plan.local_len, world_size=plan.world_size)
+    scheme = choose_backward(replace(shape, local_rows=plan.local_len), backward,
+                             plan if plan.mask is not None else None)
     if mask is not None and mask.dense_rows is not None:
         scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
-                   group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs)
+                   group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology)
+
+
+def choose_schedule(shape: AttentionShape, topology: Topology, requested: str, *, causal: bool, backward: str,
+                    mask=None, flops_per_s: float = predict.DEFAULT_FLOPS) -> tuple[str, dict]:
+    """(schedule, predictions of every schedule) for one call: the requested one, or for 'auto' the
+    least predicted time among those that can run. One node: the flat ring (nothing to choose).
+    Ulysses needs a mask without per-head parts (mask_mod, a materialised mask), since each rank
+    computes only some heads. Raises ValueError naming the fix when the requested one cannot run."""
+    if topology.world_size == 1 or (requested == "auto" and topology.nodes == 1):
+        return predict.RING, {}
+    scheme = backward if backward != "auto" else choose_backward(shape)
+    preds = predict.predict_all(shape, topology, causal=causal, scheme=scheme, flops_per_s=flops_per_s)
+    if mask is not None and (mask.mask_mod is not None or mask.dense is not None):
+        reason = "the mask has per-head parts (a mask_mod or a materialised attn_mask), and Ulysses splits heads"
+        preds[ULYSSES_RING] = replace(preds[ULYSSES_RING], reason=reason, total_s=None)
+    if requested != "auto":
+        if preds[requested].reason is not None:
+            others = [s for s in predict.SCHEDULES if preds[s].reason is None]
+            raise ValueError(f"schedule {requested!r} cannot run on {topology.describe()}: "
+                             f"{preds[requested].reason}; use schedule='auto' or one of {others}")
+        return requested, preds
+    usable = [s for s in predict.SCHEDULES if preds[s].reason is None]
+    return min(usable, key=lambda s: (float(preds[s].total_s), predict.SCHEDULES.index(s))), preds
 

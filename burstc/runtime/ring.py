@@ -56,16 +56,46 @@ def _rows_like(plan: RingPlan, role: str, chunk: int, like: tuple[torch.Tensor, 
                  for t in like)
 
 
-def _shift(plan: RingPlan, transport, role: str, step: int, held: Held, like: Held, tag: int):
-    """Post this step's sends of the chunks later ranks need and the matching receives; None if no
-    rank of this process sends or receives."""
-    send = {r: (_trim(plan, role, plan.held(step, r), held[r]) if step == 0 else held[r])
-            for r in transport.ranks if plan.sends(role, step, r)}
-    recv = {r: _rows_like(plan, role, plan.held(step + 1, r), like[r])
-            for r in transport.ranks if plan.holds(role, step + 1, r)}
-    if not send and not recv:
-        return None
-    return transport.shift(send, recv, tag)
+class _Inbox:
+    """Payload transfers in flight, by the step at which their receivers need them."""
+
+    def __init__(self):
+        self._pending: dict[int, tuple] = {}  # dst step -> (Pending, receiving ranks in order)
+
+    def post(self, plan: RingPlan, transport, role: str, step: int, held: Held, like: Held) -> None:
+        """Post the sends of what this process's ranks hold at step to the ranks that need it next
+        (trimmed to its travelling rows), and the receives of what they get from step's senders.
+        One exchange per destination step, so a transfer that is needed n steps later (the double
+        ring's jump to the next node) is waited for only then."""
+        by_step: dict[int, tuple[list, list, list]] = {}
+        for r in transport.ranks:
+            chunk = plan.held(step, r)
+            for dst, dst_step in plan.deliveries(role, step, r):  # none unless r holds the chunk at step
+                tensors = _trim(plan, role, chunk, held[r]) if step == 0 else held[r]
+                by_step.setdefault(dst_step, ([], [], []))[0].append((r, dst, tensors, _payload_tag(dst_step)))
+            for src, dst_step in plan.arrivals(role, step, r):
+                entry = by_step.setdefault(dst_step, ([], [], []))
+                entry[1].append((src, r, _rows_like(plan, role, plan.held(dst_step, r), like[r]), _payload_tag(dst_step)))
+                entry[2].append(r)
+        for dst_step, (sends, recvs, receivers) in by_step.items():
+            pending = transport.exchange(sends, recvs)
+            if receivers:
+                self._pending[dst_step] = (pending, receivers)
+
+    def take(self, step: int) -> Held:
+        """What this process's ranks receive for `step` (waits for it)."""
+        if step not in self._pending:
+            return {}
+        pending, receivers = self._pending.pop(step)
+        return dict(zip(receivers, pending.wait()))
+
+
+def _payload_tag(dst_step: int) -> int:
+    return _TAG_PAYLOAD + _TAG_STRIDE * dst_step
+
+
+def _partial_tag(src_step: int) -> int:
+    return _TAG_PARTIAL + _TAG_STRIDE * src_step
 
 
 class _MaskTiles:
@@ -95,11 +125,10 @@ def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Hel
     like = dict(held)
     device = q[ranks[0]].device
     tiles = _MaskTiles(plan, q[ranks[0]].shape[1], device)
+    inbox = _Inbox()
     for step in range(plan.steps_for(KV)):
-        incoming = None
-        if step < plan.steps_for(KV) - 1:
-            with _comm_span(transport, "forward", step, POST, device):
-                incoming = _shift(plan, transport, KV, step, held, like, _TAG_PAYLOAD + _TAG_STRIDE * step)
+        with _comm_span(transport, "forward", step, POST, device):
+            inbox.post(plan, transport, KV, step, held, like)
         for r in ranks:
             if not plan.holds(KV, step, r):
                 continue
@@ -110,9 +139,9 @@ def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Hel
                     kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item.shifted(0, offset), scale,
                                         mask=tiles(r, visit.k_rank, item))
         stats.count("steps", 1)
-        if incoming is not None:
+        if step + 1 < plan.steps_for(KV):
             with _comm_span(transport, "forward", step, WAIT, device):
-                held = incoming.wait()
+                held = {**held, **inbox.take(step + 1)}
     transport.finish()
     results = {r: kernel.forward_finalize(states[r]) for r in ranks}
     return {r: o for r, (o, _) in results.items()}, {r: lse for r, (_, lse) in results.items()}
@@ -178,30 +207,32 @@ def _like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_like: Held,
                    compute: Callable[[int, int, tuple], tuple[torch.Tensor, ...]]) -> Held:
-    """Run the payload around the ring; return each rank's summed partials of its own chunk.
+    """Run the payload along the plan's route; return each rank's summed partials of its own chunk.
 
-    Per step: post the receive of the accumulator coming from the predecessor, post the payload
-    shift, compute, then add the received accumulator and send the sum on: to the successor while
-    later ranks still need the chunk, straight back to the chunk's owner at its last step. The
-    predecessor's accumulator arrives while this rank computes. Accumulators of a trimmed chunk
-    cover only its travelling rows."""
+    Per step: post the payload's sends and receives and the receive of the partial sums trailing
+    the chunk (from the holder one step earlier), compute, add the received sums and send the total
+    on: to the next holder while the chunk goes on one step later, else straight home to the chunk's
+    owner (the chunk stops, or it jumps to another node on the double ring). The home receives are
+    posted up front. At most one partial-sum send is in flight per rank. Accumulators of a trimmed
+    chunk cover only its travelling rows."""
     ranks = transport.ranks
     device = next(iter(partial_like.values()))[0].device
     span = lambda step, kind: _comm_span(transport, "backward", step, kind, device)  # noqa: E731
-    last = plan.last_step[role]
+    steps = plan.steps_for(role)
+    homes = [(src, r, _rows_like(plan, role, r, partial_like[r]), _partial_tag(src_step))
+             for r in ranks for src, src_step in plan.accumulators_home(role, r)]
+    home_pending = transport.exchange([], homes) if homes else None
     payload_like = dict(payload)
+    inbox = _Inbox()
     own: Held = {}
-    for step in range(plan.steps_for(role)):
-        acc_in = incoming = None
+    last_send = None
+    for step in range(steps):
         with span(step, POST):
-            if step >= 2:
-                expect = {r: _rows_like(plan, role, plan.held(step, r), partial_like[r])
-                          for r in ranks if plan.holds(role, step, r)}
-                if expect:
-                    acc_in = transport.recv(expect, _TAG_PARTIAL + _TAG_STRIDE * (step - 1),
-                                            {r: plan.prev_rank(r) for r in expect})
-            if step < plan.steps_for(role) - 1:
-                incoming = _shift(plan, transport, role, step, payload, payload_like, _TAG_PAYLOAD + _TAG_STRIDE * step)
+            expect = [(plan.accumulator_prev(role, step, r), r,
+                       _rows_like(plan, role, plan.held(step, r), partial_like[r]), _partial_tag(step - 1))
+                      for r in ranks if plan.holds(role, step, r) and plan.accumulator_prev(role, step, r) is not None]
+            acc_in = transport.exchange([], expect) if expect else None
+            inbox.post(plan, transport, role, step, payload, payload_like)
         partial = {}
         for r in ranks:
             if plan.holds(role, step, r):
@@ -214,31 +245,24 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
             if acc_in is not None:
                 with span(step, WAIT):
                     received = acc_in.wait()
-                for r, theirs_all in received.items():
+                for (_, r, _, _), theirs_all in zip(expect, received):
                     for mine, theirs in zip(partial[r], theirs_all):
                         mine.add_(theirs)
             if partial:
-                # forward while the chunk travels on, else home to its owner
-                dest = {r: plan.next_rank(r) if plan.sends(role, step, r) else plan.held(step, r) for r in partial}
                 with span(step, POST):
-                    transport.send(partial, _TAG_PARTIAL + _TAG_STRIDE * step, dest)
-        if incoming is not None:
+                    if last_send is not None:
+                        last_send.wait()  # its buffers may go: bounded memory
+                    last_send = transport.exchange(
+                        [(r, plan.accumulator_next(role, step, r), partial[r], _partial_tag(step)) for r in partial], [])
+        if step + 1 < steps:
             with span(step, WAIT):
-                payload = incoming.wait()
-    home = {r: _rows_like(plan, role, r, partial_like[r]) for r in ranks if last[r] >= 1}
-    if home:
-        with span(plan.steps_for(role) - 1, WAIT):
-            returned = transport.recv(home, {r: _TAG_PARTIAL + _TAG_STRIDE * last[r] for r in home},
-                                      {r: _last_holder(plan, role, r) for r in home}).wait()
-        for r, theirs_all in returned.items():
+                payload = {**payload, **inbox.take(step + 1)}
+    if home_pending is not None:
+        with span(steps - 1, WAIT):
+            returned = home_pending.wait()
+        for (_, r, _, _), theirs_all in zip(homes, returned):
             lo, hi = plan.travel_rows[role][r]
             for mine, theirs in zip(own[r], theirs_all):
                 mine[:, :, lo:hi].add_(theirs)
     transport.finish()
     return own
-
-
-def _last_holder(plan: RingPlan, role: str, chunk: int) -> int:
-    """The rank that holds chunk at its last step (and sends its accumulator home)."""
-    i = plan.order.index(chunk)
-    return plan.order[(i + plan.last_step[role][chunk]) % plan.world_size]

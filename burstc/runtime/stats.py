@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from burstc.schedule.topology import LINK_CLASSES
 
 
 @dataclass
@@ -12,12 +14,15 @@ class CommStats:
     forward_bytes / backward_bytes: bytes sent by this rank (the virtual ring: by all its G ranks).
     steps: ring steps executed, forward and backward (G per ring; the virtual ring's ranks share them).
     skipped_pairs: fully masked (query chunk, key chunk) pairs whose compute was skipped, over the
-    ranks this process runs, forward and backward."""
+    ranks this process runs, forward and backward.
+    bytes_by_link: the same bytes (forward and backward together) split by the link class they
+    crossed, {"intra": ..., "inter": ...} (burstc.schedule.topology: ranks of one node or not)."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
     steps: int = 0
     skipped_pairs: int = 0
+    bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
     def total_bytes(self) -> int:
@@ -41,3 +46,10 @@ def comm_stats():
 def count(field: str, amount: int) -> None:
     for stats in _active:
         setattr(stats, field, getattr(stats, field) + amount)
+
+
+def count_message(phase: str, link: str, amount: int) -> None:
+    """A message of `amount` bytes sent in `phase` ('forward' or 'backward') over a `link`-class link."""
+    for stats in _active:
+        setattr(stats, f"{phase}_bytes", getattr(stats, f"{phase}_bytes") + amount)
+        stats.bytes_by_link[link] += amount

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from burstc.schedule import layout as layouts
 from burstc.schedule.cost import BACKWARD_SCHEMES
+from burstc.schedule.plan import SCHEDULE_CHOICES
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,21 +37,25 @@ class CallMeta:
     needs_grad: bool
     checksum: tuple[float, float] = (0.0, 0.0)  # (fingerprint, magnitude) of replicated inputs
     mask_code: int = 0  # digest of the mask arguments (MaskArgs.code)
+    schedule: str = "auto"
+    node_size: int = 0  # ranks per node (0: not given)
 
     AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
-              "scale", "needs_grad", "mask_code")
+              "scale", "needs_grad", "mask_code", "schedule", "node_size")
 
     def encode(self) -> list[int]:
         floats = torch.tensor([self.scale, *self.checksum], dtype=torch.float64).view(torch.int64).tolist()
         return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
                 _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
-                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats, self.mask_code]
+                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats, self.mask_code,
+                SCHEDULE_CHOICES.index(self.schedule), self.node_size]
 
     @classmethod
     def decode(cls, v: list[int]) -> "CallMeta":
         scale, fingerprint, magnitude = torch.tensor(v[10:13], dtype=torch.int64).view(torch.float64).tolist()
         return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
-                   BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude), v[13])
+                   BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude), v[13],
+                   SCHEDULE_CHOICES[v[14]], v[15])
 
 
 def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, float]:
@@ -64,13 +69,16 @@ def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, fl
     return float(terms.sum()), float(terms.abs().sum())
 
 
-def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, dropout_p) -> Optional[str]:
+def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, dropout_p,
+                  schedule: str = "auto") -> Optional[str]:
     """Why this rank's call cannot run (None if it can)."""
     if dropout_p:
         return ("dropout_p > 0 is not supported (the ring would need one dropout mask across ranks); "
                 "use dropout_p=0.0, e.g. evaluate the model in eval() mode")
     if layout not in layouts.LAYOUTS:
         return f"unknown layout {layout!r}: choose one of {', '.join(layouts.LAYOUTS)}"
+    if schedule not in SCHEDULE_CHOICES:
+        return f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULE_CHOICES)}"
     if backward not in BACKWARD_SCHEMES:
         return f"unknown backward scheme {backward!r}: choose one of {', '.join(BACKWARD_SCHEMES)}"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -100,7 +108,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
     rank has a problem, the ranks disagree, or a local length is not the layout's share (with
     full_sequence: not the same full length everywhere)."""
-    width = 15
+    width = 17
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
         mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)

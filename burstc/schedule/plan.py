@@ -2,11 +2,17 @@
 (query chunk, key chunk) pair needs, and what every step sends. Built from global token positions,
 checked on construction, printable as a table.
 
-Step semantics (any travelling payload, K/V in the forward, K/V or queries in the backward): at step
-s the rank at ring index i holds the chunk that originated at ring index i - s; between steps a rank
-sends what it holds to its successor, unless no later rank on the ring needs that chunk. A chunk
-travels only its rows that later ranks need (with a short sliding window: a halo of `left` rows), and
-the ring stops after the last step anybody needs.
+Step semantics (any travelling payload, K/V in the forward, K/V or queries in the backward): the
+plan's route (burstc.schedule.route) says which chunk each rank holds at each step and from whom it
+got it: on the flat ring the rank at ring index i holds the chunk of ring index i - s and received it
+from its predecessor; on the double ring chunks also jump to the next node once per inner cycle. A
+rank sends what it holds on unless no later holder needs that chunk. A chunk travels only its rows
+that later ranks need (with a short sliding window: a halo of `left` rows), and the ring stops after
+the last step anybody needs.
+
+Schedules: `ring` and `double_ring` are routes over the G ranks. `ulysses_ring` plans the ring over
+the P nodes: plan rank p is node p's group of ranks, whose chunk is the concatenation of their
+shards' real rows (after the all-to-all that trades heads for rows, burstc.runtime.ulysses).
 
 With a structured mask (burstc.schedule.masks: windows, padding, documents, mask_mod, attn_mask)
 every pair is cut into tiles of `tile` rows, each classified empty (skipped), full (unmasked call)
@@ -24,10 +30,14 @@ import torch
 from burstc.schedule import layout as layouts
 from burstc.schedule import masks as mask_classes
 from burstc.schedule.masks import AttentionMask
-from burstc.schedule.topology import flat_ring, ring_order
+from burstc.schedule.route import DOUBLE_RING, RING, Route, double_ring_route, flat_route
+from burstc.schedule.topology import LINK_CLASSES, flat_ring, ring_order
 from burstc.schedule.work import WorkItem
 
 FULL, DIAGONAL, PARTIAL, SKIPPED = "full", "diagonal", "partial", "skipped"
+ULYSSES_RING = "ulysses_ring"
+SCHEDULES = (RING, DOUBLE_RING, ULYSSES_RING)
+SCHEDULE_CHOICES = ("auto",) + SCHEDULES
 KV, QUERY = "kv", "query"  # travelling roles: key/value chunks, query chunks (query-ring backward)
 DEFAULT_TILE = 256
 # brute-force self-check of a masked plan only up to this many (batch x query x key) evaluations
@@ -54,7 +64,7 @@ class RingPlan:
     layout: str
     seq_len: int
     causal: bool
-    order: tuple[int, ...]  # ranks in ring order
+    route: Route  # who holds which chunk at each step, and where it came from
     local_len: int  # padded rows per rank (what travels)
     valid_lens: tuple[int, ...]  # real tokens per rank
     pairs: tuple[tuple[PairPlan, ...], ...]  # pairs[q_rank][k_rank]
@@ -62,6 +72,14 @@ class RingPlan:
     # per travelling role, per chunk origin: the last step anybody needs it, the rows that travel
     last_step: dict = None  # {KV: (int, ...), QUERY: (int, ...)}
     travel_rows: dict = None  # {KV: ((lo, hi), ...), QUERY: (...)}
+    schedule: str = RING
+    # ulysses_ring: plan rank p is the group of layout ranks groups[p] (a node); None: plan rank = rank
+    groups: Optional[tuple[tuple[int, ...], ...]] = None
+
+    @property
+    def order(self) -> Optional[tuple[int, ...]]:
+        """The ring order of a flat ring (None for a double ring)."""
+        return self.route.order
 
     @property
     def steps(self) -> int:
@@ -71,9 +89,42 @@ class RingPlan:
     def steps_for(self, role: str) -> int:
         return 1 + max(self.last_step[role])
 
+    def deliveries(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
+        """(dst, dst_step) of the transfers rank posts right after step: the chunk it holds, to the
+        ranks that hold it next, as far as anybody later needs it."""
+        last = self.last_step[role][self.held(step, rank)]
+        return [(dst, s) for dst, s in self.route.deliveries(step, rank) if s <= last]
+
+    def arrivals(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
+        """(src, dst_step) of the transfers to rank that their senders post right after step."""
+        return [(src, s) for s in range(step + 1, self.route.world_size)
+                for src, src_step in [self.route.source[s][rank]] if src_step == step and self.holds(role, s, rank)]
+
     def sends(self, role: str, step: int, rank: int) -> bool:
-        """Whether rank forwards the chunk it holds at step to its successor."""
-        return step < self.last_step[role][self.held(step, rank)]
+        """Whether rank sends the chunk it holds at step on to anybody."""
+        return bool(self.deliveries(role, step, rank))
+
+    def accumulator_next(self, role: str, step: int, rank: int) -> int:
+        """Where the holder of a chunk at step >= 1 sends its summed partial gradients: the chunk's
+        next holder when that one gets the chunk from it one step later (the partials trail the
+        chunk), else the chunk's owner (the chunk stops, or jumps to another node)."""
+        for dst, s in self.deliveries(role, step, rank):
+            if s == step + 1:
+                return dst
+        return self.held(step, rank)
+
+    def accumulator_prev(self, role: str, step: int, rank: int) -> Optional[int]:
+        """The rank whose partial sums of the chunk rank holds at step arrive before rank adds its
+        own (the previous holder, when it held the chunk one step earlier at a step >= 1)."""
+        if step < 2:
+            return None
+        src, src_step = self.route.source[step][rank]
+        return src if src_step == step - 1 else None
+
+    def accumulators_home(self, role: str, rank: int) -> list[tuple[int, int]]:
+        """(src, src_step) of the partial sums of rank's own chunk that come back to it."""
+        return [(r, s) for s in range(1, self.route.world_size) for r in range(self.world_size)
+                if self.held(s, r) == rank and self.holds(role, s, r) and self.accumulator_next(role, s, r) == rank]
 
     def holds(self, role: str, step: int, rank: int) -> bool:
         """Whether rank holds a chunk at step (one that was sent to it, or its own at step 0)."""
@@ -85,20 +136,14 @@ class RingPlan:
 
     def positions(self, rank: int) -> torch.Tensor:
         """Global positions of rank's real rows."""
-        return _positions(self.seq_len, self.layout, self.world_size, rank)
-
-    def next_rank(self, rank: int) -> int:
-        i = self.order.index(rank)
-        return self.order[(i + 1) % self.world_size]
-
-    def prev_rank(self, rank: int) -> int:
-        i = self.order.index(rank)
-        return self.order[(i - 1) % self.world_size]
+        if self.groups is None:
+            return _positions(self.seq_len, self.layout, self.world_size, rank)
+        world = sum(len(g) for g in self.groups)
+        return torch.cat([_positions(self.seq_len, self.layout, world, r) for r in self.groups[rank]])
 
     def held(self, step: int, rank: int) -> int:
         """Origin of the chunk that `rank` holds at `step`."""
-        i = self.order.index(rank)
-        return self.order[(i - step) % self.world_size]
+        return self.route.held[step][rank]
 
     def pair(self, q_rank: int, k_rank: int) -> PairPlan:
         return self.pairs[q_rank][k_rank]
@@ -113,21 +158,33 @@ class RingPlan:
 
     def transfers(self, step: int, role: str = KV) -> list[tuple[int, int, int]]:
         """(src, dst, chunk origin) of every send after `step` (none after the last step)."""
-        return [(r, self.next_rank(r), self.held(step, r)) for r in self.order if self.sends(role, step, r)]
+        return [(r, dst, self.held(step, r)) for r in range(self.world_size)
+                for dst, _ in self.deliveries(role, step, r)]
+
+    def messages(self, role: str = KV, accumulators: bool = False):
+        """(src, dst, rows) of every message of one ring of `role`: the travelling chunks, or
+        (accumulators=True, backward) the partial sums every holder after step 0 sends on."""
+        for s in range(self.steps_for(role)):
+            for r in range(self.world_size):
+                lo, hi = self.travel_rows[role][self.held(s, r)]
+                if accumulators:
+                    if s >= 1 and self.holds(role, s, r):
+                        yield r, self.accumulator_next(role, s, r), hi - lo
+                else:
+                    for dst, _ in self.deliveries(role, s, r):
+                        yield r, dst, hi - lo
 
     def rows_sent(self, role: str = KV, rank: Optional[int] = None, accumulators: bool = False) -> int:
-        """Sequence rows that `rank` (all ranks if None) sends in one ring of `role`: the travelling
-        chunks, or (accumulators=True, backward) the trailing partial sums, which cover the same rows
-        but leave one step later, from the next holder."""
-        rows = 0
-        for s in range(self.steps_for(role)):
-            for r in self.order if rank is None else (rank,):
-                chunk = self.held(s, r)
-                moving = (s >= 1 and self.holds(role, s, r)) if accumulators else self.sends(role, s, r)
-                if moving:
-                    lo, hi = self.travel_rows[role][chunk]
-                    rows += hi - lo
-        return rows
+        """Sequence rows that `rank` (all ranks if None) sends in one ring of `role` (see messages)."""
+        return sum(rows for src, _, rows in self.messages(role, accumulators) if rank is None or src == rank)
+
+    def rows_by_link(self, link, role: str = KV, accumulators: bool = False) -> dict[str, int]:
+        """Rows all ranks send per link class; link(src, dst) names the class of a message between
+        plan ranks (e.g. Topology.link, or for a ring over nodes the class between nodes)."""
+        out = dict.fromkeys(LINK_CLASSES, 0)
+        for src, dst, rows in self.messages(role, accumulators):
+            out[link(src, dst)] += rows
+        return out
 
     def skipped_pairs(self, rank: Optional[int] = None) -> int:
         """Fully masked pairs of rank's queries (all ranks if None)."""
@@ -154,9 +211,16 @@ class RingPlan:
             rows.append(cells)
         mask = f" mask={self.mask.describe()}" if self.mask is not None else ""
         title = (f"ring plan: G={self.world_size} layout={self.layout} N={self.seq_len} "
-                 f"causal={self.causal}{mask} order={list(self.order)} rows/rank={self.local_len} "
+                 f"causal={self.causal}{mask} {self.describe_route()} rows/rank={self.local_len} "
                  f"steps={self.steps} skipped pairs={self.skipped_pairs()}")
         return title + "\n" + _markdown(head, rows)
+
+    def describe_route(self) -> str:
+        if self.schedule == ULYSSES_RING:
+            return f"schedule=ulysses_ring nodes={[list(g) for g in self.groups]}"
+        if self.route.order is not None:
+            return f"order={list(self.route.order)}"
+        return f"schedule={self.schedule}"
 
     def check(self, brute_force: Optional[bool] = None) -> None:
         """Raise AssertionError unless the plan is exact (see module docstring). A masked plan is
@@ -194,28 +258,39 @@ class RingPlan:
 
 def build_plan(world_size: int, layout: str, seq_len: int, causal: bool,
                ring: Optional[nx.DiGraph] = None, mask: Optional[AttentionMask] = None,
-               tile: int = DEFAULT_TILE) -> RingPlan:
+               tile: int = DEFAULT_TILE, schedule: str = RING, node_size: Optional[int] = None) -> RingPlan:
     """The checked plan for a sequence of seq_len tokens on world_size ranks (cached without a
-    structured mask). mask: a structured mask (its `causal` must equal causal)."""
+    structured mask). mask: a structured mask (its `causal` must equal causal). schedule: ring
+    (over `ring`'s order, default the flat ring), double_ring or ulysses_ring (both need node_size,
+    the ranks per node; ulysses_ring's plan runs over the world_size / node_size nodes)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if schedule != RING:
+        if ring is not None:
+            raise ValueError("a custom ring order applies to the flat ring only")
+        if node_size is None:
+            raise ValueError(f"schedule {schedule} needs node_size, the ranks per node")
+    node_size = node_size if schedule != RING else None
     if mask is not None:
         mask = mask.normalized()
     if mask is not None and mask.structured:
         if mask.causal != causal:
             raise ValueError(f"mask.causal={mask.causal} disagrees with causal={causal}")
-        order = ring_order(ring if ring is not None else flat_ring(world_size))
+        order = ring_order(ring) if ring is not None else None
         key = mask.fingerprint()
         if key is None:
-            return _build(world_size, layout, seq_len, causal, order, mask, tile)
-        cached = _masked_plans.get((world_size, layout, seq_len, order, tile, key))
+            return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile)
+        cache_key = (world_size, layout, seq_len, schedule, node_size, order, tile, key)
+        cached = _masked_plans.get(cache_key)
         if cached is None:
-            cached = _build(world_size, layout, seq_len, causal, order, mask, tile)
-            _masked_plans[(world_size, layout, seq_len, order, tile, key)] = cached
+            cached = _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile)
+            _masked_plans[cache_key] = cached
             while len(_masked_plans) > 64:
                 _masked_plans.pop(next(iter(_masked_plans)))
         return cached
     if ring is None:
-        return _build_flat(world_size, layout, seq_len, causal)
-    return _build(world_size, layout, seq_len, causal, ring_order(ring))
+        return _build_cached(world_size, layout, seq_len, causal, schedule, node_size)
+    return _build(world_size, layout, seq_len, causal, flat_route(ring_order(ring)))
 
 
 _masked_plans: dict = {}  # plans of masks described by content (no mask_mod / attn_mask), newest last
@@ -227,53 +302,89 @@ def _positions(seq_len: int, layout: str, world_size: int, rank: int) -> torch.T
 
 
 @functools.lru_cache(maxsize=256)
-def _build_flat(world_size: int, layout: str, seq_len: int, causal: bool) -> RingPlan:
-    return _build(world_size, layout, seq_len, causal, ring_order(flat_ring(world_size)))
+def _build_cached(world_size: int, layout: str, seq_len: int, causal: bool, schedule: str,
+                  node_size: Optional[int]) -> RingPlan:
+    return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size)
 
 
-def _build(world_size: int, layout: str, seq_len: int, causal: bool, order: tuple[int, ...],
-           mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE) -> RingPlan:
+def _build_scheduled(world_size: int, layout: str, seq_len: int, causal: bool, schedule: str,
+                     node_size: Optional[int], order: Optional[tuple[int, ...]] = None,
+                     mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE) -> RingPlan:
+    if schedule == RING:
+        route = flat_route(order if order is not None else ring_order(flat_ring(world_size)))
+        return _build(world_size, layout, seq_len, causal, route, mask, tile)
+    if schedule == DOUBLE_RING:
+        return _build(world_size, layout, seq_len, causal, double_ring_route(world_size, node_size), mask, tile)
+    if world_size % node_size:
+        raise ValueError(f"{world_size} ranks do not split into nodes of {node_size}")
+    nodes = world_size // node_size
+    groups = tuple(tuple(range(p * node_size, (p + 1) * node_size)) for p in range(nodes))
+    return _build(world_size, layout, seq_len, causal, flat_route(tuple(range(nodes))), mask, tile,
+                  groups=groups, schedule=ULYSSES_RING)
+
+
+def _group_blocks(seq_len: int, layout: str, world_size: int, group: tuple[int, ...]) -> list[layouts.Block]:
+    """The blocks of a node's chunk after the all-to-all: its ranks' real rows, one after another."""
+    out, start = [], 0
+    for r in group:
+        for b in layouts.rank_blocks(seq_len, layout, world_size, r):
+            if b.valid:
+                out.append(layouts.Block(start, b.global_start, b.stride, b.valid, b.valid))
+                start += b.valid
+    return out
+
+
+def _build(world_size: int, layout: str, seq_len: int, causal: bool, route: Route,
+           mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE,
+           groups: Optional[tuple[tuple[int, ...], ...]] = None, schedule: Optional[str] = None) -> RingPlan:
+    """The plan over `world_size` layout ranks; with groups, over len(groups) chunks of several ranks."""
     layouts.check_layout(layout)
     if seq_len < 1:
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
-    if sorted(order) != list(range(world_size)):
-        raise ValueError(f"ring order {order} is not a permutation of ranks 0..{world_size - 1}")
     if tile < 1:
         raise ValueError(f"mask tile must be >= 1 rows, got {tile}")
-    blocks = [layouts.rank_blocks(seq_len, layout, world_size, r) for r in range(world_size)]
+    local_len = layouts.local_padded_length(seq_len, layout, world_size)
+    if groups is None:
+        blocks = [layouts.rank_blocks(seq_len, layout, world_size, r) for r in range(world_size)]
+        positions = [_positions(seq_len, layout, world_size, r) for r in range(world_size)]
+    else:
+        blocks = [_group_blocks(seq_len, layout, world_size, g) for g in groups]
+        positions = [torch.cat([_positions(seq_len, layout, world_size, r) for r in g]) for g in groups]
+        local_len *= len(groups[0])
+    chunks = len(blocks)
+    if route.world_size != chunks:
+        raise ValueError(f"route over {route.world_size} ranks for a plan of {chunks} chunks")
     if mask is None:
         pairs = tuple(
-            tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(world_size))
-            for q in range(world_size))
+            tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(chunks))
+            for q in range(chunks))
     else:
         tiles = [_tiles(bl, tile) for bl in blocks]
-        positions = [_positions(seq_len, layout, world_size, r) for r in range(world_size)]
         pairs = tuple(
             tuple(_masked_pair_plan(q, k, tiles[q], tiles[k], positions[q], positions[k], mask)
-                  for k in range(world_size))
-            for q in range(world_size))
-    last_step, travel_rows = _travel(pairs, order)
+                  for k in range(chunks))
+            for q in range(chunks))
+    last_step, travel_rows = _travel(pairs, route)
     plan = RingPlan(
-        world_size=world_size, layout=layout, seq_len=seq_len, causal=causal, order=order,
-        local_len=layouts.local_padded_length(seq_len, layout, world_size),
-        valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs, mask=mask,
-        last_step=last_step, travel_rows=travel_rows)
+        world_size=chunks, layout=layout, seq_len=seq_len, causal=causal, route=route,
+        local_len=local_len, valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs,
+        mask=mask, last_step=last_step, travel_rows=travel_rows, schedule=schedule or route.name, groups=groups)
     plan.check()
     return plan
 
 
-def _travel(pairs, order: tuple[int, ...]) -> tuple[dict, dict]:
+def _travel(pairs, route: Route) -> tuple[dict, dict]:
     """Per role and chunk origin: the last step a rank needs the chunk, and the rows it needs after
     step 0 (the chunk's owner uses it at step 0 in place)."""
-    g = len(order)
+    g = route.world_size
+    holder = {(route.held[s][r], s): r for s in range(g) for r in range(g)}  # (chunk, step) -> rank
     last_step, travel_rows = {}, {}
     for role in (KV, QUERY):
         lasts, rows = [], []
         for chunk in range(g):
-            i = order.index(chunk)
             last, lo, hi = 0, None, None
             for s in range(1, g):
-                visitor = order[(i + s) % g]
+                visitor = holder[chunk, s]
                 pair = pairs[visitor][chunk] if role == KV else pairs[chunk][visitor]
                 if pair.mask == SKIPPED:
                     continue
@@ -290,7 +401,7 @@ def _travel(pairs, order: tuple[int, ...]) -> tuple[dict, dict]:
 def _pair_plan(q_rank: int, k_rank: int, q_blocks, k_blocks, causal: bool) -> PairPlan:
     n_q = sum(b.valid for b in q_blocks)
     n_k = sum(b.valid for b in k_blocks)
-    if q_rank == k_rank and causal:
+    if q_rank == k_rank and causal and _increasing(q_blocks):
         # same positions on both sides, increasing with the local index: exactly top-left causal
         items = [WorkItem(0, n_q, 0, n_k, True)] if n_q else []
     else:
@@ -299,6 +410,12 @@ def _pair_plan(q_rank: int, k_rank: int, q_blocks, k_blocks, causal: bool) -> Pa
     visible = sum(it.visible_pairs() for it in items)
     mask = SKIPPED if visible == 0 else FULL if visible == n_q * n_k else DIAGONAL
     return PairPlan(q_rank, k_rank, mask, tuple(items), visible)
+
+
+def _increasing(blocks: list[layouts.Block]) -> bool:
+    """Whether positions increase with the local row across the blocks (a layout's own shard)."""
+    real = [b for b in blocks if b.valid]
+    return all(a.global_start + a.stride * (a.valid - 1) < b.global_start for a, b in zip(real, real[1:]))
 
 
 def _block_items(qb: layouts.Block, kb: layouts.Block, causal: bool) -> list[WorkItem]:

@@ -1,7 +1,112 @@
-"""Ring topology: the order in which ranks pass chunks, as a checked networkx cycle."""
+"""The machine the ring runs on: ranks grouped into nodes, the link class between two ranks, and the
+bandwidth and latency of each class; plus ring orders as checked networkx cycles.
+
+Ranks are grouped into nodes the way torchrun numbers them: node p holds ranks p*n .. p*n + n - 1
+for node size n (torchrun's LOCAL_WORLD_SIZE). Two ranks of one node talk over the intra-node link
+(NVLink), ranks of different nodes over the inter-node link (InfiniBand); each class has a
+bandwidth per direction per GPU and a latency per message.
+"""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
 import networkx as nx
+
+INTRA, INTER = "intra", "inter"
+LINK_CLASSES = (INTRA, INTER)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One link class: bytes per second per direction per GPU, seconds per message."""
+
+    bandwidth: float
+    latency: float
+
+
+# H100 SXM figures: NVLink 4 moves 450 GB/s per direction per GPU; a node's 8 x 400 Gb/s
+# InfiniBand NICs give each GPU 50 GB/s per direction. Latencies are typical NCCL point-to-point.
+DEFAULT_LINKS: Mapping[str, LinkSpec] = {
+    INTRA: LinkSpec(bandwidth=450e9, latency=5e-6),
+    INTER: LinkSpec(bandwidth=50e9, latency=15e-6),
+}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """world_size ranks in nodes of node_size consecutive ranks, with a LinkSpec per link class."""
+
+    world_size: int
+    node_size: int
+    links: Mapping[str, LinkSpec] = field(default_factory=lambda: dict(DEFAULT_LINKS))
+
+    def __post_init__(self):
+        if self.world_size < 1 or self.node_size < 1:
+            raise ValueError(f"world size and node size must be >= 1, got {self.world_size} and {self.node_size}")
+        if self.world_size % self.node_size:
+            raise ValueError(
+                f"{self.world_size} ranks do not split into nodes of {self.node_size}: set node_size "
+                f"(option or BURST_NODE_SIZE) to the number of ranks per node, a divisor of {self.world_size}")
+        missing = set(LINK_CLASSES) - set(self.links)
+        if missing:
+            raise ValueError(f"topology has no link spec for {sorted(missing)}")
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.node_size
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.node_size
+
+    def local_index(self, rank: int) -> int:
+        return rank % self.node_size
+
+    def rank_at(self, node: int, local: int) -> int:
+        return node * self.node_size + local
+
+    def link(self, src: int, dst: int) -> str:
+        """The link class a message from src to dst crosses."""
+        return INTRA if self.node_of(src) == self.node_of(dst) else INTER
+
+    def graph(self) -> nx.Graph:
+        """Every pair of ranks joined by an edge whose `link` attribute is its class."""
+        g = nx.complete_graph(self.world_size)
+        nx.set_edge_attributes(g, {(a, b): self.link(a, b) for a, b in g.edges}, "link")
+        return g
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{c} {self.links[c].bandwidth / 1e9:g} GB/s {self.links[c].latency * 1e6:g} us"
+                          for c in LINK_CLASSES)
+        return f"{self.nodes} node(s) x {self.node_size} rank(s) ({parts})"
+
+
+def resolve_node_size(requested: Optional[int], world_size: int, environ=os.environ) -> int:
+    """Ranks per node: the option if given, else BURST_NODE_SIZE, else torchrun's LOCAL_WORLD_SIZE,
+    else the whole group is one node. A value that does not divide the world raises."""
+    for source, raw in (("node_size", requested), ("BURST_NODE_SIZE", environ.get("BURST_NODE_SIZE")),
+                        ("LOCAL_WORLD_SIZE", environ.get("LOCAL_WORLD_SIZE"))):
+        if raw is None or raw == "":
+            continue
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"{source}={raw!r} is not a number of ranks per node") from None
+        if n < 1 or world_size % n:
+            if source == "LOCAL_WORLD_SIZE" and world_size % n:
+                continue  # a sub-group of the launch: its ranks need not fill nodes; treat as one node
+            raise ValueError(f"{source}={n} does not divide the group's {world_size} ranks: set it to the "
+                             f"number of ranks per node")
+        return min(n, world_size)
+    return world_size
+
+
+def topology_for(world_size: int, node_size: Optional[int] = None, links: Optional[Mapping[str, LinkSpec]] = None,
+                 environ=os.environ) -> Topology:
+    """The Topology of a group from the options and the environment (see resolve_node_size)."""
+    return Topology(world_size, resolve_node_size(node_size, world_size, environ),
+                    dict(links) if links is not None else dict(DEFAULT_LINKS))
 
 
 def flat_ring(world_size: int) -> nx.DiGraph:
@@ -32,3 +137,27 @@ def ring_order(ring: nx.DiGraph) -> tuple[int, ...]:
                              f"covers only {order}")
         order.append(nxt)
     return tuple(order)
+
+
+def ulysses_kv_heads(heads_q: int, heads_kv: int, node_size: int) -> Optional[int]:
+    """K/V heads each rank of a node holds after Ulysses' all-to-all (query heads heads_q / n each),
+    or None when the heads do not split: heads_q must divide by n, and either the K/V heads divide
+    by n too (heads_kv / n each) or n by them (one K/V head each, replicated over the n / heads_kv
+    ranks whose query heads share it)."""
+    if heads_q % node_size:
+        return None
+    if heads_kv % node_size == 0:
+        return heads_kv // node_size
+    if node_size % heads_kv == 0:
+        return 1
+    return None
+
+
+def ulysses_kv_range(heads_q: int, heads_kv: int, node_size: int, local: int) -> tuple[int, int]:
+    """The K/V heads [lo, hi) the rank at local index `local` holds in the head-sharded form."""
+    per_rank = ulysses_kv_heads(heads_q, heads_kv, node_size)
+    if per_rank is None:
+        raise ValueError(f"{heads_q} query / {heads_kv} K/V heads do not split over {node_size} ranks")
+    group = heads_q // heads_kv  # query heads per K/V head
+    lo = local * (heads_q // node_size) // group
+    return lo, lo + per_rank
