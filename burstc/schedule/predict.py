@@ -39,11 +39,10 @@ from typing import Optional, Union
 import sympy
 
 from burstc.schedule.cost import KV_RING, AttentionShape, Size, backward_row_bytes, choose_backward
+from burstc.schedule.plan import SCHEDULE_CHOICES, SCHEDULES, ULYSSES_RING
+from burstc.schedule.route import DOUBLE_RING, RING
 from burstc.schedule.topology import INTER, INTRA, Topology, ulysses_kv_heads
 
-RING, DOUBLE_RING, ULYSSES_RING = "ring", "double_ring", "ulysses_ring"
-SCHEDULES = (RING, DOUBLE_RING, ULYSSES_RING)
-SCHEDULE_CHOICES = ("auto",) + SCHEDULES
 PHASES = ("forward", "backward")
 REFERENCE = "flat ring (PyTorch CP / ring-flash-attn)"
 
@@ -136,7 +135,7 @@ def _link_totals(shape: AttentionShape, topology: Topology, schedule: str, phase
     rows = G * (n - 1) * L * B  # rows each all-to-all moves, summed over the ranks
     if phase == "forward":
         a2a_in = rows * d * e * (h + 2 * c)  # q, k, v
-        a2a_out = rows * d * e * h  # out
+        a2a_out = rows * h * (d * e + a)  # out, and lse in acc dtype
         hop = n * L * B * 2 * c * d * e
     else:
         a2a_in = rows * (d * e * (h + 2 * c + h + h) + a * h)  # q, k, v, out, dout; lse in acc dtype

@@ -53,9 +53,10 @@ def test_ulysses_bytes_by_hand():
     s, t = shape(), Topology(4, 2)
     # After the all-to-all each rank holds h = 2 query heads and c = 1 K/V head of its node's 20 rows.
     # Forward all-to-all in: each rank sends its peer 10 rows of q (2 heads) and k, v (1 head each),
-    # 32 B per head-row: 10 * 4 * 32 = 1280; out back: 10 * 2 * 32 = 640. Four ranks.
+    # 32 B per head-row: 10 * 4 * 32 = 1280; out back: 10 * 2 * 32 = 640, and lse (4 B a head-row):
+    # 10 * 2 * 4 = 80. Four ranks.
     fwd = bytes_by_link(s, t, "ulysses_ring", "forward")
-    assert fwd[INTRA] == 4 * (1280 + 640)
+    assert fwd[INTRA] == 4 * (1280 + 640 + 80)
     # Ring over the 2 nodes: one hop of a 20-row chunk of k, v with 1 head: 20 * 2 * 32 = 1280 per rank.
     assert fwd[INTER] == 4 * 1280
     # Backward in: q, k, v, out, dout (2 + 1 + 1 + 2 + 2 head-rows of 32 B) + lse (2 * 4 B) per row;
@@ -71,7 +72,8 @@ def test_ulysses_bytes_bf16_and_replicated_kv():
     s, t = shape(hkv=1, dtype=torch.bfloat16), Topology(4, 2)
     head_row_e, head_row_a = 8 * 2, 8 * 4
     fwd = bytes_by_link(s, t, "ulysses_ring", "forward")
-    assert fwd[INTRA] == 4 * 10 * head_row_e * (2 + 2 + 2)  # q (2 heads), k, v (1 each); out (2 heads)
+    # q (2 heads), k, v (1 each), out (2 heads); lse (2 heads, 4 B)
+    assert fwd[INTRA] == 4 * 10 * (head_row_e * (2 + 2 + 2) + 2 * 4)
     assert fwd[INTER] == 4 * 20 * 2 * head_row_e
     bwd = bytes_by_link(s, t, "ulysses_ring", "backward", KV_RING)
     assert bwd[INTRA] == 4 * 10 * (head_row_e * 8 + 2 * 4 + head_row_a * 4)
@@ -152,13 +154,13 @@ def test_time_model_by_hand():
     assert double.exposed_comm_s == pytest.approx(double.total_s - compute)
     assert ring.steps == double.steps == 4
     # Compute-bound (slow kernel): the rings take the compute time, nothing exposed; Ulysses adds its
-    # all-to-alls (forward 1920 B + backward (2640 + 1280) B per rank at 1 GB/s, no latency).
+    # all-to-alls (forward 2000 B + backward (2640 + 1280) B per rank at 1 GB/s, no latency).
     slow = predict_all(s, t, causal=True, scheme=KV_RING, flops_per_s=1e3)
     compute = 0.5 * 204800 * 3.5 / 4 / 1e3
     for sched in ("ring", "double_ring"):
         assert slow[sched].total_s == pytest.approx(compute)
         assert slow[sched].exposed_comm_s == pytest.approx(0, abs=1e-12)
-    assert slow["ulysses_ring"].exposed_comm_s == pytest.approx((1920 + 2640 + 1280) / 1e9)
+    assert slow["ulysses_ring"].exposed_comm_s == pytest.approx((2000 + 2640 + 1280) / 1e9)
     assert slow["ulysses_ring"].steps == 2
 
 
@@ -167,7 +169,7 @@ def test_ulysses_time_by_hand():
     s, t = shape(), Topology(4, 2, links(intra=1e9, inter=1e8, intra_lat=1e-6))
     c = 204800 / 4 / 2 / 1e12  # per rank, per step over the 2 nodes
     p = predict(s, t, "ulysses_ring", causal=False, scheme=KV_RING, flops_per_s=1e12)
-    a2a_in, a2a_out = 1280 / 1e9 + 1e-6, 640 / 1e9 + 1e-6
+    a2a_in, a2a_out = 1280 / 1e9 + 1e-6, 720 / 1e9 + 1e-6  # out back, and lse
     assert p.forward_s == pytest.approx(a2a_in + c + 1280 / 1e8 + a2a_out)
 
 
