@@ -458,3 +458,32 @@ def test_broadcast_keys_and_values_convert_and_match_eager(world_size):
     for out_err, grad_err, burst in run_ranks(world_size, _broadcast_kv):
         assert out_err <= 1e-5 and grad_err <= 1e-5, (out_err, grad_err)
         assert burst["sites_converted"] == 2 and not burst.get("sites_left"), burst
+
+
+def _schedule_cases(rank, world_size, cases):
+    """_compare_cases, with the bytes each case's compiled step sent per link class."""
+    from burstc.runtime.stats import comm_stats
+
+    out = []
+    for case in cases:
+        with comm_stats() as stats:
+            (result,) = _compare_cases(rank, world_size, [case])
+        out.append(dict(result, bytes_by_link=dict(stats.bytes_by_link), schedule=case[2].get("schedule")))
+    return out
+
+
+def test_four_ranks_as_two_nodes_every_schedule():
+    """4 gloo ranks posing as 2 nodes of 2 (node_size=2): a GQA model and LLaMA compiled with each
+    schedule (and auto), sequence mode, exact against single-device eager; the double ring and
+    Ulysses send fewer bytes between the nodes than the flat ring."""
+    pytest.importorskip("transformers")
+    cases = [("tiny_gqa", 30, {"inner": "aot_eager", "node_size": 2, "schedule": s})
+             for s in ("ring", "double_ring", "ulysses_ring", "auto")]
+    cases.append(("llama", 37, {"inner": "aot_eager", "node_size": 2, "schedule": "ulysses_ring"}))
+    results = run_ranks(4, _schedule_cases, cases, timeout_s=900)
+    for rank_results in results:
+        _check(rank_results)
+    inter = {r["schedule"]: sum(rank[i]["bytes_by_link"]["inter"] for rank in results)
+             for i, r in enumerate(results[0][:3])}
+    assert inter["double_ring"] < inter["ring"] and inter["ulysses_ring"] < inter["ring"], inter
+    assert all(r["bytes_by_link"]["intra"] > 0 for r in results[0]), results[0]

@@ -15,11 +15,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from burstc.debug.render import plan_picture, plan_report
+from burstc.debug.render import plan_picture, plan_report, site_ring
 from burstc.passes.plan import SitePlan
-from burstc.schedule.cost import AttentionShape
-from burstc.schedule.layout import local_padded_length
-from burstc.schedule.plan import build_plan
 
 log = logging.getLogger("burstc.dump")
 
@@ -84,19 +81,20 @@ class CompilationDump:
             if plan.converts:
                 seq_len, symbolic = _hint(plan)
                 q = site.tensor("query")
-                k = site.tensor("key")
-                ring = build_plan(self.world_size, plan.layout, max(seq_len, 1), plan.causal)
-                shape = AttentionShape(batch=_concrete(q.shape[0], 1), heads_q=int(q.shape[1]), heads_kv=int(k.shape[1]),
-                                       head_dim=int(q.shape[3]), dtype=q.dtype, world_size=self.world_size,
-                                       local_rows=local_padded_length(ring.seq_len, plan.layout, self.world_size))
+                ring, shape = site_ring(plan, self.world_size, max(seq_len, 1), _concrete(q.shape[0], 1))
                 notes = [f"source: {site.source}" if site.source else "source: (no stack trace)",
                          f"the sequence length is dynamic ({plan.seq_len}); the tables show the plan for the "
                          f"example length {seq_len}" if symbolic else "the sequence length is static"]
+                notes += [plan.schedule_note] if plan.schedule_note else []
                 report = plan_report(ring, shape, title=f"attention site {site.name}", scale=plan.scale,
-                                     scheme=plan.backward, notes=notes)
+                                     scheme=plan.backward, notes=notes, predictions=plan.predictions)
                 self.files[f"site_{site.name}.md"] = report
                 self.pictures.append((f"site_{site.name}.png", ring))
-                entry.update(layout=plan.layout, backward=plan.backward, causal=plan.causal, scale=plan.scale,
+                entry.update(layout=plan.layout, backward=plan.backward, schedule=ring.schedule,
+                             node_size=plan.node_size or self.world_size,
+                             predicted_ms={name: None if p.total_s is None else float(p.total_s) * 1e3
+                                           for name, p in plan.predictions.items()},
+                             causal=plan.causal, scale=plan.scale,
                              seq_len=str(plan.seq_len), example_seq_len=seq_len, world_size=self.world_size,
                              plan_file=f"site_{site.name}.md", picture=f"site_{site.name}.png",
                              cost={k: (str(v) if isinstance(v, sympy.Basic) else v) for k, v in plan.cost.items()},

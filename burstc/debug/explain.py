@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from burstc.config import BurstConfig
-from burstc.debug.render import plan_report
+from burstc.debug.render import plan_report, site_ring
 from burstc.passes.canonicalize import canonicalize_attention, canonicalize_result
 from burstc.passes.find_attention import find_attention_sites
 from burstc.passes.masks import recognize_masks
@@ -24,7 +24,6 @@ from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard import ShardingError, ShardingPlan, shard_copy
 from burstc.schedule.cost import AttentionShape
 from burstc.schedule.layout import local_padded_length
-from burstc.schedule.plan import build_plan
 
 
 def load_factory(spec: str) -> Callable:
@@ -103,7 +102,7 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
             continue
         q, k = site.tensor("query"), site.tensor("key")
         n = int(q.shape[2])
-        ring = build_plan(world_size, plan.layout, n, plan.causal)
+        ring, ring_shape = site_ring(plan, world_size, n, int(q.shape[0]))
         rows = local_padded_length(n, plan.layout, world_size)
         shape = AttentionShape(int(q.shape[0]), int(q.shape[1]), int(k.shape[1]), int(q.shape[3]), rows,
                                world_size, q.dtype)
@@ -112,8 +111,10 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
         notes = [f"source: {site.source or '(no stack trace)'}",
                  f"attention working memory per rank ~{mine / 2**20:.1f} MiB vs {alone / 2**20:.1f} MiB on one "
                  f"device ({mine / alone:.2f}x)"]
-        lines.append(plan_report(ring, shape, title=f"site {site.name}: converted", scale=plan.scale,
-                                 scheme=plan.backward, notes=notes))
+        if plan.schedule_note:
+            notes.append(plan.schedule_note)
+        lines.append(plan_report(ring, ring_shape, title=f"site {site.name}: converted", scale=plan.scale,
+                                 scheme=plan.backward, notes=notes, predictions=plan.predictions))
     for where, why in unrecognised:
         lines += [f"## attention at {where}: left as it is (runs whole on every rank)", f"reason: {why}", ""]
     left = [p for p in plans if not p.converts]
@@ -133,8 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default=None, help="contiguous, zigzag (default) or striped")
     p.add_argument("--backward", default=None, help="auto (default), query_ring or kv_ring")
     p.add_argument("--parallel", default=None, help="auto (default: sequence), sequence or attention")
+    p.add_argument("--schedule", default=None, help="auto (default), ring, double_ring or ulysses_ring")
+    p.add_argument("--node-size", type=int, default=None, help="ranks per node (default: one node)")
     a = p.parse_args(argv)
-    options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward), ("parallel", a.parallel)) if v}
+    options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward), ("parallel", a.parallel),
+                                 ("schedule", a.schedule), ("node_size", a.node_size)) if v}
     cfg = BurstConfig.from_options(options)
     model, args = load_factory(a.factory)(a.seq_len)
     print(explain(model, args, world_size=a.world_size, seq_len=a.seq_len, cfg=cfg))

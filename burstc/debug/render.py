@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Optional
 
 from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, forward_bytes, plan_backward_bytes
-from burstc.schedule.plan import DIAGONAL, FULL, KV, PARTIAL, SKIPPED, RingPlan
+from burstc.schedule.plan import (DIAGONAL, FULL, KV, PARTIAL, SKIPPED, ULYSSES_RING, RingPlan, build_plan,
+                                  markdown_table)
+from burstc.schedule.topology import ulysses_kv_heads
 
 _COLORS = {FULL: "#4c78a8", DIAGONAL: "#f58518", PARTIAL: "#54a24b", SKIPPED: "#e0e0e0"}
 
 
 def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, scheme: str,
-                notes: Optional[list[str]] = None) -> str:
-    """Markdown: what the site is, how its ring runs, and the table of steps x ranks."""
+                notes: Optional[list[str]] = None, predictions: Optional[dict] = None) -> str:
+    """Markdown: what the site is, how its ring runs, the schedules the cost model compared
+    (predictions: burstc.schedule.predict's, by schedule) and the table of steps x ranks. For
+    ulysses_ring, shape is the head-sharded chunk the ring over the nodes carries."""
     row_bytes = shape.batch * 2 * shape.heads_kv * shape.head_dim * shape.itemsize
     fwd = plan.rows_sent(KV) * row_bytes
     bwd = {k: plan_backward_bytes(shape, plan, k) for k in (QUERY_RING, KV_RING)}
@@ -31,6 +35,9 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
         f"- skipped (fully masked) pairs: {plan.skipped_pairs()} of {plan.world_size ** 2}",
     ]
     lines += [f"- {n}" for n in notes or []]
+    if predictions:
+        lines += ["", "## Schedules (predicted by the cost model, one call forward + backward, per rank)", "",
+                  schedule_table(predictions, plan.schedule)]
     lines += ["", "## Forward steps (KV ring): key chunk each rank's queries meet, mask class", "",
               plan.table(bytes_per_row=row_bytes), "",
               "## Work items per pair (rows are local, padded indices)", ""]
@@ -44,11 +51,43 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
     return "\n".join(lines) + "\n"
 
 
+def schedule_table(predictions: dict, chosen: str) -> str:
+    """Markdown: each schedule's predicted time, exposed communication and bytes per link class."""
+    head = ["schedule", "total ms", "forward ms", "backward ms", "exposed comm ms", "intra MiB (all ranks)",
+            "inter MiB (all ranks)"]
+    rows = []
+    for name, p in predictions.items():
+        label = f"**{name}** (chosen)" if name == chosen else name
+        if p.reason is not None:
+            rows.append([label, f"cannot run: {p.reason}", "", "", "", "", ""])
+            continue
+        rows.append([label] + [f"{float(t) * 1e3:.3g}" for t in (p.total_s, p.forward_s, p.backward_s, p.exposed_comm_s)]
+                    + [f"{float(p.bytes_by_link[c]) / 2**20:.3g}" for c in ("intra", "inter")])
+    return markdown_table(head, rows)
+
+
 def _route_line(plan: RingPlan) -> str:
     if plan.order is not None:
         ring = " -> ".join(map(str, plan.order + plan.order[:1] if plan.world_size > 1 else plan.order))
         return f"schedule: {plan.schedule}, ring order: {ring}"
-    return f"schedule: {plan.describe_route()}"
+    return plan.describe_route().replace("=", ": ", 1)
+
+
+def site_ring(plan, world_size: int, seq_len: int, batch: int) -> tuple[RingPlan, AttentionShape]:
+    """The ring plan a converted site (a passes.plan.SitePlan) runs at seq_len on world_size ranks,
+    with the schedule the cost model picked, and the per-rank shape of what its ring carries."""
+    site = plan.site
+    q, k = site.tensor("query"), site.tensor("key")
+    schedule = plan.predicted or "ring"
+    ring = build_plan(world_size, plan.layout, seq_len, plan.causal, schedule=schedule,
+                      node_size=plan.node_size or world_size)
+    heads_q, heads_kv = int(q.shape[1]), int(k.shape[1])
+    if schedule == ULYSSES_RING:
+        n = plan.node_size
+        heads_q, heads_kv = heads_q // n, ulysses_kv_heads(heads_q, heads_kv, n)
+    shape = AttentionShape(batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=int(q.shape[3]),
+                           local_rows=ring.local_len, world_size=ring.world_size, dtype=q.dtype)
+    return ring, shape
 
 
 def plan_picture(plan: RingPlan, path: str, title: str = "") -> Optional[str]:

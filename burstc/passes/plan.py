@@ -1,6 +1,6 @@
 """plan: per attention site, decide whether it converts exactly and with what ring (layout, backward
-scheme by the cost model, sizes as sympy expressions when the sequence length is dynamic); sites
-that cannot convert get the reason. The graph is not changed."""
+scheme and schedule over the nodes by the cost model, sizes as sympy expressions when the sequence
+length is dynamic); sites that cannot convert get the reason. The graph is not changed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -13,8 +13,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import AttentionSite
-from burstc.schedule import cost
+from burstc.schedule import cost, predict
 from burstc.schedule.layout import chunk_count
+from burstc.schedule.topology import topology_for
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,6 +31,13 @@ class SitePlan:
     backward: str = "auto"  # the scheme the cost model chose
     seq_len: object = None  # int or sympy expression
     cost: dict = field(default_factory=dict)  # cost.describe() of the per-rank shape
+    schedule: str = "auto"  # what the op is asked for: the option, or auto where the option cannot run here
+    node_size: int = 0  # ranks per node (0: one node)
+    # the schedule the cost model picks at the compile-time size, every schedule's Prediction, and a
+    # note when the requested schedule cannot run at this site
+    predicted: Optional[str] = None
+    predictions: dict = field(default_factory=dict)
+    schedule_note: Optional[str] = None
 
     @property
     def converts(self) -> bool:
@@ -105,9 +113,42 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     local_rows = sympy.ceiling(sympy.sympify(seq_len) / chunks) * chunks / world_size
     shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                 local_rows=local_rows, world_size=world_size, dtype=q.dtype)
-    return SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
+    plan = SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
                     enable_gqa=enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
                     seq_len=seq_len, cost=cost.describe(shape))
+    return _with_schedule(plan, cfg, shape, q.shape[2], world_size)
+
+
+def _with_schedule(plan: SitePlan, cfg: BurstConfig, shape: cost.AttentionShape, seq_size, world_size: int) -> SitePlan:
+    """The site's schedule: the option where it can run here (else auto, noted), and the cost
+    model's pick and predictions at the compile-time sequence length (the runtime picks per call,
+    the same way, at the actual length)."""
+    topology = topology_for(world_size, cfg.node_size, cfg.links())
+    plan.node_size = topology.node_size if topology.nodes > 1 else 0
+    plan.schedule = cfg.schedule
+    hint = _hint(seq_size)
+    if world_size == 1 or hint is None:
+        return plan
+    chunks = chunk_count(plan.layout, world_size)
+    concrete = replace(shape, batch=_hint(plan.site.tensor("query").shape[0]) or 1,
+                       local_rows=-(-hint // chunks) * chunks // world_size)
+    per_head = bool(plan.site.mask_mod) or plan.site.attn_mask is not None
+    for requested in ((cfg.schedule, "auto") if cfg.schedule != "auto" else ("auto",)):
+        try:
+            plan.predicted, plan.predictions = predict.choose_schedule(
+                concrete, topology, requested, causal=plan.causal, scheme=cost.choose_backward(concrete, cfg.backward),
+                flops_per_s=cfg.tflops * 1e12, per_head_mask=per_head)
+            break
+        except ValueError as e:
+            plan.schedule, plan.schedule_note = "auto", f"schedule {cfg.schedule!r} cannot run here ({e}); auto instead"
+    return plan
+
+
+def _hint(size) -> Optional[int]:
+    """The example value of a size (its hint when symbolic), without installing a guard."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint
+    return int(size)
 
 
 def _broadcasts(size, *sizes) -> bool:

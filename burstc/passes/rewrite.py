@@ -14,6 +14,7 @@ import burstc.runtime.op  # noqa: F401  (registers torch.ops.burst)
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import rebind
 from burstc.passes.plan import SitePlan
+from burstc.schedule import predict
 
 log = logging.getLogger("burstc.passes")
 _logged: set[tuple[str, str]] = set()
@@ -43,14 +44,16 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
                 query, key, value, site.attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers), plan.causal, site.window_left, site.window_right, site.mask_mod,
                 plan.scale, plan.enable_gqa, plan.layout,
-                plan.backward, cfg.kernel, group_name, verify_site))
+                plan.backward, cfg.kernel, plan.schedule, plan.node_size, group_name, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(site.node.meta)
         site.node.replace_all_uses_with(out)
         graph.erase_node(site.node)
         counters["burst"]["sites_converted"] += 1
-        log.info("burst: attention %s -> %s (layout %s, backward %s)%s", site.name, op,
-                 plan.layout, plan.backward, f" at {site.source}" if site.source else "")
+        if plan.schedule_note:
+            log.warning("burst: attention %s: %s", site.name, plan.schedule_note)
+        log.info("burst: attention %s -> %s (layout %s, backward %s, schedule %s)%s", site.name, op,
+                 plan.layout, plan.backward, predict.summary(plan.predicted or "ring", plan.predictions), f" at {site.source}" if site.source else "")
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -1,6 +1,7 @@
 """`burst_attention`: the user-facing distributed attention, forward and backward (autograd)."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -24,6 +25,8 @@ from burstc.schedule.plan import ULYSSES_RING, RingPlan, build_plan
 from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads, ulysses_kv_range
 
 SEQ_DIM = 2
+log = logging.getLogger("burstc.runtime")
+_logged_choices: set = set()  # (schedule, shape, topology) already logged
 
 
 @dataclass(frozen=True)
@@ -317,10 +320,15 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                            head_dim=meta.head_dim, local_rows=layouts.local_padded_length(seq_len, layout, world_size),
                            world_size=world_size, dtype=meta.dtype)
     try:
-        chosen = choose_schedule(shape, topology, schedule, causal=bool(causal), backward=backward,
-                                 mask=mask, flops_per_s=cfg.tflops * 1e12)[0]
+        chosen, predictions = predict.choose_schedule(
+            shape, topology, schedule, causal=bool(causal), scheme=choose_backward(shape, backward),
+            flops_per_s=cfg.tflops * 1e12, per_head_mask=mask is not None and mask.per_head)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
+    if predictions and (chosen, shape, topology.describe()) not in _logged_choices:
+        _logged_choices.add((chosen, shape, topology.describe()))
+        log.info("burst: attention [B=%s, H=%s/%s, N=%s] on %s: schedule %s", shape.batch, shape.heads_q,
+                 shape.heads_kv, seq_len, topology.describe(), predict.summary(chosen, predictions))
     plan = build_plan(world_size, layout, seq_len, bool(causal), mask=mask, tile=cfg.mask_tile, schedule=chosen,
                       node_size=topology.node_size)
     if chosen == ULYSSES_RING:
@@ -333,27 +341,3 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
                    group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology)
-
-
-def choose_schedule(shape: AttentionShape, topology: Topology, requested: str, *, causal: bool, backward: str,
-                    mask=None, flops_per_s: float = predict.DEFAULT_FLOPS) -> tuple[str, dict]:
-    """(schedule, predictions of every schedule) for one call: the requested one, or for 'auto' the
-    least predicted time among those that can run. One node: the flat ring (nothing to choose).
-    Ulysses needs a mask without per-head parts (mask_mod, a materialised mask), since each rank
-    computes only some heads. Raises ValueError naming the fix when the requested one cannot run."""
-    if topology.world_size == 1 or (requested == "auto" and topology.nodes == 1):
-        return predict.RING, {}
-    scheme = backward if backward != "auto" else choose_backward(shape)
-    preds = predict.predict_all(shape, topology, causal=causal, scheme=scheme, flops_per_s=flops_per_s)
-    if mask is not None and (mask.mask_mod is not None or mask.dense is not None):
-        reason = "the mask has per-head parts (a mask_mod or a materialised attn_mask), and Ulysses splits heads"
-        preds[ULYSSES_RING] = replace(preds[ULYSSES_RING], reason=reason, total_s=None)
-    if requested != "auto":
-        if preds[requested].reason is not None:
-            others = [s for s in predict.SCHEDULES if preds[s].reason is None]
-            raise ValueError(f"schedule {requested!r} cannot run on {topology.describe()}: "
-                             f"{preds[requested].reason}; use schedule='auto' or one of {others}")
-        return requested, preds
-    usable = [s for s in predict.SCHEDULES if preds[s].reason is None]
-    return min(usable, key=lambda s: (float(preds[s].total_s), predict.SCHEDULES.index(s))), preds
-

@@ -36,6 +36,11 @@ class AttentionMask:
     dense_rows: Optional[torch.Tensor] = field(default=None)  # global positions of dense's rows
 
     @property
+    def per_head(self) -> bool:
+        """Whether the mask may differ between heads (a mask_mod, a materialised mask)."""
+        return self.mask_mod is not None or self.dense is not None
+
+    @property
     def structured(self) -> bool:
         """Anything beyond plain causal/no mask (the plan then works tile by tile)."""
         return any(x is not None for x in (self.window, self.key_padding, self.document_ids,

@@ -213,14 +213,16 @@ class RingPlan:
         title = (f"ring plan: G={self.world_size} layout={self.layout} N={self.seq_len} "
                  f"causal={self.causal}{mask} {self.describe_route()} rows/rank={self.local_len} "
                  f"steps={self.steps} skipped pairs={self.skipped_pairs()}")
-        return title + "\n" + _markdown(head, rows)
+        return title + "\n" + markdown_table(head, rows)
 
     def describe_route(self) -> str:
+        """The schedule in words: the ring order, or how the nodes take part."""
         if self.schedule == ULYSSES_RING:
             return f"schedule=ulysses_ring nodes={[list(g) for g in self.groups]}"
         if self.route.order is not None:
             return f"order={list(self.route.order)}"
-        return f"schedule={self.schedule}"
+        nodes = self.world_size // self.route.node_size
+        return f"schedule={self.schedule} ({nodes} nodes of {self.route.node_size})"
 
     def check(self, brute_force: Optional[bool] = None) -> None:
         """Raise AssertionError unless the plan is exact (see module docstring). A masked plan is
@@ -615,7 +617,8 @@ def _check_masked_pair(pair: PairPlan, q_pos: torch.Tensor, k_pos: torch.Tensor,
         assert bool(everywhere.all()), f"{where}: class full but some pairs are hidden"
 
 
-def _markdown(head: list[str], rows: list[list[str]]) -> str:
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """Rows of cells as an aligned markdown table."""
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

@@ -252,16 +252,24 @@ def predict_reference(shape: AttentionShape, topology: Topology, *, causal: bool
 
 
 def choose_schedule(shape: AttentionShape, topology: Topology, requested: str = "auto", *, causal: bool,
-                    scheme: str, flops_per_s: float = DEFAULT_FLOPS) -> tuple[str, dict[str, Prediction]]:
+                    scheme: str, flops_per_s: float = DEFAULT_FLOPS,
+                    per_head_mask: bool = False) -> tuple[str, dict[str, Prediction]]:
     """(schedule, predictions): the requested schedule if it can run, else ValueError with the reason;
     for 'auto' the feasible schedule with the least predicted total time (ties: ring, double_ring,
-    ulysses_ring). Needs concrete sizes: a symbolic batch or L raises TypeError."""
+    ulysses_ring), and on one node the flat ring without predictions (no link to choose for).
+    per_head_mask: the call's mask has per-head parts (a mask_mod, a materialised mask), which
+    Ulysses cannot split. Needs concrete sizes: a symbolic batch or L raises TypeError."""
     if requested not in SCHEDULE_CHOICES:
         raise ValueError(f"unknown schedule {requested!r}: choose one of {', '.join(SCHEDULE_CHOICES)}")
+    if requested == "auto" and topology.nodes == 1:
+        return RING, {}
     if any(sympy.sympify(x).free_symbols for x in (shape.batch, shape.local_rows)):
         raise TypeError("choose_schedule needs concrete sizes (the batch and local rows are symbolic); "
                         "substitute numbers first, or use predict_all for symbolic predictions")
     preds = predict_all(shape, topology, causal=causal, scheme=scheme, flops_per_s=flops_per_s)
+    if per_head_mask and preds[ULYSSES_RING].reason is None:
+        preds[ULYSSES_RING] = Prediction(ULYSSES_RING, "the mask has per-head parts (a mask_mod or a materialised "
+                                         "attn_mask) and Ulysses splits the heads", None, None, None, None, None, None)
     if requested != "auto":
         reason = preds[requested].reason
         if reason is not None:
@@ -276,8 +284,17 @@ def choose_schedule(shape: AttentionShape, topology: Topology, requested: str = 
     return best, preds
 
 
+def summary(chosen: str, predictions: dict[str, Prediction]) -> str:
+    """One line for logs: the chosen schedule and every schedule's predicted time."""
+    if not predictions:
+        return chosen
+    times = ", ".join(f"{name} {float(p.total_s) * 1e3:.3g} ms" if p.reason is None else f"{name} cannot run"
+                      for name, p in predictions.items())
+    return f"{chosen} (predicted per call: {times})"
+
+
 __all__ = [
     "DEFAULT_FLOPS", "DOUBLE_RING", "Prediction", "REFERENCE", "RING", "SCHEDULES",
     "SCHEDULE_CHOICES", "ULYSSES_RING", "bytes_by_link", "choose_schedule", "feasibility", "predict",
-    "predict_all", "predict_reference",
+    "predict_all", "predict_reference", "summary",
 ]

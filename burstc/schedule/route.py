@@ -28,6 +28,7 @@ class Route:
     held: tuple[tuple[int, ...], ...]  # held[step][rank]: origin of the chunk rank holds at step
     source: tuple[tuple[Optional[tuple[int, int]], ...], ...]  # source[step][rank]: (src rank, src step)
     order: Optional[tuple[int, ...]] = None  # the ring order of a flat ring
+    node_size: Optional[int] = None  # the double ring's ranks per node
     # outgoing[step][rank]: (dst, dst_step) of the transfers rank posts right after step (derived)
     outgoing: tuple = field(default=(), compare=False, repr=False)
 
@@ -108,6 +109,6 @@ def double_ring_route(world_size: int, node_size: int) -> Route:
                 source[s][r] = (topo.rank_at(p, (local - 1) % n), s - 1)
             elif cycle:
                 source[s][r] = (topo.rank_at((p - 1) % nodes, local), s - n)
-    route = Route(DOUBLE_RING, tuple(map(tuple, held)), tuple(map(tuple, source)))
+    route = Route(DOUBLE_RING, tuple(map(tuple, held)), tuple(map(tuple, source)), node_size=node_size)
     route.check()
     return route
