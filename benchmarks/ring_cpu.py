@@ -61,8 +61,10 @@ def single_process(rank, world_size, seq_len, heads, head_dim, causal, iters):
     return dict(time=_timed(step, iters), peak_mib=_rss_mib() - base)
 
 
-def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, scheme, layout, masks=None):
-    """masks: extra mask arguments of burst_attention (benchmarks/masks_cpu.py)."""
+def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, scheme, layout, extra=None,
+                heads_kv=None):
+    """extra: more keyword arguments of burst_attention (masks: benchmarks/masks_cpu.py; schedule and
+    node_size: benchmarks/schedules_cpu.py). heads_kv: grouped-query attention's K/V heads."""
     import torch.distributed as dist
 
     import burstc
@@ -70,16 +72,20 @@ def burst_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters, schem
     base = _rss_mib()
     local = burstc.local_length(seq_len, layout, world_size, rank)
     q, k, v, dout = _inputs(local, heads, head_dim, seed=rank)
+    if heads_kv is not None:
+        k, v = k[:, :heads_kv].contiguous(), v[:, :heads_kv].contiguous()
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def step():
         q.grad = k.grad = v.grad = None
-        burstc.burst_attention(q, k, v, causal=causal, layout=layout, backward=scheme, **(masks or {})).backward(dout)
+        burstc.burst_attention(q, k, v, causal=causal, layout=layout, backward=scheme, enable_gqa=heads_kv is not None,
+                               **(extra or {})).backward(dout)
     with burstc.comm_stats() as stats:
         elapsed = _timed(step, iters, sync=dist.barrier)
     calls = iters + 1
     return dict(time=elapsed, peak_mib=_rss_mib() - base, forward_bytes=stats.forward_bytes // calls,
-                backward_bytes=stats.backward_bytes // calls, skipped=stats.skipped_pairs // calls)
+                backward_bytes=stats.backward_bytes // calls, skipped=stats.skipped_pairs // calls,
+                bytes_by_link={c: b // calls for c, b in stats.bytes_by_link.items()})
 
 
 def torch_cp_ranks(rank, world_size, seq_len, heads, head_dim, causal, iters):
