@@ -142,12 +142,7 @@ ULYSSES_ENV = {"BURST_INTRA_GBS": "1", "BURST_INTER_GBS": "0.1", "BURST_INTRA_LA
 
 
 def _choose(shape, topo, mask):
-    """The runtime's schedule choice for a call with `mask` (an AttentionMask or None)."""
-    from burstc.runtime import attention
-
-    if hasattr(attention, "choose_schedule"):  # the runtime's own wrapper, where it has one
-        return attention.choose_schedule(shape, topo, "auto", causal=False, backward=KV_RING, mask=mask,
-                                         flops_per_s=1e18)
+    """The schedule choice for a call with `mask` (an AttentionMask or None), as prepare_run makes it."""
     return predict.choose_schedule(shape, topo, "auto", causal=False, scheme=KV_RING, flops_per_s=1e18,
                                    per_head_mask=mask is not None and mask.per_head)
 
