@@ -10,6 +10,7 @@ backend="burst")` needs no import; `burstc.backend.burst_backend` is the same ca
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from burstc.codegen import sources_for_sites
 from burstc.config import BurstConfig
@@ -52,7 +54,22 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> 
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode else {}
+    if torch._inductor.config.post_grad_custom_post_pass is None:  # never replace a user's pass
+        patches["post_grad_custom_post_pass"] = OpsVersion()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class OpsVersion(CustomGraphPass):
+    """A post-grad pass that changes nothing: its uuid is the schemas of burstc's ops, so Inductor's
+    caches (FX graph, AOTAutograd) never hand this version of burstc a graph compiled against another
+    version's ops (a backward graph calling an op whose arguments changed fails at run time)."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("burst::"))
+        return hashlib.sha256("\n".join(schemas).encode()).hexdigest()
 
 
 def _dump_dir(cfg: BurstConfig):

@@ -226,3 +226,18 @@ def test_gpt2_eager_attention_converts():
         torch.testing.assert_close(compiled(idx, use_cache=False).logits, model(idx, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
     assert counters["burst"]["sites_converted"] == 2 and not counters["burst"].get("sites_left"), counters["burst"]
+
+
+def test_inductor_caches_are_keyed_on_the_burst_op_schemas():
+    """A cached graph compiled against other burst op schemas (an older burstc) is never reused: the
+    no-op post-grad pass the backend installs has the schemas in its uuid, which Inductor's FX-graph and
+    AOTAutograd cache keys include."""
+    from burstc.backend import OpsVersion
+
+    before = OpsVersion().uuid()
+    assert before == OpsVersion().uuid()
+
+    @torch.library.custom_op("burst::_schema_probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+    assert OpsVersion().uuid() != before
