@@ -1,6 +1,7 @@
 """`burst_attention`: the user-facing distributed attention, forward and backward (autograd)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -164,6 +165,14 @@ class RingRun:
                 ex.to_sequence(dv_n, kvh, heads_kv, rows, accumulate=True))
 
 
+@functools.lru_cache(maxsize=256)
+def _choose_schedule(shape: AttentionShape, world_size: int, node_size: int, links: tuple, requested: str,
+                     causal: bool, scheme: str, flops_per_s: float, per_head_mask: bool):
+    """predict.choose_schedule, cached: the same call shape is planned once, not on every call."""
+    return predict.choose_schedule(shape, Topology(world_size, node_size, dict(links)), requested, causal=causal,
+                                   scheme=scheme, flops_per_s=flops_per_s, per_head_mask=per_head_mask)
+
+
 class _BurstAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: RingRun):
@@ -320,9 +329,9 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                            head_dim=meta.head_dim, local_rows=layouts.local_padded_length(seq_len, layout, world_size),
                            world_size=world_size, dtype=meta.dtype)
     try:
-        chosen, predictions = predict.choose_schedule(
-            shape, topology, schedule, causal=bool(causal), scheme=choose_backward(shape, backward),
-            flops_per_s=cfg.tflops * 1e12, per_head_mask=mask is not None and mask.per_head)
+        chosen, predictions = _choose_schedule(
+            shape, topology.world_size, topology.node_size, tuple(sorted(topology.links.items())), schedule,
+            bool(causal), choose_backward(shape, backward), cfg.tflops * 1e12, mask is not None and mask.per_head)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
     if predictions and (chosen, shape, topology.describe()) not in _logged_choices:
