@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import zlib
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -307,7 +308,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
                         checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
                         else (0.0, 0.0), mask_code=masks.code(), schedule=schedule,
-                        node_size=topology.node_size)
+                        node_size=topology.node_size,
+                        cost_code=zlib.crc32(repr((sorted(topology.links.items()), cfg.tflops)).encode()))
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)

@@ -39,23 +39,25 @@ class CallMeta:
     mask_code: int = 0  # digest of the mask arguments (MaskArgs.code)
     schedule: str = "auto"
     node_size: int = 0  # ranks per node (0: not given)
+    cost_code: int = 0  # digest of the link figures and throughput the schedule choice uses
 
     AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
-              "scale", "needs_grad", "mask_code", "schedule", "node_size")
+              "scale", "needs_grad", "mask_code", "schedule", "node_size",
+              "cost_code")
 
     def encode(self) -> list[int]:
         floats = torch.tensor([self.scale, *self.checksum], dtype=torch.float64).view(torch.int64).tolist()
         return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
                 _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
                 BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats, self.mask_code,
-                SCHEDULE_CHOICES.index(self.schedule), self.node_size]
+                SCHEDULE_CHOICES.index(self.schedule), self.node_size, self.cost_code]
 
     @classmethod
     def decode(cls, v: list[int]) -> "CallMeta":
         scale, fingerprint, magnitude = torch.tensor(v[10:13], dtype=torch.int64).view(torch.float64).tolist()
         return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
                    BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude), v[13],
-                   SCHEDULE_CHOICES[v[14]], v[15])
+                   SCHEDULE_CHOICES[v[14]], v[15], v[16])
 
 
 def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, float]:
@@ -108,7 +110,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
     rank has a problem, the ranks disagree, or a local length is not the layout's share (with
     full_sequence: not the same full length everywhere)."""
-    width = 17
+    width = 18
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
         mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)
@@ -134,6 +136,9 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
             if field == "mask_code":
                 hint = (" (the mask arguments differ: key_padding_mask, document_ids/cu_seqlens and window "
                         "must be the same global tensors/values on every rank)")
+            if field in ("node_size", "cost_code"):
+                hint = (" (set BURST_NODE_SIZE, BURST_INTRA_GBS, BURST_INTER_GBS, BURST_*_LATENCY_US and "
+                        "BURST_TFLOPS, or the options, the same on every rank)")
             raise BurstInputError(f"burst_attention: ranks disagree on {field}: "
                                   f"{dict(enumerate(values))}; every rank must call it with the same "
                                   f"shapes (except the sequence), dtype and options{hint}")

@@ -70,12 +70,6 @@ class Topology:
         """The link class a message from src to dst crosses."""
         return INTRA if self.node_of(src) == self.node_of(dst) else INTER
 
-    def graph(self) -> nx.Graph:
-        """Every pair of ranks joined by an edge whose `link` attribute is its class."""
-        g = nx.complete_graph(self.world_size)
-        nx.set_edge_attributes(g, {(a, b): self.link(a, b) for a, b in g.edges}, "link")
-        return g
-
     def describe(self) -> str:
         parts = ", ".join(f"{c} {self.links[c].bandwidth / 1e9:g} GB/s {self.links[c].latency * 1e6:g} us"
                           for c in LINK_CLASSES)

@@ -114,6 +114,7 @@ def _bad_inputs(rank, world_size):
         "causal_disagrees": attempt(lambda: burstc.burst_attention(ok, ok, ok, causal=rank == 0)),
         "gqa_without_flag": attempt(lambda: burstc.burst_attention(shard(x(1, 4, 16, 8)), ok, ok)),
         "dropout": attempt(lambda: burstc.burst_attention(ok, ok, ok, dropout_p=0.1)),
+        "node_size_disagrees": attempt(lambda: burstc.burst_attention(ok, ok, ok, node_size=1 + rank)),
         "still_works_after_errors": burstc.burst_attention(ok, ok, ok, causal=True).shape,
     }
 
@@ -128,6 +129,7 @@ def test_bad_inputs_raise_on_every_rank_before_the_ring():
         assert "ranks disagree on causal" in r["causal_disagrees"]
         assert "enable_gqa=True" in r["gqa_without_flag"]
         assert "dropout_p" in r["dropout"]
+        assert "ranks disagree on node_size" in r["node_size_disagrees"] and "BURST_NODE_SIZE" in r["node_size_disagrees"]
         assert r["still_works_after_errors"] == torch.Size([1, 2, 8, 8])
 
 
