@@ -16,7 +16,7 @@ from burstc.runtime.kernels import LocalKernel, select_kernel
 from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
-from burstc.runtime.ulysses import NodeExchange, ring_transports
+from burstc.runtime.ulysses import ulysses_backward, ulysses_forward
 from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, local_problem,
                                      replicated_checksum)
 from burstc.runtime.mask_args import MaskArgs
@@ -24,7 +24,7 @@ from burstc.schedule import layout as layouts
 from burstc.schedule import predict
 from burstc.schedule.cost import KV_RING, AttentionShape, choose_backward
 from burstc.schedule.plan import ULYSSES_RING, RingPlan, build_plan
-from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads, ulysses_kv_range
+from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads
 
 SEQ_DIM = 2
 log = logging.getLogger("burstc.runtime")
@@ -48,27 +48,25 @@ class RingRun:
     group: Optional[dist.ProcessGroup]
     rank: Optional[int]
     timeout_s: float
-    inputs: str = "shard"
-    topology: Optional[Topology] = None  # None: one node
+    inputs: str
+    topology: Topology
 
     @property
     def world_size(self) -> int:
         """Ranks of the group (the layout's shards), whatever the schedule."""
-        return self.topology.world_size if self.topology is not None else self.plan.world_size
+        return self.topology.world_size
 
-    @property
-    def _topology(self) -> Topology:
-        return self.topology or Topology(self.world_size, self.world_size)
-
-    def _shard_rows(self) -> int:
+    def shard_rows(self) -> int:
+        """Rows of every rank's padded shard."""
         return layouts.local_padded_length(self.plan.seq_len, self.plan.layout, self.world_size)
 
-    def _valid(self, rank: int) -> int:
+    def valid_rows(self, rank: int) -> int:
+        """Real rows of rank's shard."""
         return layouts.local_length(self.plan.seq_len, self.plan.layout, self.world_size, rank)
 
     def transport(self, phase: str, device: torch.device):
         """The transport over the group's ranks (the ring, or Ulysses' all-to-alls)."""
-        link = self._topology.link
+        link = self.topology.link
         if self.rank is None:
             return VirtualTransport(range(self.world_size), phase, link)
         return GroupTransport(phase, self.group, self.rank, range(self.world_size), self.timeout_s, device, link)
@@ -76,7 +74,7 @@ class RingRun:
     def to_ranks(self, x: torch.Tensor) -> Held:
         """Padded shards of x for the ranks this process runs."""
         p, g = self.plan, self.world_size
-        pad = lambda t: pad_shard(t.contiguous(), dim=SEQ_DIM, rows=self._shard_rows())  # noqa: E731
+        pad = lambda t: pad_shard(t.contiguous(), dim=SEQ_DIM, rows=self.shard_rows())  # noqa: E731
         if self.inputs == "shard":
             return {self.rank: pad(x)}
         ranks = range(g) if self.rank is None else [self.rank]
@@ -86,7 +84,7 @@ class RingRun:
         """This call's result tensor from per-rank padded shards."""
         p, g = self.plan, self.world_size
         if self.inputs == "shard":
-            return held[self.rank].narrow(SEQ_DIM, 0, self._valid(self.rank))
+            return held[self.rank].narrow(SEQ_DIM, 0, self.valid_rows(self.rank))
         if self.rank is None:
             shards = [held[r] for r in range(g)]
         else:
@@ -99,7 +97,7 @@ class RingRun:
         """(out, lse, q, k, v) as per-rank padded shards."""
         qd, kd, vd = self.to_ranks(q), self.to_ranks(k), self.to_ranks(v)
         if self.plan.schedule == ULYSSES_RING:
-            out, lse = self._ulysses_forward(qd, kd, vd, q.device)
+            out, lse = ulysses_forward(self, qd, kd, vd, q.device)
         else:
             out, lse = ring_forward(self.plan, self.transport("forward", q.device), self.kernel, qd, kd, vd,
                                     self.scale)
@@ -110,60 +108,45 @@ class RingRun:
         dtype = next(iter(qd.values())).dtype
         dd = self.to_ranks(dout.to(dtype))
         if self.plan.schedule == ULYSSES_RING:
-            grads = self._ulysses_backward(qd, kd, vd, out, dd, lse, dout.device)
+            grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device)
         else:
             grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
                                   qd, kd, vd, out, dd, lse, self.scale)
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
-    # --- ulysses_ring: all-to-all to head shards, a ring per local index across the nodes, and back ---
 
-    def _heads(self, qd: Held, kd: Held):
-        """(query head range, K/V head range) of a local index, and the head counts."""
-        topo = self._topology
-        heads_q, heads_kv = next(iter(qd.values())).shape[1], next(iter(kd.values())).shape[1]
-        per = heads_q // topo.node_size
-        return ((lambda j: (j * per, (j + 1) * per)), (lambda j: ulysses_kv_range(heads_q, heads_kv, topo.node_size, j)),
-                heads_q, heads_kv)
+def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology, schedule: str, mask,
+               cfg: BurstConfig) -> tuple[RingPlan, str]:
+    """The call's plan under its schedule (the requested one, or the cost model's pick for 'auto';
+    logged once per call shape) and its backward scheme."""
+    shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv, head_dim=meta.head_dim,
+                           local_rows=layouts.local_padded_length(seq_len, meta.layout, world_size),
+                           world_size=world_size, dtype=meta.dtype)
+    try:
+        chosen, predictions = _choose_schedule(
+            shape, topology.world_size, topology.node_size, _links_key(topology), schedule, meta.causal,
+            choose_backward(shape, meta.backward), cfg.tflops * 1e12, mask is not None and mask.per_head)
+    except ValueError as e:
+        raise BurstInputError(f"burst_attention: {e}") from e
+    if predictions and (chosen, shape, topology.describe()) not in _logged_choices:
+        _logged_choices.add((chosen, shape, topology.describe()))
+        log.info("burst: attention [B=%s, H=%s/%s, N=%s] on %s: schedule %s", shape.batch, shape.heads_q,
+                 shape.heads_kv, seq_len, topology.describe(), predict.summary(chosen, predictions))
+    plan = build_plan(world_size, meta.layout, seq_len, meta.causal, mask=mask, tile=cfg.mask_tile, schedule=chosen,
+                      node_size=topology.node_size)
+    if chosen == ULYSSES_RING:  # the ring over the nodes carries head-sharded node chunks
+        shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
+                        heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
+                        world_size=plan.world_size)
+    scheme = choose_backward(replace(shape, local_rows=plan.local_len), meta.backward,
+                             plan if plan.mask is not None else None)
+    if mask is not None and mask.dense_rows is not None:
+        scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
+    return plan, scheme
 
-    def _rings(self, phase: str, device: torch.device):
-        """(transport, {plan rank: group rank}) of every ring across the nodes this process runs."""
-        topo = self._topology
-        for j, transport in ring_transports(self.plan, topo, phase, self.rank, self.group, self.timeout_s,
-                                            device).items():
-            yield transport, {p: topo.rank_at(p, j) for p in transport.ranks}
 
-    def _ulysses_forward(self, qd: Held, kd: Held, vd: Held, device: torch.device) -> tuple[Held, Held]:
-        qh, kvh, heads_q, _ = self._heads(qd, kd)
-        valid = [self._valid(r) for r in range(self.world_size)]
-        ex = NodeExchange(self.plan, self._topology, self.transport("forward", device), valid)
-        qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
-        out_n, lse_n = {}, {}
-        for transport, members in self._rings("forward", device):
-            pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
-            o, lse = ring_forward(self.plan, transport, self.kernel, pick(qn), pick(kn), pick(vn), self.scale)
-            for p, g in members.items():
-                out_n[g], lse_n[g] = o[p], lse[p]
-        rows = self._shard_rows()
-        return ex.to_sequence(out_n, qh, heads_q, rows), ex.to_sequence(lse_n, qh, heads_q, rows)
-
-    def _ulysses_backward(self, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, lse: Held,
-                          device: torch.device) -> tuple[Held, Held, Held]:
-        qh, kvh, heads_q, heads_kv = self._heads(qd, kd)
-        valid = [self._valid(r) for r in range(self.world_size)]
-        ex = NodeExchange(self.plan, self._topology, self.transport("backward", device), valid)
-        qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
-        on, don, ln = ex.to_heads(out, qh), ex.to_heads(dout, qh), ex.to_heads(lse, qh)
-        dq_n, dk_n, dv_n = {}, {}, {}
-        for transport, members in self._rings("backward", device):
-            pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
-            dq, dk, dv = ring_backward(self.plan, transport, self.kernel, self.scheme, pick(qn), pick(kn), pick(vn),
-                                       pick(on), pick(don), pick(ln), self.scale)
-            for p, g in members.items():
-                dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]
-        rows = self._shard_rows()
-        return (ex.to_sequence(dq_n, qh, heads_q, rows), ex.to_sequence(dk_n, kvh, heads_kv, rows, accumulate=True),
-                ex.to_sequence(dv_n, kvh, heads_kv, rows, accumulate=True))
+def _links_key(topology: Topology) -> tuple:
+    return tuple(sorted(topology.links.items()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -309,7 +292,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
                         else (0.0, 0.0), mask_code=masks.code(), schedule=schedule,
                         node_size=topology.node_size,
-                        cost_code=zlib.crc32(repr((sorted(topology.links.items()), cfg.tflops)).encode()))
+                        cost_code=zlib.crc32(repr((_links_key(topology), cfg.tflops)).encode()))
     distributed = rank is not None and world_size > 1
     if distributed:
         metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)
@@ -327,28 +310,6 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         mask = masks.build(bool(causal), seq_len, q, layout, world_size, rank if inputs == "shard" else None)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
-    shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv,
-                           head_dim=meta.head_dim, local_rows=layouts.local_padded_length(seq_len, layout, world_size),
-                           world_size=world_size, dtype=meta.dtype)
-    try:
-        chosen, predictions = _choose_schedule(
-            shape, topology.world_size, topology.node_size, tuple(sorted(topology.links.items())), schedule,
-            bool(causal), choose_backward(shape, backward), cfg.tflops * 1e12, mask is not None and mask.per_head)
-    except ValueError as e:
-        raise BurstInputError(f"burst_attention: {e}") from e
-    if predictions and (chosen, shape, topology.describe()) not in _logged_choices:
-        _logged_choices.add((chosen, shape, topology.describe()))
-        log.info("burst: attention [B=%s, H=%s/%s, N=%s] on %s: schedule %s", shape.batch, shape.heads_q,
-                 shape.heads_kv, seq_len, topology.describe(), predict.summary(chosen, predictions))
-    plan = build_plan(world_size, layout, seq_len, bool(causal), mask=mask, tile=cfg.mask_tile, schedule=chosen,
-                      node_size=topology.node_size)
-    if chosen == ULYSSES_RING:
-        shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
-                        heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
-                        local_rows=plan.local_len, world_size=plan.world_size)
-    scheme = choose_backward(replace(shape, local_rows=plan.local_len), backward,
-                             plan if plan.mask is not None else None)
-    if mask is not None and mask.dense_rows is not None:
-        scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
+    plan, scheme = _plan_call(meta, seq_len, world_size, topology, schedule, mask, cfg)
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
                    group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology)

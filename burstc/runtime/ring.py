@@ -1,10 +1,12 @@
 """Ring drivers: execute a RingPlan with a local kernel over a transport (real or virtual).
 
-Forward (KV ring): every step folds the visiting K/V chunk into each rank's running state while the
-next chunk is already in flight. Backward, either scheme, is one driver: a payload travels the ring
-(K/V for the KV ring; Q, dO, D, lse for the query ring), each rank computes the partial gradients of
-the visiting chunk, and those partials trail one hop behind on a second ring, summed as they go,
-until they reach the chunk's owner after the last step. The owner keeps its own step-0 partial.
+Chunks travel along the plan's route (a flat ring, or a double ring whose jumps between nodes are
+posted a whole inner cycle before they are needed). Forward (KV ring): every step folds the visiting
+K/V chunk into each rank's running state while the next chunks are already in flight. Backward,
+either scheme, is one driver: a payload travels (K/V for the KV ring; Q, dO, D, lse for the query
+ring), each rank computes the partial gradients of the visiting chunk, and those partials trail one
+hop behind, summed as they go, until they reach the chunk's owner. The owner keeps its own step-0
+partial.
 
 All tensors are per-rank dicts over `transport.ranks` of padded shards.
 """

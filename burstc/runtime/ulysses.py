@@ -7,17 +7,19 @@ topology.ulysses_kv_range) for the real rows of all n ranks of its node, one ran
 other: exactly the chunk of plan rank p of a `ulysses_ring` plan. The ranks of local index j on
 every node form one ring (plan rank p = node p). `to_sequence` is the inverse; with
 `accumulate=True` rows that several ranks hold (K/V heads replicated for grouped-query attention)
-are summed, which makes it the adjoint of `to_heads` for gradients.
+are summed, which makes it the adjoint of `to_heads` for gradients. `ulysses_forward` and
+`ulysses_backward` run a whole call of a RingRun whose plan is a ulysses_ring plan.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
+from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.schedule.plan import RingPlan
-from burstc.schedule.topology import Topology
+from burstc.schedule.topology import Topology, ulysses_kv_range
 
 _TAG_ALL_TO_ALL, _TAG_STRIDE = 3 << 20, 8
 
@@ -101,18 +103,65 @@ def _like(x: torch.Tensor, heads: tuple[int, int], rows: int) -> torch.Tensor:
     return torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape[0], heads[1] - heads[0], rows, *x.shape[3:])
 
 
-def ring_transports(plan: RingPlan, topology: Topology, phase: str, rank: Optional[int], group,
-                    timeout_s: float, device: torch.device) -> dict[int, object]:
-    """Per local index j that this process runs: the transport of ring j over the nodes (plan rank
-    p is the group rank (p, j))."""
-    n = topology.node_size
-    js = range(n) if rank is None else [topology.local_index(rank)]
-    out = {}
+def _rings(run, phase: str, device: torch.device):
+    """(transport, {plan rank: group rank}) of every ring across the nodes this process runs: ring j
+    joins the ranks of local index j (plan rank p is the group rank (p, j))."""
+    topology = run.topology
+    js = range(topology.node_size) if run.rank is None else [topology.local_index(run.rank)]
     for j in js:
         members = [topology.rank_at(p, j) for p in range(topology.nodes)]
         link = lambda a, b, m=members: topology.link(m[a], m[b])  # noqa: E731
-        if rank is None:
-            out[j] = VirtualTransport(range(topology.nodes), phase, link)
+        if run.rank is None:
+            transport = VirtualTransport(range(topology.nodes), phase, link)
         else:
-            out[j] = GroupTransport(phase, group, topology.node_of(rank), members, timeout_s, device, link)
-    return out
+            transport = GroupTransport(phase, run.group, topology.node_of(run.rank), members, run.timeout_s, device,
+                                       link)
+        yield transport, dict(enumerate(members)) if run.rank is None else {topology.node_of(run.rank): run.rank}
+
+
+def _head_ranges(run, qd: Held, kd: Held) -> tuple[HeadRange, HeadRange, int, int]:
+    """(query head range, K/V head range) of a local index, and the head counts."""
+    n = run.topology.node_size
+    heads_q, heads_kv = next(iter(qd.values())).shape[1], next(iter(kd.values())).shape[1]
+    per = heads_q // n
+    return (lambda j: (j * per, (j + 1) * per)), (lambda j: ulysses_kv_range(heads_q, heads_kv, n, j)), heads_q, heads_kv
+
+
+def _exchange(run, phase: str, device: torch.device) -> NodeExchange:
+    return NodeExchange(run.plan, run.topology, run.transport(phase, device),
+                        [run.valid_rows(r) for r in range(run.world_size)])
+
+
+def ulysses_forward(run, qd: Held, kd: Held, vd: Held, device: torch.device) -> tuple[Held, Held]:
+    """(out, lse) per rank's padded shard of a RingRun with a ulysses_ring plan."""
+    qh, kvh, heads_q, _ = _head_ranges(run, qd, kd)
+    ex = _exchange(run, "forward", device)
+    qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
+    out_n, lse_n = {}, {}
+    for transport, members in _rings(run, "forward", device):
+        pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+        out, lse = ring_forward(run.plan, transport, run.kernel, pick(qn), pick(kn), pick(vn), run.scale)
+        for p, g in members.items():
+            out_n[g], lse_n[g] = out[p], lse[p]
+    rows = run.shard_rows()
+    return ex.to_sequence(out_n, qh, heads_q, rows), ex.to_sequence(lse_n, qh, heads_q, rows)
+
+
+def ulysses_backward(run, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, lse: Held,
+                     device: torch.device) -> tuple[Held, Held, Held]:
+    """(dq, dk, dv) per rank's padded shard (accumulation dtype) of a RingRun with a ulysses_ring plan;
+    K/V heads held by several ranks of a node have their gradients summed."""
+    qh, kvh, heads_q, heads_kv = _head_ranges(run, qd, kd)
+    ex = _exchange(run, "backward", device)
+    qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
+    on, don, ln = ex.to_heads(out, qh), ex.to_heads(dout, qh), ex.to_heads(lse, qh)
+    dq_n, dk_n, dv_n = {}, {}, {}
+    for transport, members in _rings(run, "backward", device):
+        pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+        dq, dk, dv = ring_backward(run.plan, transport, run.kernel, run.scheme, pick(qn), pick(kn), pick(vn),
+                                   pick(on), pick(don), pick(ln), run.scale)
+        for p, g in members.items():
+            dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]
+    rows = run.shard_rows()
+    return (ex.to_sequence(dq_n, qh, heads_q, rows), ex.to_sequence(dk_n, kvh, heads_kv, rows, accumulate=True),
+            ex.to_sequence(dv_n, kvh, heads_kv, rows, accumulate=True))
