@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import AttentionSite
+from burstc.runtime.attention import group_members
 from burstc.schedule import cost, predict
 from burstc.schedule.layout import chunk_count
 from burstc.schedule.topology import topology_for
@@ -123,7 +124,7 @@ def _with_schedule(plan: SitePlan, cfg: BurstConfig, shape: cost.AttentionShape,
     """The site's schedule: the option where it can run here (else auto, noted), and the cost
     model's pick and predictions at the compile-time sequence length (the runtime picks per call,
     the same way, at the actual length)."""
-    topology = topology_for(world_size, cfg.node_size, cfg.links())
+    topology = topology_for(world_size, cfg.node_size, cfg.links(), members=group_members(cfg.group, world_size))
     plan.node_size = topology.node_size if topology.nodes > 1 else 0
     plan.schedule = cfg.schedule
     hint = _hint(seq_size)

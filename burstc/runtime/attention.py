@@ -115,6 +115,13 @@ class RingRun:
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
 
+def group_members(group: Optional[dist.ProcessGroup], world_size: int) -> Optional[list[int]]:
+    """The global ranks of the group's ranks (None when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return [dist.get_global_rank(group or dist.group.WORLD, r) for r in range(world_size)]
+
+
 def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology, schedule: str, mask,
                cfg: BurstConfig) -> tuple[RingPlan, str]:
     """The call's plan under its schedule (the requested one, or the cost model's pick for 'auto';
@@ -274,7 +281,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     topology = None
     if problem is None:
         try:
-            topology = topology_for(world_size, node_size, cfg.links())
+            members = group_members(group, world_size) if rank is not None else None  # None: virtual ranks
+            topology = topology_for(world_size, node_size, cfg.links(), members=members)
         except ValueError as e:
             problem = str(e)
     local_kernel = None

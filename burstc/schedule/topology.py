@@ -8,9 +8,10 @@ bandwidth per direction per GPU and a latency per message.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import networkx as nx
 
@@ -76,11 +77,13 @@ class Topology:
         return f"{self.nodes} node(s) x {self.node_size} rank(s) ({parts})"
 
 
-def resolve_node_size(requested: Optional[int], world_size: int, environ=os.environ) -> int:
-    """Ranks per node: the option if given, else BURST_NODE_SIZE, else torchrun's LOCAL_WORLD_SIZE,
-    else the whole group is one node. A value that does not divide the world raises."""
-    for source, raw in (("node_size", requested), ("BURST_NODE_SIZE", environ.get("BURST_NODE_SIZE")),
-                        ("LOCAL_WORLD_SIZE", environ.get("LOCAL_WORLD_SIZE"))):
+def resolve_node_size(requested: Optional[int], world_size: int, environ=os.environ,
+                      members: Optional[Sequence[int]] = None) -> int:
+    """Ranks per node: the option if given, else BURST_NODE_SIZE, else from torchrun's
+    LOCAL_WORLD_SIZE (node_size_of the group's global ranks `members`; without them the group is
+    taken to be ranks 0..G-1), else the whole group is one node. A given value that does not
+    divide the world raises."""
+    for source, raw in (("node_size", requested), ("BURST_NODE_SIZE", environ.get("BURST_NODE_SIZE"))):
         if raw is None or raw == "":
             continue
         try:
@@ -88,18 +91,31 @@ def resolve_node_size(requested: Optional[int], world_size: int, environ=os.envi
         except ValueError:
             raise ValueError(f"{source}={raw!r} is not a number of ranks per node") from None
         if n < 1 or world_size % n:
-            if source == "LOCAL_WORLD_SIZE" and world_size % n:
-                continue  # a sub-group of the launch: its ranks need not fill nodes; treat as one node
             raise ValueError(f"{source}={n} does not divide the group's {world_size} ranks: set it to the "
                              f"number of ranks per node")
-        return min(n, world_size)
+        return n
+    local = environ.get("LOCAL_WORLD_SIZE")
+    if local and local.isdigit() and int(local) >= 1:
+        return node_size_of(members if members is not None else range(world_size), int(local))
     return world_size
 
 
+def node_size_of(global_ranks: Sequence[int], local_world_size: int) -> int:
+    """Ranks per node of a group whose members are these global ranks, when torchrun puts
+    local_world_size consecutive global ranks on each node: the length of the group's runs of
+    ranks on one node when the runs are equal and no node appears twice; else 1 (every message
+    counted as crossing nodes, the safe side)."""
+    nodes = [g // local_world_size for g in global_ranks]
+    runs = [len(list(run)) for _, run in itertools.groupby(nodes)]
+    if len(set(runs)) == 1 and len(runs) == len(set(nodes)):
+        return runs[0]
+    return 1
+
+
 def topology_for(world_size: int, node_size: Optional[int] = None, links: Optional[Mapping[str, LinkSpec]] = None,
-                 environ=os.environ) -> Topology:
+                 environ=os.environ, members: Optional[Sequence[int]] = None) -> Topology:
     """The Topology of a group from the options and the environment (see resolve_node_size)."""
-    return Topology(world_size, resolve_node_size(node_size, world_size, environ),
+    return Topology(world_size, resolve_node_size(node_size, world_size, environ, members),
                     dict(links) if links is not None else dict(DEFAULT_LINKS))
 
 

@@ -226,3 +226,17 @@ def test_simulate_cli():
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
         simulate_main(["--help"])
     assert e.value.code == 0
+
+
+def test_node_size_from_torchrun_and_sub_groups():
+    from burstc.schedule.topology import node_size_of, resolve_node_size
+
+    env = {"LOCAL_WORLD_SIZE": "8"}
+    assert resolve_node_size(None, 16, env) == 8  # the default group of 2 nodes of 8
+    assert resolve_node_size(None, 4, env) == 4  # a group inside one node
+    assert resolve_node_size(None, 2, env, members=[3, 11]) == 1  # one rank on each of two nodes
+    assert node_size_of([0, 1, 8, 9], 8) == 2 and node_size_of([0, 8, 1, 9], 8) == 1  # interleaved: safe side
+    assert resolve_node_size(2, 4, env) == 2 and resolve_node_size(None, 4, {"BURST_NODE_SIZE": "2", **env}) == 2
+    with pytest.raises(ValueError, match="node_size=3 does not divide"):
+        resolve_node_size(3, 4, env)
+    assert resolve_node_size(None, 4, {}) == 4  # no torchrun: one node
