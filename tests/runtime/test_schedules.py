@@ -273,6 +273,18 @@ def _gloo_schedules(rank, world_size):
         want = sdpa_with_grads(q, k, v, dout, True)
         err = max((a.double() - b).abs().max().item() for a, b in zip(gathered, want))
         results["correct"].append((schedule, layout, scheme, kernel, str(dtype), err))
+    # attention-parallel mode's op: the full sequence on every rank in, the gathered result out
+    import burstc.runtime.op  # noqa: F401  (registers torch.ops.burst)
+    for i, schedule in enumerate(SCHEDULES):
+        q, k, v, dout = random_qkv(2, *GLOO_HEADS, GLOO_N, 8, torch.float64, seed=60 + i)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        no_masks = (None, None, None, [], True, None, None, "")
+        out, _ = torch.ops.burst.attention(*leaves, *no_masks, None, True, "zigzag", "auto", "reference", schedule,
+                                           0, "", "")
+        out.backward(dout)
+        want = sdpa_with_grads(q, k, v, dout, True)
+        err = max((a - b).abs().max().item() for a, b in zip((out, *(t.grad for t in leaves)), want))
+        results["correct"].append((schedule, "zigzag (op, full sequence)", "auto", "reference", str(torch.float64), err))
     for schedule, scheme in itertools.product(SCHEDULES, (QUERY_RING, KV_RING)):
         q, k, v, dout = random_qkv(1, *GLOO_HEADS, 32, 8, torch.float32, seed=9)
         shard = lambda x: burstc.shard_sequence(x, dim=2, layout="zigzag", world_size=world_size, rank=rank)  # noqa: E731
