@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 COMPUTE, POST, WAIT = "compute", "post", "wait"
+ALL_TO_ALL = "all_to_all"  # Ulysses' exchanges inside a node (not overlapped with compute)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Span:
     rank: int
     phase: str  # forward | backward
     step: int
-    kind: str  # compute | post | wait
+    kind: str  # compute | post | wait | all_to_all
     start_us: float
     dur_us: float
 
@@ -94,18 +95,20 @@ class Trace:
             return "burst trace: no ring steps recorded"
         ranks = sorted({s.rank for s in self.spans})
         phases = [p for p in ("forward", "backward") if any(s.phase == p for s in self.spans)]
-        lines = ["| rank | phase | steps | compute ms / step | wait ms | comm hidden |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| rank | phase | steps | compute ms / step | wait ms | all-to-all ms | comm hidden |",
+                 "|---|---|---|---|---|---|---|"]
         compute_by_rank = {}
         for r in ranks:
             for p in phases:
                 mine = [s for s in self.spans if s.rank == r and s.phase == p]
                 compute = sum(s.dur_us for s in mine if s.kind == COMPUTE) / 1e3
                 wait = sum(s.dur_us for s in mine if s.kind == WAIT) / 1e3
+                a2a = sum(s.dur_us for s in mine if s.kind == ALL_TO_ALL) / 1e3
                 steps = len({s.step for s in mine if s.kind == COMPUTE})
-                hidden = 100.0 * compute / (compute + wait) if compute + wait > 0 else 100.0
+                hidden = 100.0 * compute / (compute + wait + a2a) if compute + wait + a2a > 0 else 100.0
                 compute_by_rank[r] = compute_by_rank.get(r, 0.0) + compute
-                lines.append(f"| {r} | {p} | {steps} | {compute / max(steps, 1):.2f} | {wait:.2f} | {hidden:.0f}% |")
+                lines.append(f"| {r} | {p} | {steps} | {compute / max(steps, 1):.2f} | {wait:.2f} | {a2a:.2f} | "
+                             f"{hidden:.0f}% |")
         mean = sum(compute_by_rank.values()) / len(compute_by_rank)
         imbalance = max(compute_by_rank.values()) / mean if mean > 0 else 1.0
         lines.append(f"load imbalance (max / mean compute over ranks): {imbalance:.2f}")

@@ -136,7 +136,7 @@ def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Hel
                 continue
             visit = plan.kv_visit(step, r)
             offset = plan.row_offset(KV, step, r)
-            with maybe_span(r, "forward", step, COMPUTE, device):
+            with maybe_span(transport.members[r], "forward", step, COMPUTE, device):
                 for item in visit.items:
                     kernel.forward_step(states[r], q[r], held[r][0], held[r][1], item.shifted(0, offset), scale,
                                         mask=tiles(r, visit.k_rank, item))
@@ -238,7 +238,7 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
         partial = {}
         for r in ranks:
             if plan.holds(role, step, r):
-                with maybe_span(r, "backward", step, COMPUTE, device):
+                with maybe_span(transport.members[r], "backward", step, COMPUTE, device):
                     partial[r] = compute(r, step, payload[r])
         stats.count("steps", 1)
         if step == 0:

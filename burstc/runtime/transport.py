@@ -6,7 +6,8 @@ Both speak in messages between *plan ranks* (the ranks of a RingPlan, or of an a
 is (src, dst, tensors, tag), a receive (src, dst, like, tag) with `like` giving the shapes. One
 `exchange` posts a batch of both and returns a Pending whose `wait()` gives the received tensors in
 the order of the receives; sends complete by `finish()` at the latest. `members[p]` is the group
-rank of plan rank p (a Ulysses ring runs over one rank per node), `link(src, dst)` the link class
+rank of plan rank p (a Ulysses ring runs over one rank per node; traces record group ranks),
+`link(src, dst)` the link class
 of a message between plan ranks; every byte sent is counted into the active comm_stats under the
 transport's phase and link class.
 """
@@ -51,8 +52,10 @@ class Pending:
 class VirtualTransport:
     """Every plan rank in this process: a message is put in the receiver's mailbox."""
 
-    def __init__(self, ranks: Sequence[int], phase: str, link: LinkOf = _same_link):
+    def __init__(self, ranks: Sequence[int], phase: str, link: LinkOf = _same_link,
+                 members: Optional[Sequence[int]] = None):
         self.ranks = tuple(ranks)
+        self.members = tuple(members) if members is not None else self.ranks  # plan rank -> group rank
         self.traced_rank = None  # hops are free: no communication spans
         self._phase = phase
         self._link = link
@@ -86,7 +89,8 @@ class GroupTransport:
                  timeout_s: float, device: torch.device, link: LinkOf = _same_link):
         self._uses_cuda = device.type == "cuda"
         self.ranks = (rank,)
-        self.traced_rank = rank
+        self.members = tuple(members)
+        self.traced_rank = self.members[rank]  # spans are recorded under the group rank
         self._rank = rank
         self._group = group
         self._phase = phase

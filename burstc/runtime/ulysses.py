@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from burstc.debug.trace import ALL_TO_ALL, maybe_span
 from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.schedule.plan import RingPlan
@@ -29,10 +30,19 @@ HeadRange = Callable[[int], tuple[int, int]]  # local index -> heads [lo, hi) th
 class NodeExchange:
     """The all-to-alls of one call inside the nodes, over a transport of the G layout ranks."""
 
-    def __init__(self, plan: RingPlan, topology: Topology, transport, valid_lens: list[int]):
+    def __init__(self, plan: RingPlan, topology: Topology, transport, valid_lens: list[int], phase: str,
+                 device: torch.device):
         self.plan, self.topology, self.transport = plan, topology, transport
         self.valid = valid_lens  # real rows per layout rank
+        self._phase, self._device = phase, device
         self._calls = 0
+
+    def _exchange(self, sends, recvs) -> list:
+        """One all-to-all, waited for (a trace span on a real transport: nothing overlaps it)."""
+        if self.transport.traced_rank is None:
+            return self.transport.exchange(sends, recvs).wait()
+        with maybe_span(self.transport.traced_rank, self._phase, self._calls, ALL_TO_ALL, self._device):
+            return self.transport.exchange(sends, recvs).wait()
 
     def _peers(self, rank: int) -> list[int]:
         node = self.topology.node_of(rank)
@@ -57,7 +67,7 @@ class NodeExchange:
                     lo, hi = heads(local(peer))
                     sends.append((r, peer, (x[r][:, lo:hi, :self.valid[r]].contiguous(),), tag))
                     recvs.append((peer, r, (_like(x[r], heads(local(r)), self.valid[peer]),), tag))
-        received = self.transport.exchange(sends, recvs).wait()
+        received = self._exchange(sends, recvs)
         got = {(dst, src): t for (src, dst, _, _), (t,) in zip(recvs, received)}
         out = {}
         for r in self.transport.ranks:
@@ -82,7 +92,7 @@ class NodeExchange:
                     start = self._offset(peer)
                     sends.append((r, peer, (chunks[r][:, :, start:start + self.valid[peer]].contiguous(),), tag))
                     recvs.append((peer, r, (_like(chunks[r], heads(local(peer)), self.valid[r]),), tag))
-        received = self.transport.exchange(sends, recvs).wait()
+        received = self._exchange(sends, recvs)
         got = {(dst, src): t for (src, dst, _, _), (t,) in zip(recvs, received)}
         out = {}
         for r in self.transport.ranks:
@@ -104,19 +114,19 @@ def _like(x: torch.Tensor, heads: tuple[int, int], rows: int) -> torch.Tensor:
 
 
 def _rings(run, phase: str, device: torch.device):
-    """(transport, {plan rank: group rank}) of every ring across the nodes this process runs: ring j
-    joins the ranks of local index j (plan rank p is the group rank (p, j))."""
+    """The transport of every ring across the nodes this process runs: ring j joins the ranks of
+    local index j (plan rank p is the group rank (p, j), transport.members[p])."""
     topology = run.topology
     js = range(topology.node_size) if run.rank is None else [topology.local_index(run.rank)]
     for j in js:
         members = [topology.rank_at(p, j) for p in range(topology.nodes)]
         link = lambda a, b, m=members: topology.link(m[a], m[b])  # noqa: E731
         if run.rank is None:
-            transport = VirtualTransport(range(topology.nodes), phase, link)
+            transport = VirtualTransport(range(topology.nodes), phase, link, members)
         else:
             transport = GroupTransport(phase, run.group, topology.node_of(run.rank), members, run.timeout_s, device,
                                        link)
-        yield transport, dict(enumerate(members)) if run.rank is None else {topology.node_of(run.rank): run.rank}
+        yield transport
 
 
 def _head_ranges(run, qd: Held, kd: Held) -> tuple[HeadRange, HeadRange, int, int]:
@@ -129,7 +139,7 @@ def _head_ranges(run, qd: Held, kd: Held) -> tuple[HeadRange, HeadRange, int, in
 
 def _exchange(run, phase: str, device: torch.device) -> NodeExchange:
     return NodeExchange(run.plan, run.topology, run.transport(phase, device),
-                        [run.valid_rows(r) for r in range(run.world_size)])
+                        [run.valid_rows(r) for r in range(run.world_size)], phase, device)
 
 
 def ulysses_forward(run, qd: Held, kd: Held, vd: Held, device: torch.device) -> tuple[Held, Held]:
@@ -138,11 +148,11 @@ def ulysses_forward(run, qd: Held, kd: Held, vd: Held, device: torch.device) -> 
     ex = _exchange(run, "forward", device)
     qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
     out_n, lse_n = {}, {}
-    for transport, members in _rings(run, "forward", device):
-        pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+    for transport in _rings(run, "forward", device):
+        pick = lambda d: {p: d[transport.members[p]] for p in transport.ranks}  # noqa: E731
         out, lse = ring_forward(run.plan, transport, run.kernel, pick(qn), pick(kn), pick(vn), run.scale)
-        for p, g in members.items():
-            out_n[g], lse_n[g] = out[p], lse[p]
+        for p in transport.ranks:
+            out_n[transport.members[p]], lse_n[transport.members[p]] = out[p], lse[p]
     rows = run.shard_rows()
     return ex.to_sequence(out_n, qh, heads_q, rows), ex.to_sequence(lse_n, qh, heads_q, rows)
 
@@ -156,11 +166,12 @@ def ulysses_backward(run, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, l
     qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
     on, don, ln = ex.to_heads(out, qh), ex.to_heads(dout, qh), ex.to_heads(lse, qh)
     dq_n, dk_n, dv_n = {}, {}, {}
-    for transport, members in _rings(run, "backward", device):
-        pick = lambda d: {p: d[g] for p, g in members.items()}  # noqa: E731
+    for transport in _rings(run, "backward", device):
+        pick = lambda d: {p: d[transport.members[p]] for p in transport.ranks}  # noqa: E731
         dq, dk, dv = ring_backward(run.plan, transport, run.kernel, run.scheme, pick(qn), pick(kn), pick(vn),
                                    pick(on), pick(don), pick(ln), run.scale)
-        for p, g in members.items():
+        for p in transport.ranks:
+            g = transport.members[p]
             dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]
     rows = run.shard_rows()
     return (ex.to_sequence(dq_n, qh, heads_q, rows), ex.to_sequence(dk_n, kvh, heads_kv, rows, accumulate=True),

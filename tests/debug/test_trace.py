@@ -35,6 +35,27 @@ def test_trace_has_a_track_per_rank_with_every_step(tmp_path):
         assert "| 1 | backward | 2 |" in text and "load imbalance" in text
 
 
+def _traced_ulysses(rank, world_size, path):
+    q = burstc.shard_sequence(torch.randn(1, 4, 64, 8, generator=torch.Generator().manual_seed(0)),
+                              dim=2, layout="zigzag", world_size=world_size, rank=rank).requires_grad_()
+    with burstc.trace(path) as t:
+        burstc.burst_attention(q, q, q, causal=True, schedule="ulysses_ring", node_size=2).sum().backward()
+    return t.summary()
+
+
+def test_ulysses_trace_records_group_ranks_and_the_all_to_alls(tmp_path):
+    """4 ranks as 2 nodes of 2: each ring over the nodes has 2 steps, its spans sit on the group rank's
+    track (not the node index), and the all-to-alls inside the nodes are spans of their own."""
+    path = tmp_path / "ulysses.json"
+    summaries = run_ranks(4, _traced_ulysses, str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    for rank in range(4):
+        assert _compute_steps(events, rank, "forward") == [0, 1]
+        # forward: q, k, v in, out and lse back; backward: q, k, v, out, dout, lse in, dq, dk, dv back
+        assert sum(e["pid"] == rank and e["cat"] == "all_to_all" for e in events if e["ph"] == "X") == 5 + 9
+    assert "| 3 | backward | 2 |" in summaries[0]
+
+
 def test_virtual_ring_trace_and_profiler_labels(tmp_path):
     q = torch.randn(1, 2, 48, 8, requires_grad=True)
     with torch.profiler.profile() as prof, burstc.trace(str(tmp_path / "v.json")) as t:
