@@ -90,8 +90,9 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
     plans = trace_plans(model, args, cfg, world_size, shardings, unrecognised)
     mode = "sequence" if cfg.sequence_mode(world_size) else "attention-parallel"
     layout = plans[0].layout if plans else cfg.layout
-    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks, N={seq_len}, layout {layout}, "
-             f"{mode} mode", ""]
+    nodes = next((f" in {world_size // p.node_size} nodes of {p.node_size}" for p in plans if p.node_size), "")
+    lines = [f"burst explain: {len(plans)} attention site(s), G={world_size} ranks{nodes}, N={seq_len}, "
+             f"layout {layout}, {mode} mode", ""]
     for sharding in shardings:
         lines += sharding_summary(sharding) if isinstance(sharding, ShardingPlan) else [f"graph {sharding}", ""]
     for plan in plans:

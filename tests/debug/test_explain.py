@@ -19,6 +19,18 @@ def test_explain_nanogpt_plans_every_site():
     assert "| 3    | k1 diagonal | k2 diagonal | k3 diagonal | k0 diagonal |" in text
 
 
+def test_explain_shows_the_schedules_over_nodes():
+    from examples.nanogpt import factory
+
+    model, args = factory(2048)
+    text = explain(model, args, world_size=8, seq_len=2048, cfg=BurstConfig(node_size=4, inter_gbs=1.0))
+    assert "G=8 ranks in 2 nodes of 4" in text
+    assert text.count("## Schedules (predicted by the cost model") == 2
+    # a slow link between the nodes: the flat ring's every step waits on it, so auto does not pick it
+    assert "| **ring** (chosen)" not in text and text.count("(chosen)") == 2
+    assert "schedule: double_ring (2 nodes of 4)" in text or "schedule: ulysses_ring" in text
+
+
 def test_explain_llama_from_the_command_line():
     pytest.importorskip("transformers")
     result = subprocess.run([sys.executable, "-m", "burstc", "explain", "examples.train_llama:factory",
