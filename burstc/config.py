@@ -15,7 +15,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | outputs   | BURST_OUTPUTS     | gathered | sequence mode: graph outputs with the sequence dim are gathered on every rank, or 'local' (this rank's rows, see burstc.shard_positions) |
 | mask_tile | BURST_MASK_TILE   | 256      | rows per tile when a structured mask (window, padding, documents, mask_mod, attn_mask) is classified: smaller skips work more finely, larger makes fewer kernel calls |
 | schedule  | BURST_SCHEDULE    | auto     | how chunks travel over the nodes: ring (one flat ring), double_ring (inner ring per node, outer ring across nodes), ulysses_ring (all-to-all to head shards inside a node, ring across nodes); auto: the least predicted time per attention (burstc.schedule.predict) |
-| node_size | BURST_NODE_SIZE   | None     | ranks per node; None: torchrun's LOCAL_WORLD_SIZE, else the whole group is one node |
+| node_size | BURST_NODE_SIZE   | None     | ranks per node of the machine (nodes hold consecutive global ranks, as torchrun numbers them; a group's nodes follow from its ranks); None: torchrun's LOCAL_WORLD_SIZE, else the whole group is one node |
 | intra_gbs | BURST_INTRA_GBS   | 450      | intra-node link bandwidth per GPU and direction, GB/s (H100 SXM NVLink) |
 | inter_gbs | BURST_INTER_GBS   | 50       | inter-node link bandwidth per GPU and direction, GB/s (8 x 400 Gb/s InfiniBand per 8 GPUs) |
 | intra_latency_us | BURST_INTRA_LATENCY_US | 5 | intra-node message latency, microseconds |

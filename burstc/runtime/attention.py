@@ -228,8 +228,9 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         sequence shards into head shards, a ring runs across nodes; needs the query heads to divide
         by node_size and no per-head mask) or 'auto' (default: the least predicted time, from the
         cost model of burstc.schedule.predict and the link figures of burstc.config).
-    node_size: ranks per node (default: BURST_NODE_SIZE, else torchrun's LOCAL_WORLD_SIZE, else one
-        node); with virtual_world_size it pretends the virtual ranks sit on nodes of this size.
+    node_size: ranks per node of the machine (default: BURST_NODE_SIZE, else torchrun's
+        LOCAL_WORLD_SIZE, else one node); nodes hold consecutive global ranks, so the group's nodes
+        follow from its members. With virtual_world_size the virtual ranks pose as nodes of this size.
     Defaults of layout/backward/kernel/schedule, the link figures and the transfer timeout come
     from BURST_* environment variables (burstc.config).
     """

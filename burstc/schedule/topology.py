@@ -79,10 +79,13 @@ class Topology:
 
 def resolve_node_size(requested: Optional[int], world_size: int, environ=os.environ,
                       members: Optional[Sequence[int]] = None) -> int:
-    """Ranks per node: the option if given, else BURST_NODE_SIZE, else from torchrun's
-    LOCAL_WORLD_SIZE (node_size_of the group's global ranks `members`; without them the group is
-    taken to be ranks 0..G-1), else the whole group is one node. A given value that does not
-    divide the world raises."""
+    """Ranks per node *of the group*. The machine's ranks per node come from the option if given,
+    else BURST_NODE_SIZE, else torchrun's LOCAL_WORLD_SIZE; without any, the group is one node.
+    Like torchrun, nodes hold consecutive global ranks, so a group (members: its global ranks; by
+    default 0..G-1) has nodes of node_size_of(members, that size): a group of 2 inside a node of
+    8 is one node of 2, one rank from each of two nodes is 2 nodes of 1. A given size the group's
+    ranks do not fill evenly raises; LOCAL_WORLD_SIZE then counts every message as inter-node."""
+    ranks = list(members) if members is not None else list(range(world_size))
     for source, raw in (("node_size", requested), ("BURST_NODE_SIZE", environ.get("BURST_NODE_SIZE"))):
         if raw is None or raw == "":
             continue
@@ -90,26 +93,26 @@ def resolve_node_size(requested: Optional[int], world_size: int, environ=os.envi
             n = int(raw)
         except ValueError:
             raise ValueError(f"{source}={raw!r} is not a number of ranks per node") from None
-        if n < 1 or world_size % n:
-            raise ValueError(f"{source}={n} does not divide the group's {world_size} ranks: set it to the "
-                             f"number of ranks per node")
-        return n
+        size = node_size_of(ranks, n) if n >= 1 else None
+        if size is None:
+            raise ValueError(f"{source}={n} does not divide the group's ranks {ranks} into whole nodes: set it "
+                             f"to the number of ranks per node")
+        return size
     local = environ.get("LOCAL_WORLD_SIZE")
     if local and local.isdigit() and int(local) >= 1:
-        return node_size_of(members if members is not None else range(world_size), int(local))
+        return node_size_of(ranks, int(local)) or 1
     return world_size
 
 
-def node_size_of(global_ranks: Sequence[int], local_world_size: int) -> int:
-    """Ranks per node of a group whose members are these global ranks, when torchrun puts
-    local_world_size consecutive global ranks on each node: the length of the group's runs of
-    ranks on one node when the runs are equal and no node appears twice; else 1 (every message
-    counted as crossing nodes, the safe side)."""
-    nodes = [g // local_world_size for g in global_ranks]
+def node_size_of(global_ranks: Sequence[int], ranks_per_node: int) -> Optional[int]:
+    """Ranks per node of a group whose members are these global ranks, when every node holds
+    ranks_per_node consecutive global ranks: the length of the group's runs of ranks on one node
+    when the runs are equal and no node appears twice; else None."""
+    nodes = [g // ranks_per_node for g in global_ranks]
     runs = [len(list(run)) for _, run in itertools.groupby(nodes)]
     if len(set(runs)) == 1 and len(runs) == len(set(nodes)):
         return runs[0]
-    return 1
+    return None
 
 
 def topology_for(world_size: int, node_size: Optional[int] = None, links: Optional[Mapping[str, LinkSpec]] = None,

@@ -235,8 +235,10 @@ def test_node_size_from_torchrun_and_sub_groups():
     assert resolve_node_size(None, 16, env) == 8  # the default group of 2 nodes of 8
     assert resolve_node_size(None, 4, env) == 4  # a group inside one node
     assert resolve_node_size(None, 2, env, members=[3, 11]) == 1  # one rank on each of two nodes
-    assert node_size_of([0, 1, 8, 9], 8) == 2 and node_size_of([0, 8, 1, 9], 8) == 1  # interleaved: safe side
+    assert node_size_of([0, 1, 8, 9], 8) == 2 and node_size_of([0, 8, 1, 9], 8) is None
+    assert resolve_node_size(None, 4, env, members=[0, 8, 1, 9]) == 1  # interleaved: every message inter-node
     assert resolve_node_size(2, 4, env) == 2 and resolve_node_size(None, 4, {"BURST_NODE_SIZE": "2", **env}) == 2
+    assert resolve_node_size(8, 2, env, members=[4, 5]) == 2  # the machine's node size, a group inside a node
     with pytest.raises(ValueError, match="node_size=3 does not divide"):
         resolve_node_size(3, 4, env)
     assert resolve_node_size(None, 4, {}) == 4  # no torchrun: one node
