@@ -71,7 +71,7 @@ class BurstConfig:
         values = {}
         for f in fields(cls):
             raw = environ.get(f"BURST_{f.name.upper()}")
-            if raw is None or f.name == "group":
+            if raw is None or raw.strip() == "" or f.name == "group":
                 continue
             if f.name in _FLOATS:
                 values[f.name] = float(raw)

@@ -27,13 +27,17 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
         f"- scale: {scale if scale is not None else f'1/sqrt({shape.head_dim}) (default)'}; mask: "
         f"{plan.mask.describe() if plan.mask is not None else 'causal' if plan.causal else 'none'} (global positions)",
         f"- layout: {plan.layout}; {_route_line(plan)}; rows per rank: {plan.local_len} "
-        f"(real tokens per rank: {list(plan.valid_lens)})",
+        f"(real tokens per {'node' if plan.schedule == ULYSSES_RING else 'rank'}: {list(plan.valid_lens)})",
         f"- forward bytes sent, all ranks: {fwd} (K, V: 2*H_kv*d*e per row and hop; a dense ring would send "
         f"{plan.world_size * forward_bytes(shape)})",
         f"- backward scheme: **{scheme}**; bytes, all ranks: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
         f"({'the smaller' if bwd[scheme] == min(bwd.values()) else 'requested explicitly'})",
         f"- skipped (fully masked) pairs: {plan.skipped_pairs()} of {plan.world_size ** 2}",
     ]
+    if plan.schedule == ULYSSES_RING:
+        lines.append(f"- ulysses_ring: the ring below is one of the rings over the nodes (one per local index, "
+                     f"each on H_q={shape.heads_q} query and H_kv={shape.heads_kv} K/V heads: the shape above); "
+                     f"its bytes are that ring's, and the all-to-alls inside the nodes are in the schedules table")
     lines += [f"- {n}" for n in notes or []]
     if predictions:
         lines += ["", "## Schedules (predicted by the cost model, one call forward + backward, per rank)", "",
@@ -67,7 +71,7 @@ def schedule_table(predictions: dict, chosen: str) -> str:
 
 
 def _route_line(plan: RingPlan) -> str:
-    if plan.order is not None:
+    if plan.order is not None and plan.schedule != ULYSSES_RING:
         ring = " -> ".join(map(str, plan.order + plan.order[:1] if plan.world_size > 1 else plan.order))
         return f"schedule: {plan.schedule}, ring order: {ring}"
     return plan.describe_route().replace("=", ": ", 1)

@@ -33,7 +33,7 @@ class SitePlan:
     seq_len: object = None  # int or sympy expression
     cost: dict = field(default_factory=dict)  # cost.describe() of the per-rank shape
     schedule: str = "auto"  # what the op is asked for: the option, or auto where the option cannot run here
-    node_size: int = 0  # ranks per node (0: one node)
+    node_size: int = 0  # the group's ranks per node, for reports (0: one node); the op gets the option
     # the schedule the cost model picks at the compile-time size, every schedule's Prediction, and a
     # note when the requested schedule cannot run at this site
     predicted: Optional[str] = None
@@ -137,7 +137,7 @@ def _with_schedule(plan: SitePlan, cfg: BurstConfig, shape: cost.AttentionShape,
     for requested in ((cfg.schedule, "auto") if cfg.schedule != "auto" else ("auto",)):
         try:
             plan.predicted, plan.predictions = predict.choose_schedule(
-                concrete, topology, requested, causal=plan.causal, scheme=cost.choose_backward(concrete, cfg.backward),
+                concrete, topology, requested, causal=plan.causal, scheme=cfg.backward,
                 flops_per_s=cfg.tflops * 1e12, per_head_mask=per_head)
             break
         except ValueError as e:

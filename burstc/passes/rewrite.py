@@ -44,7 +44,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
                 query, key, value, site.attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers), plan.causal, site.window_left, site.window_right, site.mask_mod,
                 plan.scale, plan.enable_gqa, plan.layout,
-                plan.backward, cfg.kernel, plan.schedule, plan.node_size, group_name, verify_site))
+                plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(site.node.meta)
         site.node.replace_all_uses_with(out)

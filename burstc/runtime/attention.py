@@ -132,10 +132,12 @@ def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology
     try:
         chosen, predictions = _choose_schedule(
             shape, topology.world_size, topology.node_size, _links_key(topology), schedule, meta.causal,
-            choose_backward(shape, meta.backward), cfg.tflops * 1e12, mask is not None and mask.per_head)
+            meta.backward, cfg.tflops * 1e12, mask is not None and mask.per_head)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
     if predictions and (chosen, shape, topology.describe()) not in _logged_choices:
+        if len(_logged_choices) > 1024:  # dynamic lengths: keep the set small, at worst log again
+            _logged_choices.clear()
         _logged_choices.add((chosen, shape, topology.describe()))
         log.info("burst: attention [B=%s, H=%s/%s, N=%s] on %s: schedule %s", shape.batch, shape.heads_q,
                  shape.heads_kv, seq_len, topology.describe(), predict.summary(chosen, predictions))

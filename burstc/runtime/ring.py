@@ -63,6 +63,7 @@ class _Inbox:
 
     def __init__(self):
         self._pending: dict[int, tuple] = {}  # dst step -> (Pending, receiving ranks in order)
+        self._sent: list = []  # Pendings of exchanges that only send: waited with the next take
 
     def post(self, plan: RingPlan, transport, role: str, step: int, held: Held, like: Held) -> None:
         """Post the sends of what this process's ranks hold at step to the ranks that need it next
@@ -71,9 +72,10 @@ class _Inbox:
         ring's jump to the next node) is waited for only then."""
         by_step: dict[int, tuple[list, list, list]] = {}
         for r in transport.ranks:
-            chunk = plan.held(step, r)
-            for dst, dst_step in plan.deliveries(role, step, r):  # none unless r holds the chunk at step
-                tensors = _trim(plan, role, chunk, held[r]) if step == 0 else held[r]
+            deliveries = plan.deliveries(role, step, r)  # none unless r holds the chunk at step
+            if deliveries:
+                tensors = _trim(plan, role, plan.held(step, r), held[r]) if step == 0 else held[r]
+            for dst, dst_step in deliveries:
                 by_step.setdefault(dst_step, ([], [], []))[0].append((r, dst, tensors, _payload_tag(dst_step)))
             for src, dst_step in plan.arrivals(role, step, r):
                 entry = by_step.setdefault(dst_step, ([], [], []))
@@ -82,10 +84,16 @@ class _Inbox:
         for dst_step, (sends, recvs, receivers) in by_step.items():
             pending = transport.exchange(sends, recvs)
             if receivers:
+                assert dst_step not in self._pending, f"two transfers for step {dst_step} posted at different steps"
                 self._pending[dst_step] = (pending, receivers)
+            else:
+                self._sent.append(pending)
 
     def take(self, step: int) -> Held:
-        """What this process's ranks receive for `step` (waits for it)."""
+        """What this process's ranks receive for `step` (waits for it, and for the sends posted
+        before, so their buffers can go)."""
+        while self._sent:
+            self._sent.pop().wait()
         if step not in self._pending:
             return {}
         pending, receivers = self._pending.pop(step)
@@ -214,22 +222,32 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     Per step: post the payload's sends and receives and the receive of the partial sums trailing
     the chunk (from the holder one step earlier), compute, add the received sums and send the total
     on: to the next holder while the chunk goes on one step later, else straight home to the chunk's
-    owner (the chunk stops, or it jumps to another node on the double ring). The home receives are
-    posted up front. At most one partial-sum send is in flight per rank. Accumulators of a trimmed
-    chunk cover only its travelling rows."""
+    owner (the chunk stops, or it jumps to another node on the double ring). Between any two ranks
+    both sides post in the same order, as NCCL (which ignores tags) needs: the sums a rank sends
+    after step s are received at the start of step s + 1, before that step's payload, which its
+    sender posts after them. At most one partial-sum send is in flight per rank. Accumulators of
+    a trimmed chunk cover only its travelling rows."""
     ranks = transport.ranks
     device = next(iter(partial_like.values()))[0].device
     span = lambda step, kind: _comm_span(transport, "backward", step, kind, device)  # noqa: E731
     steps = plan.steps_for(role)
-    homes = [(src, r, _rows_like(plan, role, r, partial_like[r]), _partial_tag(src_step))
-             for r in ranks for src, src_step in plan.accumulators_home(role, r)]
-    home_pending = transport.exchange([], homes) if homes else None
+    homes_after = {}  # src step -> [receives of partial sums coming home after it]
+    for r in ranks:
+        for src, src_step in plan.accumulators_home(role, r):
+            homes_after.setdefault(src_step, []).append(
+                (src, r, _rows_like(plan, role, r, partial_like[r]), _partial_tag(src_step)))
+    home_pending = []  # (receives, Pending)
+
+    def expect_homes(src_step: int) -> None:
+        if src_step in homes_after:
+            home_pending.append((homes_after[src_step], transport.exchange([], homes_after[src_step])))
     payload_like = dict(payload)
     inbox = _Inbox()
     own: Held = {}
     last_send = None
     for step in range(steps):
         with span(step, POST):
+            expect_homes(step - 1)
             expect = [(plan.accumulator_prev(role, step, r), r,
                        _rows_like(plan, role, plan.held(step, r), partial_like[r]), _partial_tag(step - 1))
                       for r in ranks if plan.holds(role, step, r) and plan.accumulator_prev(role, step, r) is not None]
@@ -259,9 +277,10 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
         if step + 1 < steps:
             with span(step, WAIT):
                 payload = {**payload, **inbox.take(step + 1)}
-    if home_pending is not None:
+    expect_homes(steps - 1)
+    for homes, pending in home_pending:
         with span(steps - 1, WAIT):
-            returned = home_pending.wait()
+            returned = pending.wait()
         for (_, r, _, _), theirs_all in zip(homes, returned):
             lo, hi = plan.travel_rows[role][r]
             for mine, theirs in zip(own[r], theirs_all):

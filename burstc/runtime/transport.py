@@ -50,7 +50,12 @@ class Pending:
 
 
 class VirtualTransport:
-    """Every plan rank in this process: a message is put in the receiver's mailbox."""
+    """Every plan rank in this process: a message is put in a queue per (sender, receiver).
+
+    Messages match as NCCL matches them: the k-th receive a rank posts from a sender gets the
+    k-th message that sender posted to it, whatever the tags. A receive whose message has another
+    tag or shape raises, so every schedule run on virtual ranks proves that both sides of every
+    pair post in the same order (gloo matches by tag and would hide a mismatch)."""
 
     def __init__(self, ranks: Sequence[int], phase: str, link: LinkOf = _same_link,
                  members: Optional[Sequence[int]] = None):
@@ -59,25 +64,36 @@ class VirtualTransport:
         self.traced_rank = None  # hops are free: no communication spans
         self._phase = phase
         self._link = link
-        self._mailbox: dict[tuple[int, int, int], tuple] = {}  # (tag, src, dst) -> tensors
+        self._sent: dict[tuple[int, int], list] = {}  # (src, dst) -> [(tag, tensors) or None once received]
+        self._posted: dict[tuple[int, int], int] = {}  # (src, dst) -> receives posted so far
 
     def exchange(self, sends: list[Send], recvs: list[Recv]) -> Pending:
         for src, dst, tensors, tag in sends:
             stats.count_message(self._phase, self._link(src, dst), _nbytes(tensors))
-            assert (tag, src, dst) not in self._mailbox, f"virtual transport: tag {tag} {src}->{dst} sent twice"
-            self._mailbox[(tag, src, dst)] = tensors
+            self._sent.setdefault((src, dst), []).append((tag, tensors))
+        slots = []
+        for src, dst, _, _ in recvs:
+            slots.append(self._posted.get((src, dst), 0))
+            self._posted[(src, dst)] = slots[-1] + 1
 
         def wait():
             out = []
-            for src, dst, like, tag in recvs:
-                got = self._mailbox.pop((tag, src, dst))
+            for (src, dst, like, tag), k in zip(recvs, slots):
+                queue = self._sent.get((src, dst), [])
+                assert k < len(queue), f"virtual transport: receive {k} from {src} to {dst} (tag {tag}) has no message"
+                sent_tag, got = queue[k]
+                assert sent_tag == tag, (f"virtual transport: receive {k} from {src} to {dst} expects tag {tag} "
+                                         f"but the message posted in that order has tag {sent_tag}")
                 assert [t.shape for t in got] == [t.shape for t in like], "virtual transport: payload shapes differ"
+                queue[k] = (sent_tag, None)  # received: let the tensors go
                 out.append(got)
             return out
         return Pending(wait)
 
     def finish(self) -> None:
-        assert not self._mailbox, f"virtual transport: messages {sorted(self._mailbox)} were never received"
+        unreceived = {pair: len(q) - self._posted.get(pair, 0) for pair, q in self._sent.items()
+                      if len(q) != self._posted.get(pair, 0)}
+        assert not unreceived, f"virtual transport: messages never received, per (src, dst): {unreceived}"
 
 
 class GroupTransport:
@@ -108,7 +124,7 @@ class GroupTransport:
                     w.wait(self._timeout)
             except RuntimeError as e:
                 raise RuntimeError(
-                    f"burst ring: rank {self._rank} gave up waiting for {what} after "
+                    f"burst ring: rank {self.traced_rank} gave up waiting for {what} after "
                     f"{self._timeout.total_seconds():.0f} s ({e}). Another rank failed or is not running "
                     f"the same burst_attention call; set BURST_TIMEOUT_S to wait longer.") from e
 
@@ -126,7 +142,7 @@ class GroupTransport:
             received.append(buffers)
         entry = (dist.batch_isend_irecv(ops) if ops else [], sent)
         self._inflight.append(entry)
-        what = ", ".join(f"tag {tag} from rank {src}" for src, _, _, tag in recvs) or "its own sends"
+        what = ", ".join(f"tag {tag} from rank {self.members[src]}" for src, _, _, tag in recvs) or "its own sends"
 
         def wait():
             if any(e is entry for e in self._inflight):

@@ -97,8 +97,21 @@ class RingPlan:
 
     def arrivals(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
         """(src, dst_step) of the transfers to rank that their senders post right after step."""
-        return [(src, s) for s in range(step + 1, self.route.world_size)
-                for src, src_step in [self.route.source[s][rank]] if src_step == step and self.holds(role, s, rank)]
+        return self._arrival_table[role].get((step, rank), [])
+
+    @functools.cached_property
+    def _arrival_table(self) -> dict:
+        """Per role: (src step, receiving rank) -> [(src, dst_step)] of the transfers that happen."""
+        table = {}
+        for role in (KV, QUERY):
+            by_key: dict = {}
+            for s in range(1, self.route.world_size):
+                for rank in range(self.world_size):
+                    src, src_step = self.route.source[s][rank]
+                    if self.holds(role, s, rank):
+                        by_key.setdefault((src_step, rank), []).append((src, s))
+            table[role] = by_key
+        return table
 
     def sends(self, role: str, step: int, rank: int) -> bool:
         """Whether rank sends the chunk it holds at step on to anybody."""
@@ -123,8 +136,21 @@ class RingPlan:
 
     def accumulators_home(self, role: str, rank: int) -> list[tuple[int, int]]:
         """(src, src_step) of the partial sums of rank's own chunk that come back to it."""
-        return [(r, s) for s in range(1, self.route.world_size) for r in range(self.world_size)
-                if self.held(s, r) == rank and self.holds(role, s, r) and self.accumulator_next(role, s, r) == rank]
+        return self._home_table[role].get(rank, [])
+
+    @functools.cached_property
+    def _home_table(self) -> dict:
+        """Per role: owner -> [(src, src_step)] of the partial sums sent straight home to it."""
+        table = {}
+        for role in (KV, QUERY):
+            homes: dict = {}
+            for s in range(1, self.route.world_size):
+                for r in range(self.world_size):
+                    chunk = self.held(s, r)
+                    if self.holds(role, s, r) and self.accumulator_next(role, s, r) == chunk:
+                        homes.setdefault(chunk, []).append((r, s))
+            table[role] = homes
+        return table
 
     def holds(self, role: str, step: int, rank: int) -> bool:
         """Whether rank holds a chunk at step (one that was sent to it, or its own at step 0)."""

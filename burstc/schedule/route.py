@@ -63,21 +63,6 @@ class Route:
                     raise ValueError(f"route {self.name}: step {s} rank {r} gets chunk {self.held[s][r]} from "
                                      f"rank {src} at step {src_step}, which does not hold it then")
 
-    def table(self, topology: Optional[Topology] = None) -> str:
-        """Steps x ranks: the chunk each rank holds, with the link it arrived over when a topology is given."""
-        rows = []
-        for s in range(self.world_size):
-            cells = []
-            for r in range(self.world_size):
-                cell = f"c{self.held[s][r]}"
-                if s and topology is not None:
-                    src, src_step = self.source[s][r]
-                    cell += f" <- r{src}@{src_step} {topology.link(src, r)}"
-                cells.append(cell)
-            rows.append(f"| {s} | " + " | ".join(cells) + " |")
-        head = "| step | " + " | ".join(f"rank {r}" for r in range(self.world_size)) + " |"
-        return "\n".join([head, "|" + "---|" * (self.world_size + 1)] + rows)
-
 
 def flat_route(order: tuple[int, ...]) -> Route:
     """The flat ring through `order`: at step s the rank at ring index i holds the chunk of index i - s."""
