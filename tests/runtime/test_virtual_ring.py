@@ -109,3 +109,25 @@ def test_custom_scale():
     got, _ = run_burst(q, k, v, dout, causal=False, scale=0.37, kernel="reference", virtual_world_size=3)
     abs_err, _ = max_errors(got, sdpa_with_grads(q, k, v, dout, False, scale=0.37))
     assert abs_err <= 1e-10
+
+
+def test_virtual_transport_matches_messages_in_post_order_like_nccl():
+    """NCCL ignores tags: the k-th receive from a sender gets the k-th message it posted. The virtual
+    transport matches the same way and raises when the tags disagree, so every virtual run checks
+    that both sides of every pair post in one order."""
+    from burstc.runtime.transport import VirtualTransport
+
+    a, b = (torch.randn(2),), (torch.randn(3),)
+    ok = VirtualTransport(range(2), "forward")
+    ok.exchange([(0, 1, a, 10), (0, 1, b, 20)], [])
+    got = ok.exchange([], [(0, 1, a, 10), (0, 1, b, 20)]).wait()
+    assert got[0][0] is a[0] and got[1][0] is b[0]
+    ok.finish()
+    swapped = VirtualTransport(range(2), "forward")
+    swapped.exchange([(0, 1, a, 10), (0, 1, b, 20)], [])
+    with pytest.raises(AssertionError, match="expects tag 20 but the message posted in that order has tag 10"):
+        swapped.exchange([], [(0, 1, b, 20), (0, 1, a, 10)]).wait()
+    lost = VirtualTransport(range(2), "forward")
+    lost.exchange([(0, 1, a, 10)], [])
+    with pytest.raises(AssertionError, match="never received"):
+        lost.finish()
