@@ -157,20 +157,29 @@ def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Hel
     return {r: o for r, (o, _) in results.items()}, {r: lse for r, (_, lse) in results.items()}
 
 
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """D = rowsum(dO * O) [B, H, L] in the accumulation dtype, as a batched dot product (no
+    [B, H, L, d] temporary)."""
+    acc = accumulation_dtype(out.dtype)
+    return torch.matmul(dout.to(acc).unsqueeze(-2), out.to(acc).unsqueeze(-1)).reshape(out.shape[:-1])
+
+
 def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q: Held, k: Held,
-                  v: Held, out: Held, dout: Held, lse: Held, scale: float) -> tuple[Held, Held, Held]:
-    """Per rank (dq, dk, dv) in the accumulation dtype."""
+                  v: Held, out: Optional[Held], dout: Held, lse: Held, scale: float,
+                  delta: Optional[Held] = None) -> tuple[Held, Held, Held]:
+    """Per rank (dq, dk, dv) in the accumulation dtype. delta: D = rowsum(dO * O) when the caller has
+    it (then out may be None: the kernels work from D alone); else computed from out."""
     ranks = transport.ranks
     _count_skipped(plan, ranks)
     acc = accumulation_dtype(q[ranks[0]].dtype)
-    # D = rowsum(dO * O) as a batched dot product: no [B, H, L, d] temporary
-    delta = {r: torch.matmul(dout[r].to(acc).unsqueeze(-2), out[r].to(acc).unsqueeze(-1)).reshape(lse[r].shape)
-             for r in ranks}
+    if delta is None:
+        delta = {r: row_delta(dout[r], out[r]) for r in ranks}
+    out = out or {}
     grad_sum = lambda x: GradSum(x.shape, acc, x.device)  # noqa: E731
     tiles = _MaskTiles(plan, q[ranks[0]].shape[1], q[ranks[0]].device)
 
     if scheme == KV_RING:
-        bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out[r]) for r in ranks}
+        bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out.get(r)) for r in ranks}
         dq = {r: grad_sum(q[r]) for r in ranks}
 
         def compute(r: int, step: int, payload) -> tuple[torch.Tensor, ...]:
@@ -193,7 +202,7 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
         dv = {r: grad_sum(v[r]) for r in ranks}
 
         def compute(r: int, step: int, payload) -> tuple[torch.Tensor, ...]:
-            bundle = QueryBundle(*payload, out=out[r] if step == 0 else None)  # step 0: own queries
+            bundle = QueryBundle(*payload, out=out.get(r) if step == 0 else None)  # step 0: own queries
             dq_part = grad_sum(bundle.q)
             visit = plan.query_visit(step, r)
             offset = plan.row_offset(QUERY, step, r)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from burstc.debug.trace import ALL_TO_ALL, maybe_span
-from burstc.runtime.ring import ring_backward, ring_forward
+from burstc.runtime.ring import ring_backward, ring_forward, row_delta
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.schedule.plan import RingPlan
 from burstc.schedule.topology import Topology, ulysses_kv_range
@@ -164,12 +164,14 @@ def ulysses_backward(run, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, l
     qh, kvh, heads_q, heads_kv = _head_ranges(run, qd, kd)
     ex = _exchange(run, "backward", device)
     qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
-    on, don, ln = ex.to_heads(out, qh), ex.to_heads(dout, qh), ex.to_heads(lse, qh)
+    # D = rowsum(dO * O) travels instead of O: one number per row and head instead of d
+    delta = {r: row_delta(dout[r], out[r]) for r in dout}
+    don, ln, dn = ex.to_heads(dout, qh), ex.to_heads(lse, qh), ex.to_heads(delta, qh)
     dq_n, dk_n, dv_n = {}, {}, {}
     for transport in _rings(run, "backward", device):
         pick = lambda d: {p: d[transport.members[p]] for p in transport.ranks}  # noqa: E731
         dq, dk, dv = ring_backward(run.plan, transport, run.kernel, run.scheme, pick(qn), pick(kn), pick(vn),
-                                   pick(on), pick(don), pick(ln), run.scale)
+                                   None, pick(don), pick(ln), run.scale, delta=pick(dn))
         for p in transport.ranks:
             g = transport.members[p]
             dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]

@@ -138,7 +138,7 @@ def _link_totals(shape: AttentionShape, topology: Topology, schedule: str, phase
         a2a_out = rows * h * (d * e + a)  # out, and lse in acc dtype
         hop = n * L * B * 2 * c * d * e
     else:
-        a2a_in = rows * (d * e * (h + 2 * c + h + h) + a * h)  # q, k, v, out, dout; lse in acc dtype
+        a2a_in = rows * (d * e * (h + 2 * c + h) + 2 * a * h)  # q, k, v, dout; lse and D = rowsum(dO O) in acc dtype
         a2a_out = rows * d * a * (h + 2 * c)  # dq, dk, dv in acc dtype
         hop = n * L * B * sum(backward_row_bytes(_ulysses_shape(shape, topology), scheme))
     return {"a2a_in": a2a_in, INTER: G * (P - 1) * hop, "a2a_out": a2a_out}

@@ -59,10 +59,11 @@ def test_ulysses_bytes_by_hand():
     assert fwd[INTRA] == 4 * (1280 + 640 + 80)
     # Ring over the 2 nodes: one hop of a 20-row chunk of k, v with 1 head: 20 * 2 * 32 = 1280 per rank.
     assert fwd[INTER] == 4 * 1280
-    # Backward in: q, k, v, out, dout (2 + 1 + 1 + 2 + 2 head-rows of 32 B) + lse (2 * 4 B) per row;
-    # back: dq, dk, dv (4 head-rows of 8 * 4 B). KV ring over nodes: k, v + dk, dv, 20 rows * 4 * 32 B.
+    # Backward in: q, k, v, dout (2 + 1 + 1 + 2 head-rows of 32 B) + lse and D = rowsum(dO O) (2 heads *
+    # 4 B each) per row; back: dq, dk, dv (4 head-rows of 8 * 4 B). KV ring over nodes: k, v + dk, dv,
+    # 20 rows * 4 * 32 B.
     bwd = bytes_by_link(s, t, "ulysses_ring", "backward", KV_RING)
-    assert bwd == {INTRA: 4 * 10 * (8 * 32 + 8 + 4 * 32), INTER: 4 * 20 * 4 * 32}
+    assert bwd == {INTRA: 4 * 10 * (6 * 32 + 2 * 8 + 4 * 32), INTER: 4 * 20 * 4 * 32}
     # Query ring over nodes: q, dO (2 heads * 32 B each), D, lse (2 heads * 4 B each), dQ (2 * 32 B).
     assert bytes_by_link(s, t, "ulysses_ring", "backward", QUERY_RING)[INTER] == 4 * 20 * (2 * 72 + 2 * 32)
 
@@ -76,7 +77,7 @@ def test_ulysses_bytes_bf16_and_replicated_kv():
     assert fwd[INTRA] == 4 * 10 * (head_row_e * (2 + 2 + 2) + 2 * 4)
     assert fwd[INTER] == 4 * 20 * 2 * head_row_e
     bwd = bytes_by_link(s, t, "ulysses_ring", "backward", KV_RING)
-    assert bwd[INTRA] == 4 * 10 * (head_row_e * 8 + 2 * 4 + head_row_a * 4)
+    assert bwd[INTRA] == 4 * 10 * (head_row_e * 6 + 2 * 2 * 4 + head_row_a * 4)  # q, k, v, dout; lse, D; grads
     assert bwd[INTER] == 4 * 20 * 2 * (head_row_e + head_row_a)
 
 
@@ -154,13 +155,13 @@ def test_time_model_by_hand():
     assert double.exposed_comm_s == pytest.approx(double.total_s - compute)
     assert ring.steps == double.steps == 4
     # Compute-bound (slow kernel): the rings take the compute time, nothing exposed; Ulysses adds its
-    # all-to-alls (forward 2000 B + backward (2640 + 1280) B per rank at 1 GB/s, no latency).
+    # all-to-alls (forward 2000 B + backward (2080 + 1280) B per rank at 1 GB/s, no latency).
     slow = predict_all(s, t, causal=True, scheme=KV_RING, flops_per_s=1e3)
     compute = 0.5 * 204800 * 3.5 / 4 / 1e3
     for sched in ("ring", "double_ring"):
         assert slow[sched].total_s == pytest.approx(compute)
         assert slow[sched].exposed_comm_s == pytest.approx(0, abs=1e-12)
-    assert slow["ulysses_ring"].exposed_comm_s == pytest.approx((2000 + 2640 + 1280) / 1e9)
+    assert slow["ulysses_ring"].exposed_comm_s == pytest.approx((2000 + 2080 + 1280) / 1e9)
     assert slow["ulysses_ring"].steps == 2
 
 
