@@ -57,6 +57,21 @@ def test_gpt_sites_become_burst_ops(fake_world):
     assert call.args[7:15] == (True, None, None, "", None, True, "zigzag", "kv_ring")
 
 
+def test_the_schedule_option_reaches_the_op_or_falls_back_per_site(fake_world, caplog):
+    """The op gets the schedule and the machine's node size; a site the requested schedule cannot
+    run (2 heads do not split over nodes of 4) asks for auto instead, with a warning."""
+    idx = torch.randint(0, 50, (1, 16))
+    gm = rewritten_graph(TinyGPT(layers=1, heads=2, kv_heads=2).eval(), idx, schedule="ulysses_ring", node_size=2)
+    call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
+    assert call.args[16:18] == ("ulysses_ring", 2)
+    with caplog.at_level("WARNING", logger="burstc.passes"):
+        gm = rewritten_graph(TinyGPT(layers=1, heads=2, kv_heads=2).eval(), idx, schedule="ulysses_ring",
+                             node_size=4)
+    call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
+    assert call.args[16:18] == ("auto", 4)
+    assert "schedule 'ulysses_ring' cannot run here" in caplog.text and "2 query heads" in caplog.text
+
+
 def test_mha_picks_the_query_ring_and_options_apply(fake_world):
     model = TinyGPT(layers=1, heads=4, kv_heads=4).eval()
     gm = rewritten_graph(model, torch.randint(0, 50, (1, 16)), layout="striped", verify=True)
