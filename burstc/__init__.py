@@ -2,7 +2,8 @@
 
 Public API:
     burst_attention(q, k, v, *, causal, scale, enable_gqa, group, layout, backward, kernel,
-                    virtual_world_size)          distributed attention on this rank's shard
+                    virtual_world_size, masks..., schedule, node_size)
+                                                 distributed attention on this rank's shard
     shard_sequence / unshard_sequence / shard_positions / local_length
                                                  layouts: who holds which tokens
     build_plan                                   the ring plan (printable, checked)
@@ -11,7 +12,6 @@ Public API:
     convert / backend                            torch.compile(model, backend="burst")
     BurstConfig, BurstInputError
 """
-from burstc.backend import burst_backend, convert
 from burstc.config import BurstConfig
 from burstc.debug.trace import trace
 from burstc.runtime.attention import burst_attention
@@ -27,3 +27,13 @@ __all__ = [
     "unshard_sequence",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The backend (it imports torch._dynamo, seconds) loads on first use: `import burstc` for the
+    runtime alone stays quick. torch.compile(backend="burst") finds it through the entry point."""
+    if name in ("burst_backend", "convert"):
+        from burstc import backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module 'burstc' has no attribute {name!r}")
