@@ -234,7 +234,8 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     owner (the chunk stops, or it jumps to another node on the double ring). Between any two ranks
     both sides post in the same order, as NCCL (which ignores tags) needs: the sums a rank sends
     after step s are received at the start of step s + 1, before that step's payload, which its
-    sender posts after them. At most one partial-sum send is in flight per rank. Accumulators of
+    sender posts after them, and added at the end of that step (one step of home buffers in
+    flight, not one per node). At most one partial-sum send is in flight per rank. Accumulators of
     a trimmed chunk cover only its travelling rows."""
     ranks = transport.ranks
     device = next(iter(partial_like.values()))[0].device
@@ -245,11 +246,22 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
         for src, src_step in plan.accumulators_home(role, r):
             homes_after.setdefault(src_step, []).append(
                 (src, r, _rows_like(plan, role, r, partial_like[r]), _partial_tag(src_step)))
-    home_pending = []  # (receives, Pending)
+    home_pending = []  # (src step, receives, Pending), oldest first
 
     def expect_homes(src_step: int) -> None:
         if src_step in homes_after:
-            home_pending.append((homes_after[src_step], transport.exchange([], homes_after[src_step])))
+            home_pending.append((src_step, homes_after[src_step], transport.exchange([], homes_after[src_step])))
+
+    def add_homes(up_to: int, step: int) -> None:
+        """Add the partial sums sent home after steps <= up_to into the owners' own (waits for them)."""
+        while home_pending and home_pending[0][0] <= up_to:
+            _, homes, pending = home_pending.pop(0)
+            with span(step, WAIT):
+                returned = pending.wait()
+            for (_, r, _, _), theirs_all in zip(homes, returned):
+                lo, hi = plan.travel_rows[role][r]
+                for mine, theirs in zip(own[r], theirs_all):
+                    mine[:, :, lo:hi].add_(theirs)
     payload_like = dict(payload)
     inbox = _Inbox()
     own: Held = {}
@@ -283,16 +295,11 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
                         last_send.wait()  # its buffers may go: bounded memory
                     last_send = transport.exchange(
                         [(r, plan.accumulator_next(role, step, r), partial[r], _partial_tag(step)) for r in partial], [])
+            add_homes(step - 1, step)
         if step + 1 < steps:
             with span(step, WAIT):
                 payload = {**payload, **inbox.take(step + 1)}
     expect_homes(steps - 1)
-    for homes, pending in home_pending:
-        with span(steps - 1, WAIT):
-            returned = pending.wait()
-        for (_, r, _, _), theirs_all in zip(homes, returned):
-            lo, hi = plan.travel_rows[role][r]
-            for mine, theirs in zip(own[r], theirs_all):
-                mine[:, :, lo:hi].add_(theirs)
+    add_homes(steps - 1, steps - 1)
     transport.finish()
     return own
