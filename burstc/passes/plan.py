@@ -3,6 +3,7 @@ scheme and schedule over the nodes by the cost model, sizes as sympy expressions
 length is dynamic); sites that cannot convert get the reason. The graph is not changed."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -133,15 +134,14 @@ def _with_schedule(plan: SitePlan, cfg: BurstConfig, shape: cost.AttentionShape,
     chunks = chunk_count(plan.layout, world_size)
     concrete = replace(shape, batch=_hint(plan.site.tensor("query").shape[0]) or 1,
                        local_rows=-(-hint // chunks) * chunks // world_size)
-    per_head = bool(plan.site.mask_mod) or plan.site.attn_mask is not None
-    for requested in ((cfg.schedule, "auto") if cfg.schedule != "auto" else ("auto",)):
-        try:
-            plan.predicted, plan.predictions = predict.choose_schedule(
-                concrete, topology, requested, causal=plan.causal, scheme=cfg.backward,
-                flops_per_s=cfg.tflops * 1e12, per_head_mask=per_head)
-            break
-        except ValueError as e:
-            plan.schedule, plan.schedule_note = "auto", f"schedule {cfg.schedule!r} cannot run here ({e}); auto instead"
+    choose = functools.partial(predict.choose_schedule, concrete, topology, causal=plan.causal, scheme=cfg.backward,
+                               flops_per_s=cfg.tflops * 1e12,
+                               per_head_mask=bool(plan.site.mask_mod) or plan.site.attn_mask is not None)
+    try:
+        plan.predicted, plan.predictions = choose(cfg.schedule)
+    except ValueError as e:  # only an explicit schedule can fail: auto always has the flat ring
+        plan.schedule, plan.schedule_note = "auto", f"schedule {cfg.schedule!r} cannot run here ({e}); auto instead"
+        plan.predicted, plan.predictions = choose("auto")
     return plan
 
 

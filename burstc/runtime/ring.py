@@ -269,9 +269,9 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     for step in range(steps):
         with span(step, POST):
             expect_homes(step - 1)
-            expect = [(plan.accumulator_prev(role, step, r), r,
-                       _rows_like(plan, role, plan.held(step, r), partial_like[r]), _partial_tag(step - 1))
-                      for r in ranks if plan.holds(role, step, r) and plan.accumulator_prev(role, step, r) is not None]
+            prevs = {r: plan.accumulator_prev(role, step, r) for r in ranks if plan.holds(role, step, r)}
+            expect = [(src, r, _rows_like(plan, role, plan.held(step, r), partial_like[r]), _partial_tag(step - 1))
+                      for r, src in prevs.items() if src is not None]
             acc_in = transport.exchange([], expect) if expect else None
             inbox.post(plan, transport, role, step, payload, payload_like)
         partial = {}

@@ -56,27 +56,38 @@ class NodeExchange:
         self._calls += 1
         return _TAG_ALL_TO_ALL + _TAG_STRIDE * self._calls
 
-    def to_heads(self, x: Held, heads: HeadRange) -> Held:
-        """Per rank: its heads `heads(j)` of every rank of its node, real rows concatenated and
-        padded to plan.local_len rows. x: per-rank padded shards [B, H, L, ...]."""
-        tag, local = self._tag(), self.topology.local_index
+    def _all_to_all(self, part: Callable, like: Callable) -> dict[tuple[int, int], torch.Tensor]:
+        """One all-to-all inside the nodes: rank r sends part(r, peer) to every other rank of its
+        node and receives a tensor shaped like(r, peer) from it. Returns {(r, peer): what r holds
+        from peer}, its own part(r, r) included (never sent)."""
+        tag = self._tag()
         sends, recvs = [], []
         for r in self.transport.ranks:
             for peer in self._peers(r):
                 if peer != r:
-                    lo, hi = heads(local(peer))
-                    sends.append((r, peer, (x[r][:, lo:hi, :self.valid[r]].contiguous(),), tag))
-                    recvs.append((peer, r, (_like(x[r], heads(local(r)), self.valid[peer]),), tag))
+                    sends.append((r, peer, (part(r, peer).contiguous(),), tag))
+                    recvs.append((peer, r, (like(r, peer),), tag))
         received = self._exchange(sends, recvs)
         got = {(dst, src): t for (src, dst, _, _), (t,) in zip(recvs, received)}
+        got.update({(r, r): part(r, r) for r in self.transport.ranks})
+        return got
+
+    def to_heads(self, x: Held, heads: HeadRange) -> Held:
+        """Per rank: its heads `heads(j)` of every rank of its node, real rows concatenated and
+        padded to plan.local_len rows. x: per-rank padded shards [B, H, L, ...]."""
+        local = self.topology.local_index
+
+        def part(r: int, peer: int) -> torch.Tensor:  # r's real rows of the heads peer keeps
+            lo, hi = heads(local(peer))
+            return x[r][:, lo:hi, :self.valid[r]]
+        got = self._all_to_all(part, lambda r, peer: _like(x[r], heads(local(r)), self.valid[peer]))
         out = {}
         for r in self.transport.ranks:
             lo, hi = heads(local(r))
             chunk = x[r].new_zeros(x[r].shape[0], hi - lo, self.plan.local_len, *x[r].shape[3:])
             for peer in self._peers(r):
-                rows = x[r][:, lo:hi, :self.valid[r]] if peer == r else got[(r, peer)]
                 start = self._offset(peer)
-                chunk[:, :, start:start + self.valid[peer]] = rows
+                chunk[:, :, start:start + self.valid[peer]] = got[(r, peer)]
             out[r] = chunk
         return out
 
@@ -84,26 +95,20 @@ class NodeExchange:
                     accumulate: bool = False) -> Held:
         """Per rank: its own rows of all total_heads heads (padded to `rows`), from the node chunks of
         every rank of its node; accumulate=True sums heads held by several ranks (else assigns)."""
-        tag, local = self._tag(), self.topology.local_index
-        sends, recvs = [], []
-        for r in self.transport.ranks:
-            for peer in self._peers(r):
-                if peer != r:
-                    start = self._offset(peer)
-                    sends.append((r, peer, (chunks[r][:, :, start:start + self.valid[peer]].contiguous(),), tag))
-                    recvs.append((peer, r, (_like(chunks[r], heads(local(peer)), self.valid[r]),), tag))
-        received = self._exchange(sends, recvs)
-        got = {(dst, src): t for (src, dst, _, _), (t,) in zip(recvs, received)}
+        local = self.topology.local_index
+
+        def part(r: int, peer: int) -> torch.Tensor:  # peer's rows of r's node chunk
+            start = self._offset(peer)
+            return chunks[r][:, :, start:start + self.valid[peer]]
+        got = self._all_to_all(part, lambda r, peer: _like(chunks[r], heads(local(peer)), self.valid[r]))
         out = {}
         for r in self.transport.ranks:
             c = chunks[r]
             mine = c.new_zeros(c.shape[0], total_heads, rows, *c.shape[3:])
             for peer in self._peers(r):
                 lo, hi = heads(local(peer))
-                start = self._offset(r)
-                part = c[:, :, start:start + self.valid[r]] if peer == r else got[(r, peer)]
                 target = mine[:, lo:hi, :self.valid[r]]
-                target.add_(part) if accumulate else target.copy_(part)
+                target.add_(got[(r, peer)]) if accumulate else target.copy_(got[(r, peer)])
             out[r] = mine
         return out
 

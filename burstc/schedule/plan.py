@@ -97,21 +97,7 @@ class RingPlan:
 
     def arrivals(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
         """(src, dst_step) of the transfers to rank that their senders post right after step."""
-        return self._arrival_table[role].get((step, rank), [])
-
-    @functools.cached_property
-    def _arrival_table(self) -> dict:
-        """Per role: (src step, receiving rank) -> [(src, dst_step)] of the transfers that happen."""
-        table = {}
-        for role in (KV, QUERY):
-            by_key: dict = {}
-            for s in range(1, self.route.world_size):
-                for rank in range(self.world_size):
-                    src, src_step = self.route.source[s][rank]
-                    if self.holds(role, s, rank):
-                        by_key.setdefault((src_step, rank), []).append((src, s))
-            table[role] = by_key
-        return table
+        return self._tables[role][0].get((step, rank), [])
 
     def sends(self, role: str, step: int, rank: int) -> bool:
         """Whether rank sends the chunk it holds at step on to anybody."""
@@ -136,21 +122,28 @@ class RingPlan:
 
     def accumulators_home(self, role: str, rank: int) -> list[tuple[int, int]]:
         """(src, src_step) of the partial sums of rank's own chunk that come back to it."""
-        return self._home_table[role].get(rank, [])
+        return self._tables[role][1].get(rank, [])
 
     @functools.cached_property
-    def _home_table(self) -> dict:
-        """Per role: owner -> [(src, src_step)] of the partial sums sent straight home to it."""
-        table = {}
+    def _tables(self) -> dict:
+        """Per role, from one pass over the steps after 0 (the driver asks at every step):
+        arrivals {(src step, receiving rank): [(src, dst_step)]} of the transfers that happen, and
+        homes {owner: [(src, src_step)]} of the partial sums sent straight home."""
+        tables = {}
         for role in (KV, QUERY):
+            arrivals: dict = {}
             homes: dict = {}
             for s in range(1, self.route.world_size):
                 for r in range(self.world_size):
+                    if not self.holds(role, s, r):
+                        continue
+                    src, src_step = self.route.source[s][r]
+                    arrivals.setdefault((src_step, r), []).append((src, s))
                     chunk = self.held(s, r)
-                    if self.holds(role, s, r) and self.accumulator_next(role, s, r) == chunk:
+                    if self.accumulator_next(role, s, r) == chunk:
                         homes.setdefault(chunk, []).append((r, s))
-            table[role] = homes
-        return table
+            tables[role] = (arrivals, homes)
+        return tables
 
     def holds(self, role: str, step: int, rank: int) -> bool:
         """Whether rank holds a chunk at step (one that was sent to it, or its own at step 0)."""
