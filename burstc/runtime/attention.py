@@ -23,6 +23,7 @@ from burstc.runtime.mask_args import MaskArgs
 from burstc.schedule import layout as layouts
 from burstc.schedule import predict
 from burstc.schedule.cost import KV_RING, AttentionShape, choose_backward
+from burstc.schedule.masks import AttentionMask
 from burstc.schedule.plan import ULYSSES_RING, RingPlan, build_plan
 from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads
 
@@ -50,6 +51,7 @@ class RingRun:
     timeout_s: float
     inputs: str
     topology: Topology
+    mask: Optional[AttentionMask] = None  # the call's structured mask (plan.mask may be a cached twin's)
 
     @property
     def world_size(self) -> int:
@@ -100,7 +102,7 @@ class RingRun:
             out, lse = ulysses_forward(self, qd, kd, vd, q.device)
         else:
             out, lse = ring_forward(self.plan, self.transport("forward", q.device), self.kernel, qd, kd, vd,
-                                    self.scale)
+                                    self.scale, mask=self.mask)
         return out, lse, qd, kd, vd
 
     def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor):
@@ -111,7 +113,7 @@ class RingRun:
             grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device)
         else:
             grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
-                                  qd, kd, vd, out, dd, lse, self.scale)
+                                  qd, kd, vd, out, dd, lse, self.scale, mask=self.mask)
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
 
@@ -323,4 +325,5 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         raise BurstInputError(f"burst_attention: {e}") from e
     plan, scheme = _plan_call(meta, seq_len, world_size, topology, schedule, mask, cfg)
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
-                   group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology)
+                   group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology,
+                   mask=mask)

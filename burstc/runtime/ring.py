@@ -22,6 +22,7 @@ from burstc.runtime import stats
 from burstc.runtime.kernels.base import GradSum, LocalKernel, QueryBundle, accumulation_dtype
 from burstc.runtime.transport import Held
 from burstc.schedule.cost import KV_RING, QUERY_RING
+from burstc.schedule.masks import AttentionMask
 from burstc.schedule.plan import KV, QUERY, RingPlan
 
 # tag = base + 8 * step (+ tensor index): every message of a call has its own tag
@@ -109,13 +110,16 @@ def _partial_tag(src_step: int) -> int:
 
 
 class _MaskTiles:
-    """The mask of a plan evaluated on work items (global positions of both sides), on a device."""
+    """The call's mask evaluated on a plan's work items (global positions of both sides), on a
+    device. The mask is the call's own, never plan.mask: a cached plan is shared by every call whose
+    mask has the same content, and holds the tensors of the first of them, which their owner may
+    since have changed in place."""
 
-    def __init__(self, plan: RingPlan, heads: int, device: torch.device):
+    def __init__(self, plan: RingPlan, mask: Optional[AttentionMask], heads: int, device: torch.device):
         self.heads = heads
-        self.mask = plan.mask.to(device) if plan.mask is not None else None
+        self.mask = mask.to(device) if mask is not None else None
         self._positions = ({r: plan.positions(r).to(device) for r in range(plan.world_size)}
-                           if plan.mask is not None else {})
+                           if mask is not None else {})
 
     def __call__(self, q_rank: int, k_rank: int, item) -> Optional[torch.Tensor]:
         if not item.masked:
@@ -126,15 +130,16 @@ class _MaskTiles:
 
 
 def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Held, v: Held,
-                 scale: float) -> tuple[Held, Held]:
-    """Per rank (out [B, H_q, L, d] in the input dtype, lse [B, H_q, L] in the accumulation dtype)."""
+                 scale: float, mask: Optional[AttentionMask] = None) -> tuple[Held, Held]:
+    """Per rank (out [B, H_q, L, d] in the input dtype, lse [B, H_q, L] in the accumulation dtype).
+    mask: the call's structured mask (the one plan was built for)."""
     ranks = transport.ranks
     _count_skipped(plan, ranks)
     states = {r: kernel.forward_init(q[r]) for r in ranks}
     held = {r: (k[r], v[r]) for r in ranks}
     like = dict(held)
     device = q[ranks[0]].device
-    tiles = _MaskTiles(plan, q[ranks[0]].shape[1], device)
+    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], device)
     inbox = _Inbox()
     for step in range(plan.steps_for(KV)):
         with _comm_span(transport, "forward", step, POST, device):
@@ -166,9 +171,10 @@ def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q: Held, k: Held,
                   v: Held, out: Optional[Held], dout: Held, lse: Held, scale: float,
-                  delta: Optional[Held] = None) -> tuple[Held, Held, Held]:
+                  delta: Optional[Held] = None, mask: Optional[AttentionMask] = None) -> tuple[Held, Held, Held]:
     """Per rank (dq, dk, dv) in the accumulation dtype. delta: D = rowsum(dO * O) when the caller has
-    it (then out may be None: the kernels work from D alone); else computed from out."""
+    it (then out may be None: the kernels work from D alone); else computed from out. mask: the
+    call's structured mask (the one plan was built for)."""
     ranks = transport.ranks
     _count_skipped(plan, ranks)
     acc = accumulation_dtype(q[ranks[0]].dtype)
@@ -176,7 +182,7 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
         delta = {r: row_delta(dout[r], out[r]) for r in ranks}
     out = out or {}
     grad_sum = lambda x: GradSum(x.shape, acc, x.device)  # noqa: E731
-    tiles = _MaskTiles(plan, q[ranks[0]].shape[1], q[ranks[0]].device)
+    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], q[ranks[0]].device)
 
     if scheme == KV_RING:
         bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out.get(r)) for r in ranks}

@@ -155,7 +155,8 @@ def ulysses_forward(run, qd: Held, kd: Held, vd: Held, device: torch.device) -> 
     out_n, lse_n = {}, {}
     for transport in _rings(run, "forward", device):
         pick = lambda d: {p: d[transport.members[p]] for p in transport.ranks}  # noqa: E731
-        out, lse = ring_forward(run.plan, transport, run.kernel, pick(qn), pick(kn), pick(vn), run.scale)
+        out, lse = ring_forward(run.plan, transport, run.kernel, pick(qn), pick(kn), pick(vn), run.scale,
+                                mask=run.mask)
         for p in transport.ranks:
             out_n[transport.members[p]], lse_n[transport.members[p]] = out[p], lse[p]
     rows = run.shard_rows()
@@ -176,7 +177,7 @@ def ulysses_backward(run, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, l
     for transport in _rings(run, "backward", device):
         pick = lambda d: {p: d[transport.members[p]] for p in transport.ranks}  # noqa: E731
         dq, dk, dv = ring_backward(run.plan, transport, run.kernel, run.scheme, pick(qn), pick(kn), pick(vn),
-                                   None, pick(don), pick(ln), run.scale, delta=pick(dn))
+                                   None, pick(don), pick(ln), run.scale, delta=pick(dn), mask=run.mask)
         for p in transport.ranks:
             g = transport.members[p]
             dq_n[g], dk_n[g], dv_n[g] = dq[p], dk[p], dv[p]

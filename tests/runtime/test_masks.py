@@ -179,3 +179,21 @@ def test_ranks_passing_different_masks_get_the_same_error():
     from burstc.launch import run_ranks
     errors = run_ranks(2, _disagreeing_masks)
     assert errors[0] == errors[1] and "mask arguments differ" in errors[0]
+
+
+def test_a_cached_plan_never_evaluates_a_mask_its_owner_changed_in_place():
+    """Plans are cached by mask content. A call with padding X (contents A) builds and caches one;
+    X is then changed in place; a new tensor holding A hits the cached plan, whose tiles must be
+    evaluated from this call's mask, not from X."""
+    torch.manual_seed(5)
+    q, k, v, dout = random_qkv(2, 4, 2, 24, 8, torch.float64, 41)
+    original = torch.rand(2, 24) > 0.3
+    original[:, 0] = True
+    caller_tensor = original.clone()
+    run_burst(q, k, v, dout, key_padding_mask=caller_tensor, causal=True, kernel="reference",
+              virtual_world_size=3, layout="striped")
+    caller_tensor[:, 5:] = ~caller_tensor[:, 5:]  # the caller reuses its buffer
+    got, _ = run_burst(q, k, v, dout, key_padding_mask=original.clone(), causal=True, kernel="reference",
+                       virtual_world_size=3, layout="striped")
+    want = sdpa_masked_with_grads(q, k, v, dout, dense_mask(2, 24, causal=True, key_padding=original))
+    assert max_errors(got, want)[0] <= 1e-10
