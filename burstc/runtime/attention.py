@@ -149,10 +149,10 @@ def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology
         shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
                         heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
                         world_size=plan.world_size)
-    scheme = choose_backward(replace(shape, local_rows=plan.local_len), meta.backward,
+    # the attn_mask rows of a query chunk live on its rank: only the KV ring can use them
+    requested = KV_RING if mask is not None and mask.dense_rows is not None else meta.backward
+    scheme = choose_backward(replace(shape, local_rows=plan.local_len), requested,
                              plan if plan.mask is not None else None)
-    if mask is not None and mask.dense_rows is not None:
-        scheme = KV_RING  # the attn_mask rows of a query chunk live on its rank
     return plan, scheme
 
 

@@ -482,7 +482,7 @@ def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.T
     q_sets = [q_pos[a:b] for a, b in q_tiles]
     k_sets = [k_pos[a:b] for a, b in k_tiles]
     classes = mask.classify(q_sets, k_sets)
-    beside_causal = replace(mask, causal=False).classify(q_sets, k_sets) if mask.causal else None
+    beside_causal = replace(mask, causal=False) if mask.causal else None
     rows: list[list[WorkItem]] = []
     for i, (qa, qb) in enumerate(q_tiles):
         row: list[WorkItem] = []
@@ -492,8 +492,8 @@ def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.T
                 continue
             if cls == mask_classes.FULL:
                 item = WorkItem(qa, qb, ka, kb, False)
-            elif (beside_causal is not None and beside_causal[i][j] == mask_classes.FULL
-                  and torch.equal(q_sets[i], k_sets[j])):
+            elif (beside_causal is not None and torch.equal(q_sets[i], k_sets[j])
+                  and beside_causal.classify([q_sets[i]], [k_sets[j]])[0][0] == mask_classes.FULL):
                 item = WorkItem(qa, qb, ka, kb, True)
             else:
                 item = _visible_box(mask, q_sets[i], k_sets[j], qa, ka)
