@@ -81,12 +81,18 @@ class AttentionMask:
         return replace(self, window=window)
 
     def fingerprint(self) -> Optional[tuple]:
-        """A hashable key of the mask's content (None when it holds a function or a dense mask)."""
-        if self.mask_mod is not None or self.dense is not None:
+        """A hashable key of the mask's content; None for a dense mask or a mask_mod without a
+        `digest()` of its code and captured tensors (an eager callable: no key says what it does)."""
+        if self.dense is not None:
             return None
+        mod = None
+        if self.mask_mod is not None:
+            if not hasattr(self.mask_mod, "digest"):
+                return None
+            mod = self.mask_mod.digest()  # a compiled FlexAttention mask_mod (runtime.mask_mods)
         data = tuple(None if t is None else (tuple(t.shape), t.cpu().numpy().tobytes())
                      for t in (self.key_padding, self.document_ids))
-        return (self.causal, self.window, data)
+        return (self.causal, self.window, mod, data)
 
     # -- evaluation ------------------------------------------------------------------------------
 
