@@ -110,3 +110,25 @@ def test_content_masks_share_one_plan_and_functions_rebuild():
     assert a is b
     fn = AttentionMask(causal=True, mask_mod=lambda b, h, q, k: q - k < 5)
     assert build_plan(2, "zigzag", 32, True, mask=fn, tile=4) is not build_plan(2, "zigzag", 32, True, mask=fn, tile=4)
+
+
+class _DigestedMod:
+    """A mask_mod with a digest, like a compiled FlexAttention one: every third key hidden, by a stride."""
+
+    def __init__(self, stride: int):
+        self.stride = stride
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return kv_idx % self.stride != 0
+
+    def digest(self) -> bytes:
+        return repr(("every", self.stride)).encode()
+
+
+def test_mask_mods_with_a_digest_share_a_plan_and_eager_callables_do_not():
+    def plan(mod):
+        return build_plan(2, "zigzag", 32, True, mask=AttentionMask(causal=True, mask_mod=mod), tile=4)
+    assert plan(_DigestedMod(3)) is plan(_DigestedMod(3))
+    assert plan(_DigestedMod(3)) is not plan(_DigestedMod(5))
+    eager = _DigestedMod(3).__call__  # a bound method: no digest, so nothing says what it computes
+    assert plan(eager) is not plan(eager)
