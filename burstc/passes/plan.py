@@ -17,6 +17,7 @@ from burstc.passes.find_attention import AttentionSite
 from burstc.runtime.attention import group_members
 from burstc.schedule import cost, predict
 from burstc.schedule.layout import chunk_count
+from burstc.schedule.masks import window_is_bounded
 from burstc.schedule.topology import topology_for
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -180,8 +181,7 @@ def resolved_layout(cfg: BurstConfig, sites: list[AttentionSite]) -> str:
     sliding window (a short window is then a halo exchange), else zigzag (balances causal work)."""
     if cfg.layout != "auto":
         return cfg.layout
-    windowed = sites and all(s.window_left is not None and (s.is_causal is True or s.window_right is not None)
-                             for s in sites)
+    windowed = sites and all(window_is_bounded(s.window_left, s.window_right, s.is_causal is True) for s in sites)
     return "contiguous" if windowed else "zigzag"
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from burstc.schedule import layout as layouts
-from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens
+from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens, window_is_bounded
 
 
 _AVERAGING_BIAS = -1e30  # an additive bias this negative swamps any score: a row of them is averaged
@@ -72,9 +72,8 @@ class MaskArgs:
 
     def preferred_layout(self, causal: bool) -> str:
         """contiguous for a bounded window (the ring becomes a halo exchange), else zigzag."""
-        if self.window is not None and self.window[0] is not None and (causal or self.window[1] is not None):
-            return "contiguous"
-        return "zigzag"
+        left, right = self.window if self.window is not None else (None, None)
+        return "contiguous" if window_is_bounded(left, right, causal) else "zigzag"
 
     def build(self, causal: bool, seq_len: int, q: torch.Tensor, layout: str, world_size: int,
               rank: Optional[int]) -> Optional[AttentionMask]:

@@ -25,6 +25,12 @@ import torch
 EMPTY, FULL, PARTIAL = "empty", "full", "partial"
 
 
+def window_is_bounded(left: Optional[int], right: Optional[int], causal: bool) -> bool:
+    """Whether a query sees keys only within a bounded distance (a sliding window: left bounded and
+    right bounded or causal). On the contiguous layout such a ring is a halo exchange."""
+    return left is not None and (causal or right is not None)
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionMask:
     causal: bool = False
