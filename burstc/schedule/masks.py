@@ -25,6 +25,11 @@ import torch
 EMPTY, FULL, PARTIAL = "empty", "full", "partial"
 
 
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """Bool: where an evaluated mask (bool, or additive with -inf where hidden) lets a key be seen."""
+    return mask if mask.dtype == torch.bool else mask > float("-inf")
+
+
 def window_is_bounded(left: Optional[int], right: Optional[int], causal: bool) -> bool:
     """Whether a query sees keys only within a bounded distance (a sliding window: left bounded and
     right bounded or causal). On the contiguous layout such a ring is a halo exchange."""
@@ -214,7 +219,7 @@ class AttentionMask:
                     if bool(empty[:, i, j].all()):
                         continue
                     m = probe.evaluate(qt, kt, heads)
-                    seen = m if m.dtype == torch.bool else m > float("-inf")
+                    seen = visible(m)
                     exact = m.dtype == torch.bool or bool((m[seen] == 0).all())
                     e[0, i, j] = not bool(seen.any())
                     f[0, i, j] = bool(seen.all()) and exact

@@ -522,7 +522,7 @@ def _visible_box(mask: AttentionMask, q_pos: torch.Tensor, k_pos: torch.Tensor, 
     attn_mask held as this rank's rows only is left out: what stays visible is then a superset."""
     probe = mask if mask.dense_rows is None else replace(mask, dense=None, dense_rows=None)
     m = probe.evaluate(q_pos, k_pos)
-    seen = (m if m.dtype == torch.bool else m > float("-inf")).any(dim=1).any(dim=0)
+    seen = mask_classes.visible(m).any(dim=1).any(dim=0)
     rows, cols = seen.any(dim=1).nonzero().flatten(), seen.any(dim=0).nonzero().flatten()
     if len(rows) == 0:
         return None
@@ -614,7 +614,7 @@ def _check_masked_pair(pair: PairPlan, q_pos: torch.Tensor, k_pos: torch.Tensor,
     items only compute visible pairs, and the class matches the evaluated mask."""
     where = f"pair (queries of rank {pair.q_rank}, keys of rank {pair.k_rank})"
     m = mask.evaluate(q_pos, k_pos)
-    visible = m if m.dtype == torch.bool else m > float("-inf")
+    visible = mask_classes.visible(m)
     anywhere = visible.any(dim=1).any(dim=0)  # [Lq, Lk]: visible for some batch row / head
     everywhere = visible.all(dim=1).all(dim=0)
     if m.dtype != torch.bool:

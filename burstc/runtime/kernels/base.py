@@ -23,6 +23,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from burstc.schedule.masks import visible
 from burstc.schedule.work import WorkItem  # noqa: F401  (part of the kernel interface)
 
 
@@ -119,8 +120,7 @@ class LocalKernel(Protocol):
 
 def visible_rows(mask: torch.Tensor) -> torch.Tensor:
     """[B|1, H|1, Lq] bool: rows of a mask tile with at least one visible key."""
-    seen = mask if mask.dtype == torch.bool else mask > float("-inf")
-    return seen.any(dim=-1)
+    return visible(mask).any(dim=-1)
 
 
 def finite_lse(lse: torch.Tensor) -> torch.Tensor:

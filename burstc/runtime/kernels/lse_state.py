@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from burstc.runtime.kernels.base import accumulation_dtype
+from burstc.runtime.kernels.base import accumulation_dtype, finite_lse
 
 
 @dataclass
@@ -41,7 +41,7 @@ def merge_block(state: LseState, start: int, stop: int, o_b: torch.Tensor, lse_b
     else:
         new_lse = torch.logaddexp(lse, lse_b)
         # rows that have seen no visible key yet (both -inf) keep out = 0, lse = -inf
-        base = torch.where(new_lse == float("-inf"), torch.zeros_like(new_lse), new_lse)
+        base = finite_lse(new_lse)
         out.mul_(torch.exp(lse - base).unsqueeze(-1))
         out.add_(o_b.mul_(torch.exp(lse_b - base).unsqueeze(-1)))
         lse.copy_(new_lse)
