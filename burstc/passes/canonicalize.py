@@ -107,6 +107,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import is_concrete_float, is_concrete_int, statically_known_true
 from torch.utils import _pytree as pytree
 
+from burstc.passes.dead_code import mutates
+
 __all__ = [
     "RESULT_KEY", "SDPA", "CanonicalizeResult", "CanonicalizedSite", "SkippedSite",
     "canonicalize_attention", "canonicalize_result",
@@ -751,7 +753,7 @@ def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> list[str]:
     position = {n: i for i, n in enumerate(graph.nodes)}
     erased = []
     for node in sorted(dict.fromkeys(nodes), key=position.__getitem__, reverse=True):
-        if not node.users and node.op in ("call_function", "call_method"):
+        if not node.users and node.op in ("call_function", "call_method") and not mutates(node):
             erased.append(node.name)
             graph.erase_node(node)
     return erased[::-1]

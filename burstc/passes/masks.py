@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from burstc.passes.dead_code import remove_dead_code
 from burstc.passes.find_attention import SDPA_TARGETS, source_line
 from burstc.runtime.mask_mods import register
 from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
@@ -377,7 +378,7 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
     counters["burst"]["masks_recognised"] += len(record["recognised"])
     counters["burst"]["masks_materialised"] += len(record["materialised"])
     if record["recognised"] or record["materialised"]:
-        gm.graph.eliminate_dead_code()
+        remove_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
     gm.meta["burst_masks"] = record

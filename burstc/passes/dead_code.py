@@ -1,0 +1,43 @@
+"""dead_code: remove_dead_code(gm) -> gm without the nodes nothing reads, where a node that mutates a
+tensor (an in-place method such as `out.add_(x)`, an `out=`/`inplace=True` call, a mutable op, a
+setitem) is never dead even when its result is unused.
+
+FX's own `eliminate_dead_code` treats every `call_method` as pure, so on a Dynamo graph it deletes
+`out.add_(routed)` (Llama 4's MoE adds its experts into the shared expert's output that way) and the
+model silently loses the update. Every pass that removes nodes asks `mutates` first.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _in_place_name(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether running the node changes state another node can see (conservative: unknown is yes)."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return node.op == "call_module"
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return _in_place_name(node.target)
+    target = node.target
+    if target in _MUTATING_FUNCTIONS or node.is_impure():
+        return True
+    return _in_place_name(getattr(target, "__name__", "") or "")
+
+
+def remove_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """Erase the nodes whose results nobody reads and that mutate nothing (users first)."""
+    gm.graph.eliminate_dead_code(is_impure_node=mutates)
+    return gm
