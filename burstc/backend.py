@@ -46,7 +46,9 @@ def _world(cfg: BurstConfig) -> tuple[int, str]:
     return dist.get_world_size(cfg.group), (cfg.group.group_name if cfg.group is not None else "")
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> Callable:
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None, rank_key: str = "") -> Callable:
+    """The inner compiler over the rewritten graph. rank_key names this rank in the group: it is part of
+    Inductor's cache keys, so a compiled graph never serves another rank."""
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -54,22 +56,29 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None) -> 
     from torch._inductor.compile_fx import compile_fx
 
     patches = torch._inductor.list_mode_options(mode) if mode else {}
+    # Inductor's peak-memory reordering depends on buffer sizes and moves extern kernels past each other:
+    # ranks with uneven shards then run their collectives in different orders (burstc.runtime.ordering)
+    patches["reorder_for_peak_memory"] = False
     if torch._inductor.config.post_grad_custom_post_pass is None:  # never replace a user's pass
-        patches["post_grad_custom_post_pass"] = OpsVersion()
+        patches["post_grad_custom_post_pass"] = OpsVersion(rank_key)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 class OpsVersion(CustomGraphPass):
-    """A post-grad pass that changes nothing: its uuid is the schemas of burstc's ops, so Inductor's
-    caches (FX graph, AOTAutograd) never hand this version of burstc a graph compiled against another
-    version's ops (a backward graph calling an op whose arguments changed fails at run time)."""
+    """A post-grad pass that changes nothing: its uuid is the schemas of burstc's ops and the rank, so
+    Inductor's caches (FX graph, AOTAutograd) never hand this version of burstc a graph compiled against
+    another version's ops (a backward graph calling an op whose arguments changed fails at run time), nor
+    one rank's graph to another (a value traced in on one rank would be wrong on the other)."""
+
+    def __init__(self, rank_key: str = ""):
+        self.rank_key = rank_key
 
     def __call__(self, graph: fx.Graph) -> None:
         return None
 
     def uuid(self) -> str:
         schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("burst::"))
-        return hashlib.sha256("\n".join(schemas).encode()).hexdigest()
+        return hashlib.sha256("\n".join([self.rank_key, *schemas]).encode()).hexdigest()
 
 
 def _dump_dir(cfg: BurstConfig):
@@ -151,7 +160,8 @@ class _Target:
             dump.write()
         log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", self.graph_id,
                  sum(p.converts for p in plans), sum(not p.converts for p in plans), self.world_size, mode)
-        return inner_compile(gm, example_inputs, self.cfg.inner, self.mode)
+        return inner_compile(gm, example_inputs, self.cfg.inner, self.mode,
+                             rank_key=f"rank {self.rank} of {self.world_size} in group '{self.group_name}'")
 
 
 def _sequence_parallel(gm, example_inputs, plans, target: _Target):

@@ -36,7 +36,7 @@ from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard_rules import (RESIZED, SeqDim, arg, is_tensor, op_name, reduced_dims, rule_for,
                                        set_local_size, shape, tensor_inputs, value)
 from burstc.runtime import sequence_ops
-from burstc.schedule.layout import chunk_count, local_length, shard_positions
+from burstc.schedule.layout import chunk_count, local_length
 
 log = logging.getLogger("burstc.passes")
 GATHER_WARN_BYTES = 1 << 30
@@ -156,11 +156,6 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def seq_positions(start: int, seq_len: int, layout: str, world_size: int, rank: int, dtype, device):
-    """`torch.arange(start, start + seq_len)` at this rank's positions."""
-    return (shard_positions(seq_len, layout, world_size, rank) + start).to(dtype=dtype, device=device)
-
-
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
@@ -242,9 +237,6 @@ class _Sharder:
             elif node.op in ("call_function", "call_method"):
                 self._visit(node)
         self._bucket_grad_sums()
-        for node in reversed(list(self.graph.nodes)):  # what the boundaries replaced (an arange) is dead
-            if op_name(node) == "arange" and not node.users:
-                self.graph.erase_node(node)
         for node in self.graph.nodes:  # example values are still the global ones here
             if is_tensor(node) and isinstance(value(node), torch.Tensor):
                 spec = self.place.get(node)
@@ -349,17 +341,14 @@ class _Sharder:
         computed from the graph's inputs is checked to be the same on every rank as it enters."""
         check = node.name if node in self.from_inputs else ""
         if op_name(node) == "arange" and spec == SeqDim(0) and self._is_plain_arange(node):
-            start = node.args[0] if len(node.args) >= 2 else 0
-            with self.graph.inserting_after(node):
-                new = self.graph.call_function(seq_positions, (
-                    start, self.seq_len, self.layout, self.world_size, self.rank, value(node).dtype,
-                    value(node).device))
-            self._record("shard", node, spec, 0, "arange over the sequence: this rank's positions")
+            # positions are taken at run time by the op, never traced in as constants: a graph holding this
+            # rank's positions would be handed to other ranks by Inductor's caches (keyed without the rank)
+            check, why = "", "arange over the sequence: this rank's positions"
         else:
-            with self.graph.inserting_after(self._after(node)):
-                new = self.graph.call_function(torch.ops.burst.seq_shard.default,
-                                               (node, *self._spec_args(spec), check))
-            self._record("shard", node, spec, 0, "replicated value meets sharded work")
+            why = "replicated value meets sharded work"
+        with self.graph.inserting_after(self._after(node)):
+            new = self.graph.call_function(torch.ops.burst.seq_shard.default, (node, *self._spec_args(spec), check))
+        self._record("shard", node, spec, 0, why)
         _same_value(new, node)
         return new
 

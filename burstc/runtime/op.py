@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from burstc.runtime.attention import prepare_run
 from burstc.runtime.mask_args import MaskArgs
 from burstc.runtime.mask_mods import BoundMaskMod
+from burstc.runtime.ordering import program_order
 from burstc.runtime.kernels import accumulation_dtype
 from burstc.runtime.sharding import unshard_sequence
 
@@ -273,3 +274,7 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
 attention_local_backward.register_fake(_fake_grads)
 attention_local.register_autograd(_backward_through(attention_local_backward), setup_context=_setup_context)
+
+
+program_order(torch.ops.burst.attention.default, torch.ops.burst.attention_backward.default,
+              torch.ops.burst.attention_local.default, torch.ops.burst.attention_local_backward.default)

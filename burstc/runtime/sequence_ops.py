@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from burstc.runtime.ordering import program_order
 from burstc.runtime.sharding import assemble, pad_shard
 from burstc.runtime.validate import BurstInputError, replicated_checksum
 from burstc.schedule import layout as layouts
@@ -145,8 +146,11 @@ def _(x, dim, outer, inner, seq_len, layout, group_name):
 
 
 def _gather_backward(ctx, grad):
-    # the gradient of a replicated value is complete and the same on every rank: keep this rank's part
-    return (take_local(grad, *ctx.args), None, None, None, None, None, None)
+    # the gradient of a replicated value is complete and the same on every rank: keep this rank's part.
+    # Through the op, never take_local itself: AOTAutograd would trace this rank's positions into the
+    # backward graph as a constant, and Inductor's caches (keyed without the rank) would hand that graph
+    # to another rank, which then takes the wrong rows (silently wrong gradients).
+    return (seq_shard(grad.contiguous(), *ctx.args, ""), None, None, None, None, None, None)
 
 
 def _gather_setup(ctx, inputs, output):
@@ -221,3 +225,7 @@ def sharded_sum(x: torch.Tensor, group_name: str, dim=None, keepdim: bool = Fals
     local = x.sum() if dim is None else x.sum(dim=dim, keepdim=keepdim)
     total = all_reduce(local, group_name)
     return total if divide_by == 1.0 else total / divide_by
+
+
+program_order(torch.ops.burst.seq_shard.default, torch.ops.burst.seq_scatter_sum.default,
+              torch.ops.burst.seq_gather.default, torch.ops.burst.all_reduce.default)
