@@ -32,9 +32,10 @@ def test_backend_resolves_by_name_without_import():
 def test_custom_ops_pass_opcheck():
     q = torch.randn(2, 4, 10, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 10, 8, requires_grad=True) for _ in range(2))
-    # attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod
-    no_masks = (None, None, None, [], True, None, None, "")
-    masks = (torch.rand(1, 1, 10, 10) > 0.2, torch.rand(2, 10) > 0.2, torch.tensor([[0] * 4 + [1] * 6] * 2), [], True, 3, None, "")
+    # attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod, mask_proof
+    no_masks = (None, None, None, [], True, None, None, "", "")
+    masks = (torch.rand(1, 1, 10, 10) > 0.2, torch.rand(2, 10) > 0.2, torch.tensor([[0] * 4 + [1] * 6] * 2), [], True, 3, None,
+             "", "")
     for mask_args in (no_masks, masks):
         torch.library.opcheck(torch.ops.burst.attention.default,
                               (q, k, v, *mask_args, None, True, "zigzag", "auto", "auto", "auto", 0, "", ""))

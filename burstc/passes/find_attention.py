@@ -15,10 +15,10 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # masked_sdpa: a recognised mask construction, as descriptors (burstc.passes.masks)
 _MASKED_PARAMS = ("query", "key", "value", "key_padding", "document_ids", "is_causal", "window_left",
-                  "window_right", "scale", "enable_gqa", "fill", "mask_mod", "mask_buffers")
+                  "window_right", "scale", "enable_gqa", "fill", "mask_mod", "mask_buffers", "proof", "proof_buffers")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
              "key_padding": None, "document_ids": None, "window_left": None, "window_right": None, "fill": None,
-             "mask_mod": "", "mask_buffers": ()}
+             "mask_mod": "", "mask_buffers": (), "proof": "", "proof_buffers": ()}
 
 
 @dataclass
@@ -43,6 +43,8 @@ class AttentionSite:
     fill: Optional[float] = None
     mask_mod: str = ""  # a registered FlexAttention mask_mod (burstc.runtime.mask_mods)
     mask_buffers: tuple = ()  # its captured tensors
+    proof: str = ""  # the model's own mask code the descriptors came from (burstc.passes.mask_code), registered
+    proof_buffers: tuple = ()  # its leaves
 
     @property
     def name(self) -> str:

@@ -36,6 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from burstc.passes.dead_code import remove_dead_code
 from burstc.passes.find_attention import SDPA_TARGETS, source_line
+from burstc.passes.mask_code import extract_mask_code
 from burstc.runtime.mask_mods import register
 from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
 
@@ -65,6 +66,10 @@ class MaskDescriptor:
     padding: Optional[fx.Node]  # [B, N] bool
     document_ids: Optional[fx.Node]  # [B, N] int
     fill: Optional[float]  # None: boolean mask; else the additive mask's hidden value
+    # what the descriptors stand for: the boolean predicate node and its position indices (node -> (axis,
+    # offset)), from which the model's own mask code is extracted for the first-call proof
+    predicate: Optional[fx.Node] = field(default=None, compare=False)
+    axes: tuple = field(default=(), compare=False)
 
 
 # -- abstract values ----------------------------------------------------------------------------------
@@ -314,7 +319,8 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
     v = _value(node)
     if not (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 4 and v.shape[1] == 1):
         raise NotRecognised("the mask is not a bool [B, 1, Nq, Nk] tensor built in the graph")
-    p = _as_predicate(_Interpreter(q_len, kv_len).eval(node))
+    interpreter = _Interpreter(q_len, kv_len)
+    p = _as_predicate(interpreter.eval(node))
     if not isinstance(p, _Predicate):
         raise NotRecognised(f"the mask comes from {p[1].name if isinstance(p, tuple) else p!r}")
     if len(p.paddings) > 1 or len(set(p.documents)) > 1:
@@ -334,12 +340,15 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
         raise _AveragingRows(_AVERAGING_ROWS)
     left = None if p.lo == -math.inf else int(-p.lo)
     right = None if p.hi == math.inf else int(p.hi)
-    return MaskDescriptor(left, right, p.paddings[0] if p.paddings else None, docs.node if docs else None, fill)
+    axes = tuple((n, v.axis, v.c) for n, v in interpreter.memo.items() if isinstance(v, _Index) and v.axis in ("q", "kv"))
+    return MaskDescriptor(left, right, p.paddings[0] if p.paddings else None, docs.node if docs else None, fill,
+                          predicate=node, axes=axes)
 
 
 def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the masked SDPA calls of gm in place (see the module docstring)."""
     record = {"recognised": [], "materialised": [], "flex": []}
+    proofs = {}  # predicate node -> (registered name of the model's mask code, its leaves), or None
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is _FLEX:
             _flex_site(gm, node, record)
@@ -365,10 +374,20 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
         if args.get("dropout_p", 0.0) not in (0, 0.0) or args.get("is_causal", False) is not False:
             record["materialised"].append((where, "dropout or is_causal beside the mask"))
             continue
+        if found.predicate not in proofs:
+            code = extract_mask_code(gm, found.predicate, {n: (axis, c) for n, axis, c in found.axes})
+            proofs[found.predicate] = (register(code.fn), code.leaves) if code else None
+        if proofs[found.predicate] is None:
+            record["materialised"].append((where, "its mask code cannot be evaluated on sampled positions, so the "
+                                                  "descriptors could not be proven on the first call"))
+            _rows_form(gm, node, mask, q)
+            continue
+        proof, proof_buffers = proofs[found.predicate]
         causal = found.right is not None and found.right <= 0
         kwargs = dict(key_padding=found.padding, document_ids=found.document_ids, is_causal=causal,
                       window_left=found.left, window_right=None if causal and found.right == 0 else found.right,
-                      scale=args.get("scale"), enable_gqa=args.get("enable_gqa", False), fill=found.fill)
+                      scale=args.get("scale"), enable_gqa=args.get("enable_gqa", False), fill=found.fill,
+                      proof=proof, proof_buffers=tuple(proof_buffers))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_sdpa, (args["query"], args["key"], args["value"]), kwargs)
         new.meta.update(node.meta)

@@ -36,14 +36,15 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
                             f" (at {site.source})" if site.source else "")
             continue
         rebind(site)  # an earlier rewrite may have replaced this site's inputs (one attention feeding another)
+        assert not (site.mask_buffers and site.proof_buffers), "a FlexAttention mask_mod is never proven"
         graph = gm.graph
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
             query, key, value = _broadcast(graph, site)
             call = graph.call_function(op, (
                 query, key, value, site.attn_mask, site.key_padding, site.document_ids,
-                list(site.mask_buffers), plan.causal, site.window_left, site.window_right, site.mask_mod,
-                plan.scale, plan.enable_gqa, plan.layout,
+                list(site.mask_buffers or site.proof_buffers), plan.causal, site.window_left, site.window_right,
+                site.mask_mod, site.proof, plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(site.node.meta)

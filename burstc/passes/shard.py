@@ -490,7 +490,8 @@ class _AttentionRule:
 
     def __init__(self, site):
         self.inputs = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask is not None else [])
-        self.replicated = [t for t in (site.key_padding, site.document_ids, *site.mask_buffers) if isinstance(t, fx.Node)]
+        self.replicated = [t for t in (site.key_padding, site.document_ids, *site.mask_buffers, *site.proof_buffers)
+                           if isinstance(t, fx.Node)]
 
     def inputs_for(self, out: SeqDim):
         if out != SeqDim(2):

@@ -317,6 +317,9 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         rank = None  # one process runs every rank of the plan
     if seq_len < 1:
         raise BurstInputError("burst_attention needs at least one token")
+    masks, proven_causal = masks.proven(bool(causal), seq_len)  # recognised descriptors, checked once per site
+    if proven_causal != bool(causal):
+        causal, meta = proven_causal, replace(meta, causal=proven_causal)
 
     inputs = "virtual" if rank is None else "full" if full_sequence else "shard"
     try:

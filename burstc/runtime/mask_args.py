@@ -3,11 +3,12 @@ AttentionMask descriptor the plan is built from."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from burstc.runtime import mask_proof
 from burstc.schedule import layout as layouts
 from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens, window_is_bounded
 
@@ -23,6 +24,7 @@ class MaskArgs:
     window: Optional[tuple[Optional[int], Optional[int]]] = None
     mask_mod: Optional[Callable] = None
     attn_mask: Optional[torch.Tensor] = None
+    proof: Optional[Callable] = None  # the model's own mask code the descriptors were recognised from
 
     def problem(self, q: torch.Tensor) -> Optional[str]:
         """Why these masks cannot be used with q (None if they can), before the sequence length is known."""
@@ -64,11 +66,26 @@ class MaskArgs:
             else:
                 h.update(repr((tuple(t.shape), str(t.dtype))).encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        h.update(getattr(self.mask_mod, "__qualname__", "-").encode())
-        if hasattr(self.mask_mod, "digest"):
-            h.update(self.mask_mod.digest())
+        for mod in (self.mask_mod, self.proof):
+            h.update(getattr(mod, "__qualname__", "-").encode())
+            if hasattr(mod, "digest"):
+                h.update(mod.digest())
         h.update(b"-" if self.attn_mask is None else str(self.attn_mask.dtype).encode())
         return int.from_bytes(h.digest()[:8], "little") >> 2
+
+    def proven(self, causal: bool, seq_len: int) -> tuple["MaskArgs", bool]:
+        """(masks, causal) to run: these descriptors once proven equal to the model's mask code on sampled
+        tiles (burstc.runtime.mask_proof), else the model's code itself as the only mask (no descriptor,
+        not causal: the code says all). Without a proof, unchanged."""
+        if self.proof is None:
+            return self, causal
+        descriptor = AttentionMask(
+            causal=causal, window=tuple(self.window) if self.window is not None else None,
+            key_padding=None if self.key_padding_mask is None else self.key_padding_mask.detach().bool().cpu(),
+            document_ids=None if self.document_ids is None else self.document_ids.detach().to(torch.int64).cpu())
+        if mask_proof.proven(self.proof.name, descriptor, self.proof, seq_len):
+            return replace(self, proof=None), causal
+        return MaskArgs(mask_mod=self.proof, attn_mask=self.attn_mask), False
 
     def preferred_layout(self, causal: bool) -> str:
         """contiguous for a bounded window (the ring becomes a halo exchange), else zigzag."""

@@ -17,17 +17,26 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
                 is_causal: bool = False, window_left: Optional[int] = None, window_right: Optional[int] = None,
                 scale: Optional[float] = None, enable_gqa: bool = False, fill: Optional[float] = None,
-                mask_mod: str = "", mask_buffers: tuple = ()) -> torch.Tensor:
+                mask_mod: str = "", mask_buffers: tuple = (), proof: str = "", proof_buffers: tuple = ()
+                ) -> torch.Tensor:
     """F.scaled_dot_product_attention(query, key, value, attn_mask=M) with M the conjunction of causal,
     window [i - window_left, i + window_right], key_padding [B, N], same document_ids [B, N] and a
     registered FlexAttention mask_mod (burstc.runtime.mask_mods) with its captured tensors;
-    fill: None for a boolean M, else the additive form where(M, 0, fill) (HF's eager path: finfo.min)."""
+    fill: None for a boolean M, else the additive form where(M, 0, fill) (HF's eager path: finfo.min).
+    proof: the registered mask code the descriptors were recognised from, with its leaves proof_buffers:
+    run here (a site left unconverted), M is that code itself, exact whatever the descriptors say."""
     n = query.shape[2]
     positions = torch.arange(n, device=query.device)
     window = None if window_left is None and window_right is None else (window_left, window_right)
-    mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding, document_ids=document_ids,
-                         mask_mod=BoundMaskMod(mask_mod, list(mask_buffers)) if mask_mod else None
-                         ).evaluate(positions, positions, query.shape[1])
+    if proof:
+        model_mask = BoundMaskMod(proof, list(proof_buffers))
+        b = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
+        mask = torch.as_tensor(model_mask(b, torch.zeros_like(b), positions.view(1, 1, -1, 1),
+                                          positions.view(1, 1, 1, -1))).bool()
+    else:
+        mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding, document_ids=document_ids,
+                             mask_mod=BoundMaskMod(mask_mod, list(mask_buffers)) if mask_mod else None
+                             ).evaluate(positions, positions, query.shape[1])
     if fill is not None:
         mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
                            torch.full((), fill, dtype=query.dtype, device=query.device))

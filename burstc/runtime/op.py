@@ -41,35 +41,39 @@ def resolve_group(group_name: str) -> Optional[dist.ProcessGroup]:
 # Every op takes the same mask arguments after q, k, v: a materialised attn_mask (bool or additive;
 # [B|1, H|1, N, N], or this rank's rows in sequence mode) and/or the compact descriptors a recognised
 # mask construction became (key padding [B, N], document ids [B, N], a window, a registered FlexAttention
-# mask_mod with its captured tensors mask_buffers), all over global positions. Options follow;
-# verify_site comes last.
+# mask_mod with its captured tensors mask_buffers), all over global positions. mask_proof names the model's
+# own mask code (its leaves in mask_buffers), against which recognised descriptors are proven on the
+# first call (burstc.runtime.mask_proof). Options follow; verify_site comes last.
 
-def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod) -> MaskArgs:
+def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod,
+           mask_proof) -> MaskArgs:
     window = None if window_left is None and window_right is None else (window_left, window_right)
     return MaskArgs(key_padding_mask=key_padding, document_ids=document_ids, window=window, attn_mask=attn_mask,
-                    mask_mod=BoundMaskMod(mask_mod, mask_buffers) if mask_mod else None)
+                    mask_mod=BoundMaskMod(mask_mod, mask_buffers) if mask_mod else None,
+                    proof=BoundMaskMod(mask_proof, mask_buffers) if mask_proof else None)
 
 
 def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-         scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence: bool,
+         mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence: bool,
          check_replicas: bool = False):
     return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
                        layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence,
                        check_replicas=check_replicas, schedule=schedule, node_size=node_size or None,
                        masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
-                                    mask_mod))
+                                    mask_mod, mask_proof))
 
 
 @torch.library.custom_op("burst::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
               key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
               mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
-              window_right: Optional[int], mask_mod: str, scale: Optional[float],
+              window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
               enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
               verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
-    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod)
+    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
+             mask_proof)
     run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=True,
                check_replicas=True)
     out, lse = _forward(run, q, k, v)
@@ -107,14 +111,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding: Optional[torch.Tensor],
                        document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
-                       scale: Optional[float], enable_gqa: bool, layout: str,
+                       mask_proof: str, scale: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
                        verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) over the full sequence, given the forward's out and lse. verify_site: '' or the
     site whose first backward is checked against SDPA's gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=True)
+               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=True)
     grads = _grads(run, dout, q, k, v, out, lse)
     if verify_site and verify_site not in _verified_backward:
         _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, enable_gqa)
@@ -220,31 +224,33 @@ def _compare(site: str, what: str, got: torch.Tensor, want: torch.Tensor) -> Non
 def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                     key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                     mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
-                    window_right: Optional[int], mask_mod: str, scale: Optional[float],
+                    window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                     enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
                     verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
     tokens in the layout's order (sequence mode), attn_mask this rank's query rows over all keys. No
     gather: the output stays sharded."""
-    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod)
+    masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
+             mask_proof)
     run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=False)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-                          mask_mod, run, full[0], layout)
+                          mask_mod, mask_proof, run, full[0], layout)
         _verify(verify_site, *full, mask, causal, scale, enable_gqa)
         _verified_sites.add(verify_site)
     return out, lse
 
 
 def _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-               run, q_full, layout):
+               mask_proof, run, q_full, layout):
     """The AttentionMask of a sequence-mode call over the whole sequence (attn_mask rows gathered)."""
     if attn_mask is not None:
         attn_mask = unshard_sequence(attn_mask.contiguous(), dim=2, layout=layout, group=run.group)
-    return _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod).build(
-        causal, run.plan.seq_len, q_full, layout, 1, None)
+    masks = _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod, mask_proof)
+    masks, causal = masks.proven(causal, run.plan.seq_len)
+    return masks.build(causal, run.plan.seq_len, q_full, layout, 1, None)
 
 
 attention_local.register_fake(_fake_forward)
@@ -255,18 +261,18 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
                              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
-                             window_right: Optional[int], mask_mod: str, scale: Optional[float],
+                             window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str,
                              node_size: int, group_name: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=False)
+               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=False)
     grads = _grads(run, dout, q, k, v, out, lse)
     if verify_site and verify_site not in _verified_backward:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
         full = [gather(t) for t in (q, k, v, dout)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-                          mask_mod, run, full[0], layout)
+                          mask_mod, mask_proof, run, full[0], layout)
         _verify_grads(verify_site, *full, [gather(g) for g in grads], mask, causal, scale, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
