@@ -235,17 +235,23 @@ class _Interpreter:
         if not (isinstance(batch, _Index) and batch.axis == "b" and batch.c == 0
                 and isinstance(where, _Index) and where.axis in ("q", "kv") and where.c == 0):
             raise NotRecognised(f"gather with index {index}")
+        v = _value(base)
+        length = self.q_len if where.axis == "q" else self.kv_len
+        if not (isinstance(v, torch.Tensor) and v.dim() == 2 and _provably(batch.n, v.shape[0])
+                and _provably(v.shape[1], length)):
+            # the descriptors hold the whole [B, N] tensor: a batch index over fewer rows (a mask built
+            # for batch 1 and broadcast) or a tensor longer than the sequence would be read differently
+            raise NotRecognised(f"gather from {base.name} of shape {getattr(v, 'shape', None)} with a batch index "
+                                f"of {batch.n} rows over {length} positions")
         b = self.eval(base)
         if isinstance(b, _PositionIds):
             return _Term(b, where.axis)
         if isinstance(b, _DocumentIds):
             return _DocumentAt(b, where.axis)
-        v = _value(base)
-        if isinstance(v, torch.Tensor) and v.dim() == 2:
-            if v.dtype == torch.bool and where.axis == "kv":
-                return _PaddingAt(base)
-            if not v.dtype.is_floating_point and v.dtype != torch.bool:
-                return _Term(_PositionIds(base, None), where.axis)
+        if v.dtype == torch.bool and where.axis == "kv":
+            return _PaddingAt(base)
+        if not v.dtype.is_floating_point and v.dtype != torch.bool:
+            return _Term(_PositionIds(base, None), where.axis)
         raise NotRecognised(f"gather from {base.name}")
 
     def _document_ids(self, n):
@@ -345,6 +351,12 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
                           predicate=node, axes=axes)
 
 
+def _finite_fill(mask: fx.Node) -> bool:
+    """Whether mask is HF's eager additive form where(M, 0, fill) with a finite fill (finfo.min)."""
+    fill = mask.args[2] if _calls(mask, torch.where) and len(mask.args) == 3 else None
+    return isinstance(fill, float) and math.isfinite(fill)
+
+
 def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the masked SDPA calls of gm in place (see the module docstring)."""
     record = {"recognised": [], "materialised": [], "flex": []}
@@ -365,6 +377,9 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
         try:
             found = recognise(mask, q.shape[2], k.shape[2])
         except NotRecognised as e:
+            if _finite_fill(mask) and not isinstance(e, _AveragingRows):
+                # nothing says which rows it hides: one hidden whole would average every value under SDPA
+                e = _AveragingRows(f"{_AVERAGING_ROWS} (the construction is not recognised: {e})")
             record["materialised"].append((where, str(e)))
             if isinstance(e, _AveragingRows):
                 _as_additive_attention(gm, node, args)

@@ -54,5 +54,7 @@ def additive_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale + attn_mask
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # at least float32 (as eager does for half precision), never less than the input: a float64 mask's
+    # finfo.min would become -inf in float32 and a fully hidden row NaN instead of the average
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     return torch.matmul(weights, value)
