@@ -1,6 +1,6 @@
 """dead_code: remove_dead_code(gm) -> gm without the nodes nothing reads, where a node that mutates a
 tensor (an in-place method such as `out.add_(x)`, an `out=`/`inplace=True` call, a mutable op, a
-setitem) or computes no tensor (Dynamo's vmap bookkeeping) is never dead even when its result is unused.
+setitem) or is functorch bookkeeping (vmap nesting levels) is never dead even when its result is unused.
 
 FX's own `eliminate_dead_code` treats every `call_method` as pure, so on a Dynamo graph it deletes
 `out.add_(routed)` (Llama 4's MoE adds its experts into the shared expert's output that way) and the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 _MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -22,22 +21,20 @@ def _in_place_name(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _computes_a_tensor(node: fx.Node) -> bool:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    values = value if isinstance(value, (tuple, list)) else [value]
-    return bool(values) and all(isinstance(v, torch.Tensor) for v in values)
+def _called_for_its_effect(node: fx.Node) -> bool:
+    """Dynamo's functorch bookkeeping (vmap's `_vmap_increment_nesting` / `_vmap_decrement_nesting` around
+    a vmapped mask): results nobody reads, calls that matter."""
+    module = getattr(node.target, "__module__", None) or ""
+    return node.op == "call_function" and module.startswith(("torch._functorch", "torch._C._functorch"))
 
 
 def mutates(node: fx.Node) -> bool:
-    """Whether running the node changes state another node can see (conservative: unknown is yes). A call
-    whose result is not a tensor is kept too: Dynamo's bookkeeping calls (vmap's
-    `_vmap_increment_nesting` / `_vmap_decrement_nesting` around a vmapped mask) return ints or None and
-    matter only for their effect."""
+    """Whether running the node changes state another node can see."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op not in ("call_function", "call_method"):
         return node.op == "call_module"
-    if not _computes_a_tensor(node):
+    if _called_for_its_effect(node):
         return True
     if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
         return True
@@ -46,7 +43,9 @@ def mutates(node: fx.Node) -> bool:
     target = node.target
     if target in _MUTATING_FUNCTIONS or node.is_impure():
         return True
-    return _in_place_name(getattr(target, "__name__", "") or "")
+    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_: pure; iand & co above
+        return False
+    return _in_place_name(getattr(target, "__name__", "") or "")  # torch.relu_, Tensor.add_
 
 
 def remove_dead_code(gm: fx.GraphModule) -> fx.GraphModule:

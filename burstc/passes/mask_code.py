@@ -3,11 +3,13 @@ as a function of positions, `fn(b, h, q_idx, kv_idx, *leaves)` (FlexAttention's 
 the runtime can evaluate the very code the model wrote on a few sampled tiles and prove that the
 recognised descriptors say the same (burstc.runtime.mask_proof). The graph is not changed.
 
-The function is the backward slice of the boolean predicate, cut where values stop depending on the
-query or key position: the nodes that place an index on the query / key axis (`arange(n)[None, None, :,
-None] + c`) become `q_idx + c` / `kv_idx + c`; everything that does not depend on a position (the
-tokenizer's mask, position ids, a left-padding count) is a leaf, passed in as a tensor; an `.expand` to
-the full [B, 1, N, N] is dropped (broadcasting does it). The function is tried on a few positions at
+The function is the whole backward slice of the boolean predicate: the nodes that place an index on the
+query / key axis (`arange(n)[None, None, :, None] + c`) become `q_idx + c` / `kv_idx + c`; the graph's
+inputs it reads (the tokenizer's mask, position ids) are its leaves, passed in as tensors, and what is
+computed from them without positions (a left-padding count, document ids) is recomputed inside, so
+the leaves are replicated inputs sequence mode never has to gather (a value computed from a symbolic
+size, under dynamic=True, is a leaf itself); an `.expand` of a
+position-dependent value to the full [B, 1, N, N] is dropped (broadcasting does it). The function is tried on a few positions at
 compile time; a construction that cannot be evaluated on a few positions (a reshape
 to N, a non-tensor leaf) has no MaskCode, and its mask is materialised instead.
 """
@@ -56,8 +58,19 @@ def extract_mask_code(gm: fx.GraphModule, predicate: fx.Node, axes: dict[fx.Node
     leaves: dict[fx.Node, fx.Node] = {}
     env: dict[fx.Node, fx.Node] = {}
 
+    sized: dict[fx.Node, bool] = {}
+
+    def reads_a_size(a: fx.Node) -> bool:  # a symbolic size among its inputs (dynamic=True)
+        if a not in sized:
+            sized[a] = (a.op == "placeholder" and not isinstance(_value(a), torch.Tensor)) or any(
+                reads_a_size(i) for i in a.all_input_nodes)
+        return sized[a]
+
     def arg(a: fx.Node) -> fx.Node:
         if a in env:
+            return env[a]
+        if a.op in ("call_function", "call_method") and not reads_a_size(a):  # recomputed from the inputs
+            env[a] = graph.node_copy(a, arg)
             return env[a]
         if a not in leaves:
             if not isinstance(_value(a), torch.Tensor):

@@ -291,7 +291,7 @@ class _Sharder:
             return
         for a in inputs:
             if a in need:  # an input the rule leaves out (type_as's other tensor) only lends metadata
-                self._fix_edge(node, a, need[a])
+                self._fix_edge(node, a, need[a], read_globally=a in getattr(rule, "read_globally", ()))
         self.place[node] = out
 
     def _refuse_inplace(self, node: fx.Node, out: Optional[SeqDim]) -> None:
@@ -310,11 +310,17 @@ class _Sharder:
     def local_size(self, spec: SeqDim) -> int:
         return spec.outer * self.local_len * spec.inner
 
-    def _fix_edge(self, consumer: fx.Node, a: fx.Node, need: Optional[SeqDim]) -> None:
+    def _fix_edge(self, consumer: fx.Node, a: fx.Node, need: Optional[SeqDim], read_globally: bool = False) -> None:
+        """read_globally: consumer reads a at global positions (a mask's descriptors, the model's own mask
+        code): a sharded a is gathered for it."""
         have = self.place.get(a)
         if need == have:
             if need is None and a in self.needs_grad:
                 self.grad_sums.append((consumer, a))
+            return
+        if need is None and read_globally:
+            consumer.replace_input_with(a, self._gather(a, have, f"{consumer.name} reads it at global positions",
+                                                        consumer))
             return
         if need is None:
             raise ShardingError(f"{consumer.name} ({op_name(consumer)}) would combine the sharded {a.name} "
@@ -490,13 +496,13 @@ class _AttentionRule:
 
     def __init__(self, site):
         self.inputs = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask is not None else [])
-        self.replicated = [t for t in (site.key_padding, site.document_ids, *site.mask_buffers, *site.proof_buffers)
-                           if isinstance(t, fx.Node)]
+        self.read_globally = [t for t in (site.key_padding, site.document_ids, *site.mask_buffers, *site.proof_buffers)
+                              if isinstance(t, fx.Node)]
 
     def inputs_for(self, out: SeqDim):
         if out != SeqDim(2):
             return None
-        return {**{a: None for a in self.replicated}, **{a: SeqDim(2) for a in self.inputs}}
+        return {**{a: None for a in self.read_globally}, **{a: SeqDim(2) for a in self.inputs}}
 
     def output_for(self, a, spec: SeqDim):
         return SeqDim(2) if spec == SeqDim(2) else None
