@@ -4,21 +4,14 @@ setitem) or is functorch bookkeeping (vmap nesting levels) is never dead even wh
 
 FX's own `eliminate_dead_code` treats every `call_method` as pure, so on a Dynamo graph it deletes
 `out.add_(routed)` (Llama 4's MoE adds its experts into the shared expert's output that way) and the
-model silently loses the update. Every pass that removes nodes asks `mutates` first.
+model silently loses the update. Every pass that removes nodes asks `mutates` first; what a node writes
+is the shard pass's `mutated_input`, one definition for both.
 """
 from __future__ import annotations
 
-import operator
-
 import torch.fx as fx
 
-_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
-                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
-
-
-def _in_place_name(name: str) -> bool:
-    return name.endswith("_") and not name.endswith("__")
+from burstc.passes.shard_rules import mutated_input
 
 
 def _called_for_its_effect(node: fx.Node) -> bool:
@@ -34,18 +27,9 @@ def mutates(node: fx.Node) -> bool:
         return True
     if node.op not in ("call_function", "call_method"):
         return node.op == "call_module"
-    if _called_for_its_effect(node):
+    if _called_for_its_effect(node) or (node.op == "call_function" and node.is_impure()):
         return True
-    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_method":
-        return _in_place_name(node.target)
-    target = node.target
-    if target in _MUTATING_FUNCTIONS or node.is_impure():
-        return True
-    if getattr(target, "__module__", None) in ("_operator", "operator"):  # and_, or_: pure; iand & co above
-        return False
-    return _in_place_name(getattr(target, "__name__", "") or "")  # torch.relu_, Tensor.add_
+    return mutated_input(node) is not None or node.kwargs.get("out") is not None
 
 
 def remove_dead_code(gm: fx.GraphModule) -> fx.GraphModule:

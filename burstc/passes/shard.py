@@ -33,8 +33,8 @@ from torch._dynamo.utils import counters
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import find_attention_sites, rebind, source_line
 from burstc.passes.plan import SitePlan, plan_sites
-from burstc.passes.shard_rules import (RESIZED, SeqDim, arg, is_tensor, op_name, reduced_dims, rule_for,
-                                       set_local_size, shape, tensor_inputs, value)
+from burstc.passes.shard_rules import (RESIZED, Factory, SeqDim, arg, factory_source, is_tensor, mutated_input,
+                                       op_name, reduced_dims, rule_for, set_local_size, shape, tensor_inputs, value)
 from burstc.runtime import sequence_ops
 from burstc.schedule.layout import chunk_count, local_length
 
@@ -119,12 +119,38 @@ def _nbytes(node: fx.Node) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def _computed_from(gm: fx.GraphModule, roots: set[fx.Node]) -> set[fx.Node]:
-    """roots and every node computed from any of them."""
-    found = set(roots)
+def storages(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """The storage (its address; the example values keep it alive) of every tensor node's example value:
+    Dynamo computes them on fake tensors, op by op, so a view shares its base's storage (and an in-place
+    op's result its target's), as in eager."""
+    found = {}
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method") and any(a in found for a in node.all_input_nodes):
+        v = value(node)
+        if isinstance(v, torch.Tensor) and not v.is_sparse:
+            try:
+                found[node] = v.untyped_storage()._cdata
+            except (NotImplementedError, RuntimeError):
+                pass
+    return found
+
+
+def _computed_from(gm: fx.GraphModule, roots: set[fx.Node], *, values_only: bool = False) -> set[fx.Node]:
+    """roots and every node computed from any of them; a tensor written in place from them (x.copy_(y),
+    x[i] = y) counts with every view of its storage. values_only: a factory (x.new_zeros(size),
+    torch.empty_like(x)) does not read x's values, so it is not computed from x."""
+    found = set(roots)
+    alias = storages(gm)
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        inputs = node.all_input_nodes
+        if values_only and factory_source(node) is not None:
+            inputs = [a for a in inputs if a is not factory_source(node)]
+        if any(a in found for a in inputs):
             found.add(node)
+            target = mutated_input(node)
+            if alias.get(target) is not None:
+                found |= {n for n, st in alias.items() if st == alias[target]}
     return found
 
 
@@ -140,7 +166,7 @@ def requires_grad(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
 def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     """The nodes whose value depends on a graph input: only these can differ across ranks (a constant
     built inside the graph is the same everywhere and needs no replica check)."""
-    return _computed_from(gm, {n for n in gm.graph.nodes if n.op == "placeholder"})
+    return _computed_from(gm, {n for n in gm.graph.nodes if n.op == "placeholder"}, values_only=True)
 
 
 def _same_value(new: fx.Node, old: fx.Node) -> None:
@@ -156,6 +182,12 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _sized_like(src: torch.Tensor, size: tuple[int, ...], like: str, *args, **kwargs) -> torch.Tensor:
+    """`torch.<like>(src, ...)` (zeros_like and kin) with the given size: src, placed otherwise than the
+    result (a shard of a replicated result, or the other way round), lends only its dtype and device."""
+    return getattr(torch, like)(src.new_empty(size), *args, **kwargs)
+
+
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
@@ -168,7 +200,16 @@ class _Sharder:
         self.want: dict[fx.Node, SeqDim] = {}
         self.place: dict[fx.Node, Optional[SeqDim]] = {}
         self.entered: dict[tuple, fx.Node] = {}
-        self.grad_sums: list[tuple[fx.Node, fx.Node]] = []  # (consumer, replicated input)
+        self.grad_sums: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (consumer, replicated input, anchor)
+        # in-place writes: a boundary must read a tensor after the writes its consumer sees (never the
+        # uninitialised or stale memory before them), and may not cut a view from what is written later
+        self.storage = storages(gm)
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        self.writes: dict[int, list[fx.Node]] = {}
+        for node in self.graph.nodes:
+            target = mutated_input(node)
+            if self.storage.get(target) is not None:
+                self.writes.setdefault(self.storage[target], []).append(node)
         self.plan = ShardingPlan(seq_len, layout, world_size, rank, self.local_len)
 
     # -- rules ------------------------------------------------------------------------------------
@@ -197,6 +238,8 @@ class _Sharder:
         rule = self.rule(user)
         if rule is None:
             return False
+        if isinstance(rule, Factory):
+            return True  # it reads only the dtype and device of its source, sharded or not
         if user in self.want:
             need = rule.inputs_for(self.want[user])
             return need is not None and need.get(node) == spec
@@ -215,6 +258,8 @@ class _Sharder:
             spec = next(iter(wanted))
             if not all(self.accepts(u, node, spec) for u in node.users):
                 continue
+            if any(self.rule(w) is None for w in self.writes.get(self.storage.get(node), ())):
+                continue  # written in place by an op without a rule: it has to stay replicated
             self.want[node] = spec
             rule = self.rule(node)
             if rule is None or node.op == "placeholder":
@@ -230,7 +275,7 @@ class _Sharder:
         for node in list(self.graph.nodes):
             if node.op in ("placeholder", "get_attr"):
                 self.place[node] = None  # an input stays replicated; wanted sharded, its users see a shard
-                if node in self.want and node.users:
+                if node in self.want and node.users and not self.writes.get(self.storage.get(node)):
                     self._shard_source(node, self.want[node])
             elif node.op == "output":
                 self._outputs(node)
@@ -252,7 +297,7 @@ class _Sharder:
         entered = self._enter(node, spec)
         for u in users:
             u.replace_input_with(node, entered)
-        self.entered[(node, spec)] = entered
+        self.entered[(node, spec, self._after(node))] = entered
         self.place[entered] = spec
 
     def _visit(self, node: fx.Node) -> None:
@@ -261,28 +306,38 @@ class _Sharder:
         if sharded and self._is_seq_reduction(node, sharded[0][1]) and node.args[0] is sharded[0][0]:
             return self._reduce(node, sharded)
         rule = self.rule(node)
+        if isinstance(rule, Factory):
+            return self._factory(node, rule)
         if rule is None:
             self.place[node] = None
             if sharded:
                 self._refuse_inplace(node, None)
                 self._gather_inputs(node, sharded, f"{op_name(node)} is not token-wise (or not known to burst)")
             return
+        target = mutated_input(node)
         out = None
-        for a, s in sharded:
-            out = rule.output_for(a, s)
-            if out is not None:
-                break
-        if out is None and node in self.want and not sharded:
-            wanted = rule.inputs_for(self.want[node])
-            if wanted and any(s is not None for s in wanted.values()):  # some input can enter sharded
-                out = self.want[node]
+        if node in self.sites:  # the rewrite makes every converting site a local (sharded) attention
+            out = SeqDim(2)
+        elif target is not None:  # written in place: the target keeps its placement, the other inputs follow
+            out = self.place.get(target)
+        else:
+            for a, s in sharded:
+                out = rule.output_for(a, s)
+                if out is not None:
+                    break
+            if out is None and node in self.want and not sharded:
+                wanted = rule.inputs_for(self.want[node])
+                if wanted and any(s is not None for s in wanted.values()):  # some input can enter sharded
+                    out = self.want[node]
         need = rule.inputs_for(out) if out is not None else None
-        if sharded:
-            self._refuse_inplace(node, out)
+        if target is not None and out is not None and (need is None or need.get(target, out) != out):
+            raise ShardingError(f"in-place {op_name(node)} on the sharded {target.name} at "
+                                f"{source_line(node) or node.name} has no sharded form")
         if need is None:
             self.place[node] = None
             if sharded:
-                self._gather_inputs(node, sharded, f"{op_name(node)} mixes tokens along the sequence")
+                self._gather_inputs(node, sharded, f"{op_name(node)} writes the replicated {target.name}"
+                                    if target is not None else f"{op_name(node)} mixes tokens along the sequence")
             return
         if op_name(node) in RESIZED and not set_local_size(node, out, self._global(out), self.local_size(out)):
             self.place[node] = None
@@ -297,12 +352,57 @@ class _Sharder:
     def _refuse_inplace(self, node: fx.Node, out: Optional[SeqDim]) -> None:
         """An in-place op must mutate the tensor later users read: its target may not be swapped for a
         shard or a gathered copy, so it has to be placed exactly like the op's result."""
-        name = op_name(node)
-        in_place = name.endswith("_") and name not in ("requires_grad_", "and_", "or_") or node.target in (
-            operator.iand, operator.ior, operator.iadd, operator.isub, operator.imul, operator.itruediv)
-        if in_place and node.args and self.place.get(node.args[0]) != out:
-            raise ShardingError(f"in-place {name} on {node.args[0].name} at {source_line(node) or node.name} "
+        target = mutated_input(node)
+        if target is not None and self.place.get(target) != out:
+            raise ShardingError(f"in-place {op_name(node)} on {target.name} at {source_line(node) or node.name} "
                                 "mixes sharded and replicated data")
+
+    def _factory(self, node: fx.Node, rule: Factory) -> None:
+        """x.new_zeros(size), torch.zeros_like(x) and kin: sharded where wanted, else replicated (see
+        Factory); a *_like whose source is placed otherwise gets the size it must have from a new_empty."""
+        out = self.want.get(node)
+        if out is not None and not rule.fits(out, self._global(out)):
+            out = None
+        if rule.like:
+            if self.place.get(rule.src) != out:
+                size = list(shape(node))
+                if out is not None:
+                    size[out.dim] = self.local_size(out)
+                node.target, node.args = _sized_like, (rule.src, tuple(size), op_name(node), *node.args[1:])
+        elif out is not None and not set_local_size(node, out, self._global(out), self.local_size(out)):
+            out = None
+        self.place[node] = out
+
+    def _anchor(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
+        """Where a boundary that reads `a` for `consumer` goes: after `a` (after the graph inputs), or after
+        the last in-place write into a's storage between the two, whose result is what consumer reads.
+        A consumer that views `a` may not take a boundary when the storage is written after it and the view
+        is used from then on: its copy would not see that write (nor carry a write through it to `a`)."""
+        key = self.storage.get(a)
+        writes = self.writes.get(key, ()) if key is not None else ()
+        if not writes or a not in self.order or consumer not in self.order:
+            return self._after(a)
+        here, there = self.order[a], self.order[consumer]
+        later = [w for w in writes if self.order[w] > there]
+        if later and self.storage.get(consumer) == key and self._used_from(consumer, key, self.order[later[0]]):
+            raise ShardingError(f"{consumer.name} ({op_name(consumer)}) views {a.name}, which is written in place "
+                                f"later (at {source_line(later[0]) or later[0].name}), across a boundary")
+        before = [w for w in writes if here < self.order[w] < there]
+        return before[-1] if before else self._after(a)
+
+    def _used_from(self, view: fx.Node, key: int, when: int) -> bool:
+        """Whether `view` or a view of it (the same storage) is used at or after graph position `when`."""
+        stack, seen = [view], {view}
+        while stack:
+            for user in stack.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if self.order.get(user, len(self.order)) >= when:
+                    return True
+                if self.storage.get(user) == key:
+                    stack.append(user)
+        return False
 
     def _global(self, spec: SeqDim) -> int:
         return spec.outer * self.seq_len * spec.inner
@@ -316,7 +416,7 @@ class _Sharder:
         have = self.place.get(a)
         if need == have:
             if need is None and a in self.needs_grad:
-                self.grad_sums.append((consumer, a))
+                self.grad_sums.append((consumer, a, self._anchor(a, consumer)))
             return
         if need is None and read_globally:
             consumer.replace_input_with(a, self._gather(a, have, f"{consumer.name} reads it at global positions",
@@ -328,9 +428,10 @@ class _Sharder:
         source = a
         if have is not None:
             source = self._gather(a, have, f"{consumer.name} needs it sharded as {need}", consumer)
-        key = (source, need)
+        anchor = self._anchor(source, consumer)
+        key = (source, need, anchor)
         if key not in self.entered:
-            self.entered[key] = self._enter(source, need)
+            self.entered[key] = self._enter(source, need, anchor)
             self.place[self.entered[key]] = need
         consumer.replace_input_with(a, self.entered[key])
 
@@ -342,7 +443,7 @@ class _Sharder:
         """Where to insert a node computed from `node`: after it, or after the last graph input."""
         return [n for n in self.graph.nodes if n.op == "placeholder"][-1] if node.op == "placeholder" else node
 
-    def _enter(self, node: fx.Node, spec: SeqDim) -> fx.Node:
+    def _enter(self, node: fx.Node, spec: SeqDim, anchor: Optional[fx.Node] = None) -> fx.Node:
         """Replicated -> this rank's positions; an `arange` over the sequence becomes the positions. A value
         computed from the graph's inputs is checked to be the same on every rank as it enters."""
         check = node.name if node in self.from_inputs else ""
@@ -352,7 +453,7 @@ class _Sharder:
             check, why = "", "arange over the sequence: this rank's positions"
         else:
             why = "replicated value meets sharded work"
-        with self.graph.inserting_after(self._after(node)):
+        with self.graph.inserting_after(anchor or self._after(node)):
             new = self.graph.call_function(torch.ops.burst.seq_shard.default, (node, *self._spec_args(spec), check))
         self._record("shard", node, spec, 0, why)
         _same_value(new, node)
@@ -366,9 +467,10 @@ class _Sharder:
         return ends[-1] - start == self.seq_len
 
     def _gather(self, a: fx.Node, spec: SeqDim, reason: str, consumer: fx.Node) -> fx.Node:
-        key = ("gathered", a)
+        anchor = self._anchor(a, consumer)
+        key = ("gathered", a, anchor)
         if key not in self.entered:
-            with self.graph.inserting_after(self._after(a)):
+            with self.graph.inserting_after(anchor):
                 g = self.graph.call_function(torch.ops.burst.seq_gather.default, (a, *self._spec_args(spec)))
             self.entered[key] = g
             _same_value(g, a)
@@ -462,10 +564,12 @@ class _Sharder:
 
     def _bucket_grad_sums(self) -> None:
         """Parameters (graph inputs) needing a gradient sum go into one bucket after the last input;
-        replicated intermediates get their own, right after they are computed."""
-        inputs = [a for _, a in self.grad_sums if a.op in ("placeholder", "get_attr")]
+        replicated intermediates (and inputs written in place) get their own, right after they are
+        computed (after the writes their consumer sees)."""
+        inputs = [a for _, a, _ in self.grad_sums if a.op in ("placeholder", "get_attr")
+                  and not self.writes.get(self.storage.get(a))]
         bucket = list(dict.fromkeys(inputs))
-        views: dict[fx.Node, fx.Node] = {}
+        views: dict[tuple, fx.Node] = {}
         if bucket:
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
@@ -473,20 +577,20 @@ class _Sharder:
             anchor = call
             for i, a in enumerate(bucket):
                 with self.graph.inserting_after(anchor):
-                    views[a] = anchor = self.graph.call_function(operator.getitem, (call, i))
+                    views[(a, self._after(a))] = anchor = self.graph.call_function(operator.getitem, (call, i))
                     _same_value(anchor, a)
             self._record("grad_sum", call, None, 0, f"{len(bucket)} replicated inputs: gradients summed over "
                                                      "the ranks in one all-reduce")
             counters["burst"]["seq_grad_sum_inputs"] += len(bucket)
-        for consumer, a in self.grad_sums:
-            if a not in views:
-                with self.graph.inserting_after(self._after(a)):
+        for consumer, a, after in self.grad_sums:
+            if (a, after) not in views:
+                with self.graph.inserting_after(after):
                     call = self.graph.call_function(sequence_ops.grad_sum, (self.group_name, a))
                 with self.graph.inserting_after(call):
-                    views[a] = self.graph.call_function(operator.getitem, (call, 0))
-                    _same_value(views[a], a)
+                    views[(a, after)] = self.graph.call_function(operator.getitem, (call, 0))
+                    _same_value(views[(a, after)], a)
                 self._record("grad_sum", a, None, 0, "replicated value with a gradient meets sharded work")
-            consumer.replace_input_with(a, views[a])
+            consumer.replace_input_with(a, views[(a, after)])
 
 
 class _AttentionRule:
@@ -561,6 +665,9 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, local_outputs,
                        requires_grad(gm, example_inputs))
     plan = sharder.run()
+    unsharded = [p.site.name for p in converting if sharder.place.get(p.site.node) != SeqDim(2)]
+    if unsharded:  # the rewrite makes them local attention: it must get this rank's shards
+        raise ShardingError(f"attention {', '.join(unsharded)} is not sharded along the sequence")
     if not check_shapes:
         return plan
     _check_local_shapes(gm, example_inputs, sharder.place, sharder.local_size, [p.site.node for p in converting])

@@ -7,6 +7,7 @@ gathers their sharded inputs first, which is always exact.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -76,6 +77,32 @@ def arg(node: fx.Node, index: int, name: str, default=None):
 
 def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
+
+
+_IN_PLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
+                       operator.ior, operator.ixor, operator.ilshift, operator.irshift)
+
+
+def mutated_input(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor node an op writes in place (x.copy_(y), x[i] = y, x += y, F.relu(x, inplace=True),
+    out=x, a mutable aten op), or None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    target = None
+    if isinstance(node.kwargs.get("out"), fx.Node):
+        target = node.kwargs["out"]
+    elif node.kwargs.get("inplace") is True or node.target in _IN_PLACE_OPERATORS:
+        target = arg(node, 0, "input")
+    elif isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+        written = [i for i, a in enumerate(node.target._schema.arguments)
+                   if a.alias_info is not None and a.alias_info.is_write]
+        target = node.args[written[0]] if written and written[0] < len(node.args) else node.args[0]
+    elif node.op == "call_method" or getattr(node.target, "__module__", None) != "_operator":
+        name = op_name(node)
+        if name.endswith("_") and not name.startswith("_") and name != "requires_grad_":
+            target = node.args[0] if node.args else None
+    return target if isinstance(target, fx.Node) else None
 
 
 # ---- rules ----------------------------------------------------------------------------------------
@@ -154,6 +181,7 @@ POINTWISE = {
     "logical_and", "logical_or", "bitwise_not", "and_", "or_", "invert", "mod", "remainder", "lerp", "addcmul",
     "dropout", "dropout1d", "dropout2d", "alpha_dropout", "nan_to_num", "int", "long",
     "bool", "sub_", "add_", "mul_", "div_", "masked_fill_", "clamp_", "copy_", "requires_grad_",
+    "iadd", "isub", "imul", "itruediv",  # x += y: in place, the target keeps its placement
 }
 SOFTMAX = {"softmax", "log_softmax"}
 REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "prod", "any", "all"}
@@ -175,11 +203,9 @@ def reduced_dims(node: fx.Node) -> Optional[tuple[int, ...]]:
     return tuple(sorted(_dim(d, ndim) for d in dims))
 
 
-def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
-    src, index = node.args
-    if isinstance(value(src), (tuple, list)):  # an element of a split/unbind: same dims as the tuple
-        return DimMap({src: {d: d for d in range(len(out_shape))}})
-    in_shape = shape(src)
+def _index_map(in_shape, index, out_shape) -> Optional[dict[int, int]]:
+    """{out dim: in dim} for the dims a basic index (ints, slices, None, Ellipsis) keeps whole; None for
+    tensor (advanced) indices."""
     index = index if isinstance(index, tuple) else (index,)
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
     expanded: list = []
@@ -188,6 +214,8 @@ def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
     expanded.extend([slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None)))
     m, in_d, out_d = {}, 0, 0
     for i in expanded:
+        if isinstance(i, bool):  # x[True] adds a dim like None, x[False] empties it: not ours to map
+            return None
         if i is None:
             out_d += 1
         elif isinstance(i, int):
@@ -199,13 +227,110 @@ def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
             in_d += 1
         else:  # tensor indices: not token-wise for us
             return None
-    return DimMap({src: m})
+    return m
+
+
+def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
+    src, index = node.args
+    if isinstance(value(src), (tuple, list)):  # an element of a split/unbind: same dims as the tuple
+        return DimMap({src: {d: d for d in range(len(out_shape))}})
+    m = _index_map(shape(src), index, out_shape)
+    return None if m is None else DimMap({src: m})
+
+
+class SetItem:
+    """`x[index] = y` (operator.setitem) with a basic index. It writes x in place, so x keeps its placement
+    (the pass never puts a boundary on it); a sharded x needs the index to keep its sequence dim whole,
+    and y, aligned to x[index] from the right, then carries the sequence on the matching dim, or
+    broadcasts over it (the same values for every token: replicated)."""
+
+    def __init__(self, x: fx.Node, y: Optional[fx.Node], to_view: dict[int, int], y_dims: dict[int, int]):
+        self.x, self.y = x, y
+        self.to_view = to_view  # {x dim: dim of x[index]} for the dims the index keeps whole
+        self.y_dims = y_dims  # {dim of x[index]: y dim} where y is not broadcast
+
+    def inputs_for(self, out: SeqDim) -> Optional[dict[fx.Node, Optional[SeqDim]]]:
+        if out.dim not in self.to_view:
+            return None  # the write picks some of the tokens: no sharded form
+        need: dict[fx.Node, Optional[SeqDim]] = {self.x: out}
+        if self.y is not None:
+            v = self.to_view[out.dim]
+            need[self.y] = replace(out, dim=self.y_dims[v]) if v in self.y_dims else None
+        return need
+
+    def output_for(self, a: fx.Node, spec: SeqDim) -> Optional[SeqDim]:
+        if a is self.x:
+            return spec if spec.dim in self.to_view else None
+        if a is self.y:
+            for x_dim, v in self.to_view.items():
+                if self.y_dims.get(v) == spec.dim:
+                    return replace(spec, dim=x_dim)
+        return None
+
+
+def _setitem(node: fx.Node) -> Optional[SetItem]:
+    x, index, y = node.args
+    in_shape = shape(x)
+    parts = index if isinstance(index, tuple) else (index,)
+    if in_shape is None or any(isinstance(p, fx.Node) or isinstance(p, slice) and any(
+            isinstance(b, fx.Node) for b in (p.start, p.stop, p.step)) for p in parts):
+        return None  # tensor or symbolic indices
+    out_shape = tuple(torch.empty(in_shape, device="meta")[index].shape)
+    m = _index_map(in_shape, index, out_shape)
+    if m is None:
+        return None
+    y_dims: dict[int, int] = {}
+    if is_tensor(y):
+        sy = shape(y)
+        if len(sy) > len(out_shape):
+            return None
+        off = len(out_shape) - len(sy)
+        y_dims = {v: v - off for v in range(off, len(out_shape)) if sy[v - off] == out_shape[v]}
+    elif isinstance(y, fx.Node) and isinstance(value(y), torch.Tensor):
+        return None  # a tensor of unknown (symbolic) shape
+    return SetItem(x, y if is_tensor(y) else None, {i: o for o, i in m.items()}, y_dims)
+
+
+NEW_FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full"}  # x.new_zeros(size): x lends dtype, device
+LIKE_FACTORIES = {"empty_like", "zeros_like", "ones_like", "full_like"}  # torch.zeros_like(x): and x's shape
+
+
+class Factory:
+    """A tensor made from a size and a constant (x.new_zeros(size), torch.zeros_like(x); uninitialised for
+    new_empty/empty_like): the source x lends its dtype and device (and for *_like its shape), never its
+    values, and every row of the result is alike. So any placement is exact once the local size is right:
+    the pass shards it where it is wanted (the dim has the sequence's global size; the size argument, or
+    the shape *_like takes from x, becomes local) and keeps it replicated otherwise, whatever x's
+    placement; x needs no boundary (a shard lends the same dtype and device)."""
+
+    def __init__(self, src: fx.Node, out_shape, like: bool):
+        self.src, self.out_shape, self.like = src, out_shape, like
+
+    def fits(self, out: SeqDim, global_size: int) -> bool:
+        return 0 <= out.dim < len(self.out_shape) and self.out_shape[out.dim] == global_size
+
+    def inputs_for(self, out: SeqDim) -> dict[fx.Node, Optional[SeqDim]]:
+        return {}  # the source is not read
+
+    def output_for(self, a: fx.Node, spec: SeqDim) -> Optional[SeqDim]:
+        return None  # the result's placement does not follow its source's
+
+
+def factory_source(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor a factory-like op takes only metadata from (x of x.new_zeros(...), torch.zeros_like(x))."""
+    name = op_name(node)
+    if node.op == "call_method" and name in NEW_FACTORIES or node.op == "call_function" and name in LIKE_FACTORIES:
+        src = arg(node, 0, "input")
+        return src if isinstance(src, fx.Node) else None
+    return None
 
 
 def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
     """The DimMap or ViewMap of a token-wise op, or None when the op is unknown or mixes tokens."""
     if node.op not in ("call_function", "call_method"):
         return None
+    if node.op == "call_function" and node.target is operator.setitem:
+        return _setitem(node)
     out_shape = shape(node)
     if out_shape is None:
         return None
@@ -214,6 +339,10 @@ def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
     if not inputs:
         return None
     src = node.args[0] if node.args else None
+    source = factory_source(node)
+    if source is not None and is_tensor(source):
+        like = name in LIKE_FACTORIES
+        return Factory(source, out_shape, like) if not like or shape(source) == out_shape else None
     if name in ("type_as", "to") and len(inputs) > 1:  # the other tensor only lends its dtype and device
         return _broadcast(out_shape, [src])
     if name in POINTWISE:
@@ -303,7 +432,8 @@ def set_local_size(node: fx.Node, out: SeqDim, global_size: int, local_size: int
         first, index = 2, out.dim - _dim(node.args[1], len(shape(node.args[0])))
     else:
         index = out.dim
-    packed = len(node.args) == first + 1 and isinstance(node.args[first], (tuple, list, torch.Size))
+    packed = (len(node.args) == first + 1 or name in ("full", "new_full")) and len(node.args) > first and \
+        isinstance(node.args[first], (tuple, list, torch.Size))
     if "size" in node.kwargs:
         sizes = list(node.kwargs["size"])
     elif packed:

@@ -64,10 +64,16 @@ def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, fl
     """An order-sensitive fingerprint of full-sequence inputs (one pass over each tensor; `dim` is the
     sequence) and its magnitude, so ranks can check they hold the same sequence up to summation-order
     rounding."""
-    rows = sum(t.sum(dim=tuple(d for d in range(t.dim()) if d != dim), dtype=torch.float64)
-               for t in tensors)  # [N] per-position sums
-    weights = torch.cos(torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071)
-    terms = rows * weights
+    rows, codes = 0, 0  # [N] per-position sums of the finite values, and of codes for the others
+    for t in tensors:
+        other = tuple(d for d in range(t.dim()) if d != dim)
+        finite = torch.isfinite(t)
+        rows = rows + torch.where(finite, t, 0).sum(dim=other, dtype=torch.float64)
+        if t.is_floating_point():  # NaN would compare false with everything: it must count, not poison
+            codes = codes + (torch.isnan(t) * 3 + (t == float("inf")) * 5 + (t == float("-inf")) * 7).sum(
+                dim=other, dtype=torch.float64)
+    position = torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071
+    terms = rows * torch.cos(position) + codes * torch.sin(position)
     return float(terms.sum()), float(terms.abs().sum())
 
 

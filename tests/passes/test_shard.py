@@ -124,11 +124,114 @@ def test_a_symbolic_length_is_refused_by_the_pass(fake_world):
         sharding(f, torch.randn(1, 2, 12, 4), dynamic=True)
 
 
-def test_an_in_place_update_of_a_replicated_tensor_by_sharded_data_is_refused(fake_world):
+def test_an_in_place_update_of_a_replicated_tensor_by_sharded_data_gathers_the_data(fake_world):
     def f(q, acc):
         y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        acc.add_(y)  # acc is whole on every rank, y is a shard: no exact local form
+        acc.add_(y)  # acc is whole on every rank (and the caller's): it takes the whole of y
         return acc * 2
 
-    with pytest.raises(ShardingError, match="in-place add_"):
-        sharding(f, torch.randn(1, 2, 16, 4), torch.zeros(1, 2, 16, 4))
+    plan, gm = sharding(f, torch.randn(1, 2, 16, 4), torch.zeros(1, 2, 16, 4))
+    (gather,) = boundaries(plan, "gather")
+    assert "add_ writes the replicated l_acc_" in gather.reason
+    assert [t.placement for t in plan.tensors if t.op == "add_"] == ["replicated"]
+    (add,) = [n for n in gm.graph.nodes if n.target == "add_"]
+    assert add.args[0].op == "placeholder"  # the write reaches the input itself, never a shard of it
+
+
+def _placements(plan, op):
+    return [t.placement for t in plan.tensors if t.op == op]
+
+
+def test_a_buffer_made_by_new_empty_and_filled_by_slices_stays_sharded(fake_world):
+    """DeepSeek-V3's expand_kv. new_empty reads nothing of kv (it once gathered kv, and the buffer, left
+    whole, made the slice copies mix sharded and replicated data: the graph fell back); the slice writes
+    leave the sequence whole, so each rank writes its shards into its shard of the buffer."""
+    def f(q, kv):
+        k_nope, v = kv.split([4, 6], dim=-1)
+        k = kv.new_empty(*kv.shape[:-1], 6)
+        k[..., :4].copy_(k_nope)
+        k[..., 4:] = q[..., :1]  # broadcast over the last dim
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    plan, gm = sharding(f, torch.randn(1, 2, 16, 6), torch.randn(1, 2, 16, 10))
+    assert not boundaries(plan, "gather")
+    assert sorted(b.tensor for b in boundaries(plan, "shard")) == ["l_kv_", "l_q_"]
+    assert _placements(plan, "new_empty") == _placements(plan, "copy_") == ["seq@2"]
+    (new_empty,) = [n for n in gm.graph.nodes if n.target == "new_empty"]
+    assert new_empty.args[1:] == (1, 2, plan.local_len, 6)
+
+
+def test_zeros_like_takes_no_gather_and_follows_its_users(fake_world):
+    def f(q, x):
+        acc = torch.zeros_like(q)  # wanted sharded by the attention: made at this rank's size
+        acc += q
+        whole = torch.zeros_like(q)  # q is sharded, the buffer is not (a token-mixing write): made whole
+        whole.index_add_(2, torch.arange(0, 16, 2), x)
+        return F.scaled_dot_product_attention(acc, q, q, is_causal=True), whole
+
+    plan, gm = sharding(f, torch.randn(1, 2, 16, 4), torch.randn(1, 2, 8, 4))
+    assert not boundaries(plan, "gather")
+    assert _placements(plan, "zeros_like") == ["seq@2"]  # the sharded q lends its local shape
+    assert _placements(plan, "_sized_like") == ["replicated"]
+    (sized,) = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "_sized_like"]
+    assert sized.args[1:3] == ((1, 2, 16, 4), "zeros_like")  # made whole from a size, not from a gather
+
+
+def test_a_write_that_picks_tokens_of_a_sharded_tensor_is_refused(fake_world):
+    def f(q):
+        k = q * 2
+        k[:, :, 0] = 0.0  # the first token only: no local form (it once wrote into a gathered copy, lost)
+        return F.scaled_dot_product_attention(q, k, k, is_causal=True)
+
+    with pytest.raises(ShardingError, match="in-place setitem on the sharded"):
+        sharding(f, torch.randn(1, 2, 16, 4))
+
+
+def test_a_tensor_filled_in_place_enters_after_the_write(fake_world):
+    """A replicated buffer enters sharded work after the in-place writes its consumer sees (the shard
+    was once taken right after new_empty: uninitialised memory, fingerprinted as if it were an input);
+    its fingerprint covers what was written, and a constant factory is not fingerprinted."""
+    def f(q, x):
+        buf = x.new_empty(x.shape)
+        buf.copy_(x.cumsum(2))  # replicated (cumsum mixes tokens)
+        ones = x.new_ones(x.shape)
+        return F.scaled_dot_product_attention(q, buf, ones), buf.flip(2), ones.flip(2)
+
+    plan, gm = sharding(f, torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 4))
+    nodes = list(gm.graph.nodes)
+    shards = {n.args[0].name: n for n in nodes if n.target is torch.ops.burst.seq_shard.default}
+    (copy,) = [n for n in nodes if n.target == "copy_"]
+    assert nodes.index(shards["buf"]) > nodes.index(copy)
+    assert shards["buf"].args[-1] == "buf" and shards["ones"].args[-1] == ""
+
+
+def test_an_attention_with_only_replicated_inputs_is_still_sharded(fake_world):
+    def f(x):
+        q = x.cumsum(2)  # replicated, and wanted whole by the flip: the site once stayed replicated
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True), q.flip(2)
+
+    plan, _ = sharding(f, torch.randn(1, 2, 16, 4))
+    assert [b.tensor for b in boundaries(plan, "shard")] == ["q"]
+    assert _placements(plan, "scaled_dot_product_attention") == ["seq@2"]
+
+
+def test_a_view_across_a_boundary_of_a_tensor_written_later(fake_world):
+    """k[:, :, 3] picks a token: it is taken from a gathered k. A view of k in eager, it would miss the
+    later k.add_ (it once did, silently): refused when the view is used after the write, fine before."""
+    def used_after(q):
+        k = q * 2
+        head = k[:, :, 3]
+        k.add_(1.0)
+        return F.scaled_dot_product_attention(q, k, k, is_causal=True), head
+
+    def used_before(q):
+        k = q * 2
+        head = k[:, :, 3].sum()
+        k.add_(1.0)
+        return F.scaled_dot_product_attention(q, k, k, is_causal=True), head
+
+    with pytest.raises(ShardingError, match="written in place later"):
+        sharding(used_after, torch.randn(1, 2, 16, 4))
+    plan, _ = sharding(used_before, torch.randn(1, 2, 16, 4))
+    (gather,) = boundaries(plan, "gather")
+    assert gather.tensor == "k"
