@@ -56,9 +56,12 @@ def disagreement(descriptor: AttentionMask, model_mask: Callable, seq_len: int):
     (batch, query, key) where they differ."""
     q_pos, k_pos = sampled_positions(descriptor, seq_len)
     batch = max((t.shape[0] for t in (descriptor.key_padding, descriptor.document_ids) if t is not None), default=1)
-    b = torch.arange(batch).view(-1, 1, 1, 1)
-    want = torch.as_tensor(model_mask(b, torch.zeros(1, 1, 1, 1, dtype=torch.long), q_pos.view(1, 1, -1, 1),
-                                      k_pos.view(1, 1, 1, -1))).cpu().bool()
+    # the model's code runs where its captured tensors live (a GPU), the positions are moved there
+    device = next((t.device for t in getattr(model_mask, "buffers", ()) if isinstance(t, torch.Tensor)),
+                  torch.device("cpu"))
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    want = torch.as_tensor(model_mask(b, torch.zeros_like(b[:1]), q_pos.to(device).view(1, 1, -1, 1),
+                                      k_pos.to(device).view(1, 1, 1, -1))).cpu().bool()
     while want.dim() < 4:
         want = want.unsqueeze(0)
     got = descriptor.evaluate(q_pos, k_pos).cpu()
