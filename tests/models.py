@@ -107,3 +107,16 @@ def loss_and_grads(model, idx):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
     loss.backward()
     return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def hf_training_step(model, ids, labels, **kwargs):
+    """One step of an HF causal LM: (loss, logits on real tokens (padded query rows zeroed: nobody reads
+    them), every parameter's gradient)."""
+    model.zero_grad()
+    out = model(ids, labels=labels, **kwargs)
+    out.loss.backward()
+    logits = out.logits.detach()
+    if "attention_mask" in kwargs:
+        logits = logits * kwargs["attention_mask"][:, :, None]
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), logits, grads

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from burstc.launch import run_ranks
+from tests.models import hf_training_step
 
 N = 37
 
@@ -114,13 +115,7 @@ def _case(name):
         model, kwargs = _decoder("llama", "sdpa"), dict(position_ids=positions, use_cache=False)
 
     def step(m):
-        m.zero_grad()
-        out = m(idx, labels=labels, **kwargs)
-        out.loss.backward()
-        logits = out.logits.detach()
-        if "attention_mask" in kwargs:  # padded query rows: nobody reads them
-            logits = logits * kwargs["attention_mask"][:, :, None]
-        return out.loss.detach(), logits, _grads(m)
+        return hf_training_step(m, idx, labels, **kwargs)
     return model, step
 
 

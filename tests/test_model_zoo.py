@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from burstc.launch import run_ranks
+from tests.models import hf_training_step
 
 pytest.importorskip("transformers")
 
@@ -69,14 +70,7 @@ def _case(name, mask):
         kwargs["attention_mask"] = attention_mask
 
     def step(m):
-        m.zero_grad()
-        out = m(ids, labels=labels, **kwargs)
-        out.loss.backward()
-        logits = out.logits.detach()
-        if "attention_mask" in kwargs:  # padded query rows: nobody reads them
-            logits = logits * kwargs["attention_mask"][:, :, None]
-        grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-        return out.loss.detach(), logits, grads
+        return hf_training_step(m, ids, labels, **kwargs)
     return model, step
 
 
