@@ -8,10 +8,10 @@ query / key axis (`arange(n)[None, None, :, None] + c`) become `q_idx + c` / `kv
 inputs it reads (the tokenizer's mask, position ids) are its leaves, passed in as tensors, and what is
 computed from them without positions (a left-padding count, document ids) is recomputed inside, so
 the leaves are replicated inputs sequence mode never has to gather (a value computed from a symbolic
-size, under dynamic=True, is a leaf itself); an `.expand` of a
-position-dependent value to the full [B, 1, N, N] is dropped (broadcasting does it). The function is tried on a few positions at
-compile time; a construction that cannot be evaluated on a few positions (a reshape
-to N, a non-tensor leaf) has no MaskCode, and its mask is materialised instead.
+size, under dynamic=True, is a leaf itself); an `.expand` of a position-dependent value to the full
+[B, 1, N, N] is dropped (broadcasting does it). The function is tried on a few positions at compile
+time; a construction that cannot be evaluated on a few positions (a reshape to N, a non-tensor leaf)
+has no MaskCode, and its mask is materialised instead.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from burstc.passes.shard_rules import value
+
 
 @dataclass(frozen=True)
 class MaskCode:
@@ -29,10 +31,6 @@ class MaskCode:
 
     fn: fx.GraphModule
     leaves: tuple[fx.Node, ...]
-
-
-def _value(n: fx.Node):
-    return n.meta.get("example_value", n.meta.get("val"))
 
 
 def extract_mask_code(gm: fx.GraphModule, predicate: fx.Node, axes: dict[fx.Node, tuple[str, int]]
@@ -62,7 +60,7 @@ def extract_mask_code(gm: fx.GraphModule, predicate: fx.Node, axes: dict[fx.Node
 
     def reads_a_size(a: fx.Node) -> bool:  # a symbolic size among its inputs (dynamic=True)
         if a not in sized:
-            sized[a] = (a.op == "placeholder" and not isinstance(_value(a), torch.Tensor)) or any(
+            sized[a] = (a.op == "placeholder" and not isinstance(value(a), torch.Tensor)) or any(
                 reads_a_size(i) for i in a.all_input_nodes)
         return sized[a]
 
@@ -73,7 +71,7 @@ def extract_mask_code(gm: fx.GraphModule, predicate: fx.Node, axes: dict[fx.Node
             env[a] = graph.node_copy(a, arg)
             return env[a]
         if a not in leaves:
-            if not isinstance(_value(a), torch.Tensor):
+            if not isinstance(value(a), torch.Tensor):
                 raise _NotEvaluable(f"{a.name} is not a tensor")
             leaves[a] = graph.placeholder(f"leaf_{len(leaves)}")
         return leaves[a]
@@ -104,8 +102,8 @@ class _NotEvaluable(Exception):
 
 def _evaluates(code: MaskCode) -> bool:
     """Whether the function runs on a few sampled positions: tried on zeros shaped like the compile's
-    example values (a few bytes each: leaves are [B, N] at most)."""
-    values = [_value(n) for n in code.leaves]
+    example values (the graph inputs the mask code reads: a tokenizer mask, position ids)."""
+    values = [value(n) for n in code.leaves]
     device = values[0].device if values else torch.device("cpu")
 
     def zeros_like(v):

@@ -69,7 +69,7 @@ class MaskDescriptor:
     # what the descriptors stand for: the boolean predicate node and its position indices (node -> (axis,
     # offset)), from which the model's own mask code is extracted for the first-call proof
     predicate: Optional[fx.Node] = field(default=None, compare=False)
-    axes: tuple = field(default=(), compare=False)
+    axes: dict = field(default_factory=dict, compare=False)
 
 
 # -- abstract values ----------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
         raise _AveragingRows(_AVERAGING_ROWS)
     left = None if p.lo == -math.inf else int(-p.lo)
     right = None if p.hi == math.inf else int(p.hi)
-    axes = tuple((n, v.axis, v.c) for n, v in interpreter.memo.items() if isinstance(v, _Index) and v.axis in ("q", "kv"))
+    axes = {n: (v.axis, v.c) for n, v in interpreter.memo.items() if isinstance(v, _Index) and v.axis in ("q", "kv")}
     return MaskDescriptor(left, right, p.paddings[0] if p.paddings else None, docs.node if docs else None, fill,
                           predicate=node, axes=axes)
 
@@ -390,7 +390,7 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
             record["materialised"].append((where, "dropout or is_causal beside the mask"))
             continue
         if found.predicate not in proofs:
-            code = extract_mask_code(gm, found.predicate, {n: (axis, c) for n, axis, c in found.axes})
+            code = extract_mask_code(gm, found.predicate, found.axes)
             proofs[found.predicate] = (register(code.fn), code.leaves) if code else None
         if proofs[found.predicate] is None:
             record["materialised"].append((where, "its mask code cannot be evaluated on sampled positions, so the "

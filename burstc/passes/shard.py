@@ -134,12 +134,13 @@ def storages(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return found
 
 
-def _computed_from(gm: fx.GraphModule, roots: set[fx.Node], *, values_only: bool = False) -> set[fx.Node]:
+def _computed_from(gm: fx.GraphModule, roots: set[fx.Node], *, values_only: bool = False,
+                   alias: Optional[dict[fx.Node, int]] = None) -> set[fx.Node]:
     """roots and every node computed from any of them; a tensor written in place from them (x.copy_(y),
     x[i] = y) counts with every view of its storage. values_only: a factory (x.new_zeros(size),
     torch.empty_like(x)) does not read x's values, so it is not computed from x."""
     found = set(roots)
-    alias = storages(gm)
+    alias = storages(gm) if alias is None else alias
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -163,10 +164,10 @@ def requires_grad(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
     return _computed_from(gm, roots)
 
 
-def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+def input_dependent(gm: fx.GraphModule, alias: Optional[dict[fx.Node, int]] = None) -> set[fx.Node]:
     """The nodes whose value depends on a graph input: only these can differ across ranks (a constant
-    built inside the graph is the same everywhere and needs no replica check)."""
-    return _computed_from(gm, {n for n in gm.graph.nodes if n.op == "placeholder"}, values_only=True)
+    built inside the graph is the same everywhere and needs no replica check). alias: storages(gm)."""
+    return _computed_from(gm, {n for n in gm.graph.nodes if n.op == "placeholder"}, values_only=True, alias=alias)
 
 
 def _same_value(new: fx.Node, old: fx.Node) -> None:
@@ -192,7 +193,8 @@ class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
         self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
-        self.from_inputs = input_dependent(gm)
+        self.storage = storages(gm)
+        self.from_inputs = input_dependent(gm, self.storage)
         self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
         self.group_name, self.local_outputs = group_name, local_outputs
         self.local_len = local_length(seq_len, layout, world_size, rank)
@@ -203,7 +205,6 @@ class _Sharder:
         self.grad_sums: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (consumer, replicated input, anchor)
         # in-place writes: a boundary must read a tensor after the writes its consumer sees (never the
         # uninitialised or stale memory before them), and may not cut a view from what is written later
-        self.storage = storages(gm)
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.writes: dict[int, list[fx.Node]] = {}
         for node in self.graph.nodes:

@@ -317,15 +317,15 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         rank = None  # one process runs every rank of the plan
     if seq_len < 1:
         raise BurstInputError("burst_attention needs at least one token")
-    masks, proven_causal = masks.proven(bool(causal), seq_len)  # recognised descriptors, checked once per site
-    if proven_causal != bool(causal):
-        causal, meta = proven_causal, replace(meta, causal=proven_causal)
 
     inputs = "virtual" if rank is None else "full" if full_sequence else "shard"
     try:
-        mask = masks.build(bool(causal), seq_len, q, layout, world_size, rank if inputs == "shard" else None)
+        mask, proven_causal = masks.build_proven(bool(causal), seq_len, q, layout, world_size,
+                                                 rank if inputs == "shard" else None)
     except ValueError as e:
         raise BurstInputError(f"burst_attention: {e}") from e
+    if proven_causal != bool(causal):  # recognised descriptors disproven: the model's mask code runs alone
+        meta = replace(meta, causal=proven_causal)
     plan, scheme = _plan_call(meta, seq_len, world_size, topology, schedule, mask, cfg)
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
                    group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology,

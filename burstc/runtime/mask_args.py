@@ -3,7 +3,7 @@ AttentionMask descriptor the plan is built from."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -73,20 +73,6 @@ class MaskArgs:
         h.update(b"-" if self.attn_mask is None else str(self.attn_mask.dtype).encode())
         return int.from_bytes(h.digest()[:8], "little") >> 2
 
-    def proven(self, causal: bool, seq_len: int) -> tuple["MaskArgs", bool]:
-        """(masks, causal) to run: these descriptors once proven equal to the model's mask code on sampled
-        tiles (burstc.runtime.mask_proof), else the model's code itself as the only mask (no descriptor,
-        not causal: the code says all). Without a proof, unchanged."""
-        if self.proof is None:
-            return self, causal
-        descriptor = AttentionMask(
-            causal=causal, window=tuple(self.window) if self.window is not None else None,
-            key_padding=None if self.key_padding_mask is None else self.key_padding_mask.detach().bool().cpu(),
-            document_ids=None if self.document_ids is None else self.document_ids.detach().to(torch.int64).cpu())
-        if mask_proof.proven(self.proof.name, descriptor, self.proof, seq_len):
-            return replace(self, proof=None), causal
-        return MaskArgs(mask_mod=self.proof, attn_mask=self.attn_mask), False
-
     def preferred_layout(self, causal: bool) -> str:
         """contiguous for a bounded window (the ring becomes a halo exchange), else zigzag."""
         left, right = self.window if self.window is not None else (None, None)
@@ -124,3 +110,14 @@ class MaskArgs:
             document_ids=None if docs is None else docs.detach().to(torch.int64).cpu(),
             mask_mod=self.mask_mod, dense=None if dense is None else dense.detach(), dense_rows=rows).normalized()
         return mask if mask.structured else None
+
+    def build_proven(self, causal: bool, seq_len: int, q: torch.Tensor, layout: str, world_size: int,
+                     rank: Optional[int]) -> tuple[Optional[AttentionMask], bool]:
+        """(the call's AttentionMask, causal): build()'s, once recognised descriptors are proven equal to
+        the model's mask code on sampled tiles (burstc.runtime.mask_proof; checked on the first call of a
+        site and length), else the model's code itself as the only mask (not causal: the code says all)."""
+        mask = self.build(causal, seq_len, q, layout, world_size, rank)
+        if self.proof is None or mask_proof.proven(self.proof.name, seq_len, mask or AttentionMask(causal=causal),
+                                                   self.proof):
+            return mask, causal
+        return AttentionMask(mask_mod=self.proof), False

@@ -1,4 +1,4 @@
-"""proven(name, descriptor, model_mask, seq_len) -> bool: recognised mask descriptors are checked against
+"""proven(name, seq_len, descriptor, model_mask) -> bool: recognised mask descriptors are checked against
 the model's own mask code on the first call of each compiled site, on sampled tiles, and a site whose
 descriptors disagree anywhere runs the model's code instead (exact, evaluated tile by tile), loudly.
 
@@ -55,15 +55,10 @@ def disagreement(descriptor: AttentionMask, model_mask: Callable, seq_len: int):
     """None if the descriptor and the model's mask agree on every sampled (batch, query, key); else one
     (batch, query, key) where they differ."""
     q_pos, k_pos = sampled_positions(descriptor, seq_len)
-    batch = max((t.shape[0] for t in (descriptor.key_padding, descriptor.document_ids) if t is not None), default=1)
-    # the model's code runs where its captured tensors live (a GPU), the positions are moved there
+    # the model's code runs where its captured tensors live (a GPU), with the positions moved there
     device = next((t.device for t in getattr(model_mask, "buffers", ()) if isinstance(t, torch.Tensor)),
                   torch.device("cpu"))
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    want = torch.as_tensor(model_mask(b, torch.zeros_like(b[:1]), q_pos.to(device).view(1, 1, -1, 1),
-                                      k_pos.to(device).view(1, 1, 1, -1))).cpu().bool()
-    while want.dim() < 4:
-        want = want.unsqueeze(0)
+    want = AttentionMask(mask_mod=model_mask).evaluate(q_pos.to(device), k_pos.to(device)).cpu()
     got = descriptor.evaluate(q_pos, k_pos).cpu()
     shape = torch.broadcast_shapes(want.shape, got.shape)
     differ = (want.expand(shape) != got.expand(shape)).any(dim=1).nonzero()
@@ -73,7 +68,7 @@ def disagreement(descriptor: AttentionMask, model_mask: Callable, seq_len: int):
     return bi, int(q_pos[qi]), int(k_pos[ki])
 
 
-def proven(name: str, descriptor: AttentionMask, model_mask: Callable, seq_len: int) -> bool:
+def proven(name: str, seq_len: int, descriptor: AttentionMask, model_mask: Callable) -> bool:
     """Whether the site's descriptors may be used: checked on the first call per (site, length), then
     remembered. A disagreement is warned about and counted (`mask_proofs_failed`)."""
     key = (name, seq_len)

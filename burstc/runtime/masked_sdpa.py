@@ -28,11 +28,8 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     n = query.shape[2]
     positions = torch.arange(n, device=query.device)
     window = None if window_left is None and window_right is None else (window_left, window_right)
-    if proof:
-        model_mask = BoundMaskMod(proof, list(proof_buffers))
-        b = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
-        mask = torch.as_tensor(model_mask(b, torch.zeros_like(b), positions.view(1, 1, -1, 1),
-                                          positions.view(1, 1, 1, -1))).bool()
+    if proof:  # the model's own code, whatever the descriptors say
+        mask = AttentionMask(mask_mod=BoundMaskMod(proof, list(proof_buffers))).evaluate(positions, positions)
     else:
         mask = AttentionMask(causal=is_causal, window=window, key_padding=key_padding, document_ids=document_ids,
                              mask_mod=BoundMaskMod(mask_mod, list(mask_buffers)) if mask_mod else None

@@ -249,8 +249,7 @@ def _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, windo
     if attn_mask is not None:
         attn_mask = unshard_sequence(attn_mask.contiguous(), dim=2, layout=layout, group=run.group)
     masks = _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod, mask_proof)
-    masks, causal = masks.proven(causal, run.plan.seq_len)
-    return masks.build(causal, run.plan.seq_len, q_full, layout, 1, None)
+    return masks.build_proven(causal, run.plan.seq_len, q_full, layout, 1, None)[0]
 
 
 attention_local.register_fake(_fake_forward)

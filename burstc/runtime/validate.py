@@ -3,6 +3,8 @@ raises the same error, naming the fix, before any ring transfer starts (never a 
 wrong result)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,15 +66,20 @@ def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, fl
     """An order-sensitive fingerprint of full-sequence inputs (one pass over each tensor; `dim` is the
     sequence) and its magnitude, so ranks can check they hold the same sequence up to summation-order
     rounding."""
-    rows, codes = 0, 0  # [N] per-position sums of the finite values, and of codes for the others
+    rows = sum(t.sum(dim=tuple(d for d in range(t.dim()) if d != dim), dtype=torch.float64)
+               for t in tensors)  # [N] per-position sums: one pass over each tensor
+    position = torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071
+    terms = rows * torch.cos(position)
+    total, magnitude = float(terms.sum()), float(terms.abs().sum())
+    if math.isfinite(total) and math.isfinite(magnitude):
+        return total, magnitude
+    # NaN or inf somewhere: NaN compares false with everything, so it must count, not poison (second pass)
+    rows, codes = 0, 0
     for t in tensors:
         other = tuple(d for d in range(t.dim()) if d != dim)
-        finite = torch.isfinite(t)
-        rows = rows + torch.where(finite, t, 0).sum(dim=other, dtype=torch.float64)
-        if t.is_floating_point():  # NaN would compare false with everything: it must count, not poison
-            codes = codes + (torch.isnan(t) * 3 + (t == float("inf")) * 5 + (t == float("-inf")) * 7).sum(
-                dim=other, dtype=torch.float64)
-    position = torch.arange(rows.numel(), dtype=torch.float64, device=rows.device) * 0.7071
+        rows = rows + torch.where(torch.isfinite(t), t, 0).sum(dim=other, dtype=torch.float64)
+        codes = codes + (torch.isnan(t) * 3 + (t == float("inf")) * 5 + (t == float("-inf")) * 7).sum(
+            dim=other, dtype=torch.float64)
     terms = rows * torch.cos(position) + codes * torch.sin(position)
     return float(terms.sum()), float(terms.abs().sum())
 
