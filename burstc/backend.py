@@ -1,6 +1,8 @@
 """The torch.compile backend "burst": the pass pipeline over Dynamo's graph, then the inner compiler.
 
-    canonicalize (hand-written attention -> SDPA) -> find_attention -> plan -> [shard] -> rewrite -> inner compiler
+    inline checkpoint regions -> canonicalize (hand-written attention -> SDPA), autocast's casts and masks,
+    in the graph and every higher-order op's body
+    -> find_attention -> plan -> [shard] -> rewrite -> inner compiler
 
 In sequence mode (the default on more than one rank) the shard pass partitions the whole graph along the
 sequence; where it cannot do so exactly, the graph keeps attention-parallel mode and the reason is logged.
@@ -27,11 +29,13 @@ from burstc.codegen import sources_for_sites
 from burstc.config import BurstConfig
 from burstc.debug.dump import CompilationDump
 from burstc.debug.dump import log as dump_log
+from burstc.passes.autocast import spell_out_autocast
 from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
+from burstc.passes.higher_order import graphs, inline_checkpoints
 from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import plan_sites
-from burstc.passes.rewrite import report_unconverted_softmax, rewrite_sites
+from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted_softmax, rewrite_sites
 from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
 
@@ -104,15 +108,17 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
-    gm = recognize_masks(canonicalize_attention(gm, example_inputs))
-    unconverted = report_unconverted_softmax(gm)
+    gm = inline_checkpoints(gm)
+    for graph in graphs(gm):  # the graph and every higher-order op's body left in it
+        recognize_masks(spell_out_autocast(canonicalize_attention(graph, example_inputs if graph is gm else None)))
+    unconverted = report_unconverted_softmax(gm) + report_attention_in_bodies(gm)
     if dump:
         dump.add_graph("canonicalize", gm)
         if unconverted:
-            dump.add_text("unconverted.md", "# softmax attention left as it is (runs whole on every rank)\n\n"
+            dump.add_text("unconverted.md", "# attention left as it is (runs whole on every rank)\n\n"
                           + "\n".join(f"- {where}: {why}" for where, why in unconverted) + "\n")
     plans = plan_sites(find_attention_sites(gm), cfg, world_size)
-    target = _Target(cfg, world_size, rank, group_name, graph_id, kwargs.get("mode"))
+    target = _Target(cfg, world_size, rank, group_name, graph_id, kwargs.get("mode"), len(unconverted))
     if cfg.sequence_mode(world_size) and any(p.converts and not isinstance(p.seq_len, int) for p in plans):
         # the shard pass needs static sizes: compile a sequence-parallel graph per distinct input shape
         log.info("burst: graph %s has a dynamic sequence length: sequence mode compiles it once per length",
@@ -131,6 +137,7 @@ class _Target:
     group_name: str
     graph_id: str
     mode: Optional[str]
+    left_unplanned: int = 0  # attention left before planning: unconverted softmax, bodies of higher-order ops
 
     def compile(self, gm, example_inputs, dump, plans=None) -> Callable:
         """shard (in sequence mode) -> rewrite -> the inner compiler, for a canonicalized graph; a sharded
@@ -159,7 +166,8 @@ class _Target:
             dump.add_plans(plans, sources_for_sites(plans))
             dump.write()
         log.info("burst: graph %s: %d attention site(s) converted, %d left, world size %d, %s mode", self.graph_id,
-                 sum(p.converts for p in plans), sum(not p.converts for p in plans), self.world_size, mode)
+                 sum(p.converts for p in plans), sum(not p.converts for p in plans) + self.left_unplanned,
+                 self.world_size, mode)
         return inner_compile(gm, example_inputs, self.cfg.inner, self.mode,
                              rank_key=f"rank {self.rank} of {self.world_size} in group '{self.group_name}'")
 

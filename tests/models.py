@@ -100,6 +100,21 @@ class TinyGPT(nn.Module):
         return x
 
 
+class Checkpointed(nn.Module):
+    """inner under torch.utils.checkpoint (use_reentrant as given; context_fn: a selective policy's)."""
+
+    def __init__(self, inner: nn.Module, use_reentrant=False, context_fn=None):
+        super().__init__()
+        self.inner, self.use_reentrant, self.context_fn = inner, use_reentrant, context_fn
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        if self.context_fn is None:
+            return checkpoint(self.inner, x, use_reentrant=self.use_reentrant)
+        return checkpoint(self.inner, x, use_reentrant=self.use_reentrant, context_fn=self.context_fn)
+
+
 def loss_and_grads(model, idx):
     """Next-token loss and every parameter's gradient."""
     model.zero_grad()

@@ -89,7 +89,6 @@ Exactness notes
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -105,9 +104,9 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import is_concrete_float, is_concrete_int, statically_known_true
-from torch.utils import _pytree as pytree
 
 from burstc.passes.dead_code import mutates
+from burstc.passes.nodes import new_node
 
 __all__ = [
     "RESULT_KEY", "SDPA", "CanonicalizeResult", "CanonicalizedSite", "SkippedSite",
@@ -695,14 +694,14 @@ def _rewrite(graph: fx.Graph, site: _Site) -> CanonicalizedSite:
     with graph.inserting_before(site.pv):
         k = site.k
         if k is None:
-            k = _new_node(graph, "call_method", "transpose", (site.kt, -2, -1), {}, site.softmax)
+            k = new_node(graph, "call_method", "transpose", (site.kt, -2, -1), {}, site.softmax)
         mask = site.mask
         if site.negate_mask:
-            mask = _new_node(graph, "call_function", torch.logical_not, (mask,), {}, site.softmax)
+            mask = new_node(graph, "call_function", torch.logical_not, (mask,), {}, site.softmax)
         scale = _scale_argument(graph, site.scale, site.softmax)
         kwargs = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": site.mask_kind == "causal",
                   "scale": scale, "enable_gqa": site.gqa_groups > 1}
-        sdpa = _new_node(graph, "call_function", SDPA, (site.q, k, site.v), kwargs, site.softmax)
+        sdpa = new_node(graph, "call_function", SDPA, (site.q, k, site.v), kwargs, site.softmax)
     site.pv.replace_all_uses_with(sdpa)
     replaced = _erase_dead(graph, [site.pv, *site.owned])
     return CanonicalizedSite(
@@ -720,32 +719,10 @@ def _scale_argument(graph: fx.Graph, scale: _Scale, like: fx.Node) -> float | fx
         return float(scale.const)
     value = scale.symbols[0]
     for symbol in scale.symbols[1:]:
-        value = _new_node(graph, "call_function", operator.mul, (value, symbol), {}, like)
+        value = new_node(graph, "call_function", operator.mul, (value, symbol), {}, like)
     if scale.const != 1.0:
-        value = _new_node(graph, "call_function", operator.mul, (value, scale.const), {}, like)
+        value = new_node(graph, "call_function", operator.mul, (value, scale.const), {}, like)
     return value
-
-
-def _new_node(graph: fx.Graph, op: str, target, args, kwargs, like: fx.Node) -> fx.Node:
-    """A node with like's source location (stack_trace, nn_module_stack) and a fresh example_value."""
-    node = graph.create_node(op, target, args, kwargs)
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    node.meta["example_value"] = _fake_run(node)
-    return node
-
-
-def _fake_run(node: fx.Node):
-    """The node's example_value, computed from its inputs' example values under their fake mode."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
-    modes = [a.fake_mode for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, FakeTensor)]
-    # Not detect_fake_mode(): at backend time the tracing context holds another fake mode than
-    # the one that made Dynamo's example values, and the two cannot be mixed.
-    with modes[0] if modes else contextlib.nullcontext():
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> list[str]:

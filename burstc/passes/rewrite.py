@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import burstc.runtime.op  # noqa: F401  (registers torch.ops.burst)
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import rebind
+from burstc.passes.higher_order import attention_in_bodies, describe, graphs
 from burstc.passes.plan import SitePlan
 from burstc.schedule import predict
 
@@ -85,8 +86,17 @@ def report_unconverted_softmax(gm: fx.GraphModule) -> list[tuple[str, str]]:
     with its source line. Returns (location, reason) per site."""
     from burstc.passes.canonicalize import canonicalize_result
 
-    result = canonicalize_result(gm)
-    left = [(s.location, s.reason) for s in (result.skipped if result else [])]
+    left = [(s.location, s.reason) for graph in graphs(gm) for s in getattr(canonicalize_result(graph), "skipped", [])]
+    return _report_left(left)
+
+
+def report_attention_in_bodies(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Attention inside a higher-order op's body that the pipeline does not inline (a selective checkpoint
+    region, torch.cond, ...): each is a site left, counted and warned about like the others."""
+    return _report_left([(describe(node), why) for node, why in attention_in_bodies(gm)])
+
+
+def _report_left(left: list[tuple[str, str]]) -> list[tuple[str, str]]:
     for where, why in left:
         counters["burst"]["sites_left"] += 1
         if (where, why) not in _logged:

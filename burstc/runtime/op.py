@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from burstc.runtime import stats
 from burstc.runtime.attention import prepare_run
 from burstc.runtime.mask_args import MaskArgs
 from burstc.runtime.mask_mods import BoundMaskMod
@@ -85,12 +86,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
 
 def _forward(run, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the call's kind (full or this rank's shard), contiguous."""
+    stats.count("forward_calls", 1)
     out, lse, *_ = run.forward(q, k, v)
     return run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
 
 
 def _grads(run, dout, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of the call's kind, contiguous."""
+    stats.count("backward_calls", 1)
     qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
     return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
 

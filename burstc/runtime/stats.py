@@ -16,12 +16,16 @@ class CommStats:
     skipped_pairs: fully masked (query chunk, key chunk) pairs whose compute was skipped, over the
     ranks this process runs, forward and backward.
     bytes_by_link: the same bytes (forward and backward together) split by the link class they
-    crossed, {"intra": ..., "inter": ...} (burstc.schedule.topology: ranks of one node or not)."""
+    crossed, {"intra": ..., "inter": ...} (burstc.schedule.topology: ranks of one node or not).
+    forward_calls / backward_calls: burst attention calls run (each is one whole ring), forward and
+    backward; under activation checkpointing the forward runs once per step, not again in the backward."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
     steps: int = 0
     skipped_pairs: int = 0
+    forward_calls: int = 0
+    backward_calls: int = 0
     bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
