@@ -36,6 +36,7 @@ from burstc.passes.higher_order import graphs, inline_checkpoints
 from burstc.passes.masks import recognize_masks
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted_softmax, rewrite_sites
+from burstc.passes.selective_checkpoint import SelectivePolicies, has_selective_regions
 from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
 
@@ -65,6 +66,12 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode=None, ran
     patches["reorder_for_peak_memory"] = False
     if torch._inductor.config.post_grad_custom_post_pass is None:  # never replace a user's pass
         patches["post_grad_custom_post_pass"] = OpsVersion(rank_key)
+    if has_selective_regions(gm):
+        if torch._inductor.config.joint_custom_pre_pass is None:
+            patches["joint_custom_pre_pass"] = SelectivePolicies()
+        else:
+            log.warning("burst: Inductor's joint_custom_pre_pass is taken, so the selective checkpoint policies "
+                        "of this graph are not asked: their regions recompute every op")
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -108,7 +115,7 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
-    gm = inline_checkpoints(gm)
+    gm = inline_checkpoints(gm, selective=cfg.inner == "inductor")
     for graph in graphs(gm):  # the graph and every higher-order op's body left in it
         recognize_masks(spell_out_autocast(canonicalize_attention(graph, example_inputs if graph is gm else None)))
     unconverted = report_unconverted_softmax(gm) + report_attention_in_bodies(gm)

@@ -11,20 +11,22 @@ same two fields therefore reaches the partitioner as the same tagged joint graph
 ordered effects (burstc.runtime.ordering), which the partitioner never recomputes: the ring runs once per
 step and its output and log-sum-exp are saved, as torchtitan's default policy saves SDPA's.
 
-A region with a user's selective policy (`context_fn`) is kept as it is: that policy decides per aten op
-while AOTAutograd traces, which an inlined region would lose. Attention inside it, or inside any other
-higher-order op's body, is reported as a site left (`attention_in_bodies`).
+A region with a user's selective policy (`context_fn`) is inlined too, its nodes marked with the region, and
+Inductor asks the policy about each of its ops in the joint graph (burstc.passes.selective_checkpoint);
+with another inner compiler it stays a higher-order op. Attention inside a body that stays (that region,
+torch.cond, ...) is reported as a site left (`attention_in_bodies`).
 """
 from __future__ import annotations
 
 import itertools
 import operator
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from burstc.passes import selective_checkpoint
 from burstc.passes.find_attention import is_attention, source_line
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
@@ -53,16 +55,18 @@ def is_selective(body: fx.GraphModule) -> bool:
     return "_checkpoint_context_fn" in body.meta
 
 
-def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace every plain `tag_activation_checkpoint` call of gm (and of the bodies it inlines) by its
-    body's nodes, tagged as the op tags them; returns gm, changed in place. Selective regions stay."""
+def inline_checkpoints(gm: fx.GraphModule, selective: bool = True) -> fx.GraphModule:
+    """Replace every `tag_activation_checkpoint` call of gm (and of the bodies it inlines) by its body's
+    nodes, tagged as the op tags them; returns gm, changed in place. selective: regions with a user's
+    context_fn too, their policy applied by burstc.passes.selective_checkpoint; else they stay."""
     changed = False
     for node in list(gm.graph.find_nodes(op="call_function", target=CHECKPOINT)):
         body = getattr(gm, node.args[0].target)
-        if is_selective(body):
+        if is_selective(body) and not selective:
             continue
-        inline_checkpoints(body)
-        _inline(gm, node, body, next(_region_ids))
+        inline_checkpoints(body, selective)
+        policy = selective_checkpoint.register(body.meta["_checkpoint_context_fn"]) if is_selective(body) else None
+        _inline(gm, node, body, next(_region_ids), policy)
         changed = True
     if changed:
         _drop_unused_bodies(gm)
@@ -71,8 +75,9 @@ def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _inline(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: int) -> None:
-    """Copy body's nodes before call with operands bound to call's, tag them, and rewire call's users."""
+def _inline(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: int, policy: Optional[int]) -> None:
+    """Copy body's nodes before call with operands bound to call's, tag them (policy: the selective
+    region's id), and rewire call's users."""
     graph = gm.graph
     placeholders = body.graph.find_nodes(op="placeholder")
     operands = call.args[1:]
@@ -95,6 +100,8 @@ def _inline(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, region: int
             copy.meta = dict(node.meta)
             copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             copy.meta["ac_graph_id"] = region
+            if policy is not None:
+                copy.meta["custom"] = {**copy.meta.get("custom", {}), selective_checkpoint.REGION_KEY: policy}
             env[node] = copy
     for user in list(call.users):
         if user.op == "call_function" and user.target is operator.getitem and isinstance(result, (tuple, list)):
