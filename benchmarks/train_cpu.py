@@ -5,6 +5,7 @@ backward, AdamW step, zero_grad) in one process under Inductor, against the same
     python benchmarks/train_cpu.py [--seq-lens 8192 16384] [--modes single,sequence,attention]
     python benchmarks/train_cpu.py --seq-lens 131072 --layers 1 --modes sequence   # no single baseline
     python benchmarks/train_cpu.py --seq-lens 256 --iters 1 --modes single,attention --no-parallel-option
+    python benchmarks/train_cpu.py --seq-lens 16384 --modes single,sequence --checkpointing off on
 
 Model: `LlamaForCausalLM(LlamaConfig(vocab, hidden, intermediate, layers, heads=4, kv_heads=2,
 max_position_embeddings=N))` with SDPA attention, float32, batch 1; loss from `labels=input_ids`,
@@ -24,7 +25,12 @@ torch thread per process:
 
 - `single`: one process, `torch.compile(model, fullgraph=True)` (Inductor).
 - `sequence`: G ranks, `torch.compile(model, backend="burst", fullgraph=True,
-  options={"parallel": "sequence", "outputs": --sequence-outputs})`.
+  options={"parallel": "sequence", "outputs": --sequence-outputs})` (gathered, the default option,
+  unless asked otherwise).
+
+`--checkpointing on` enables HF's activation checkpointing (non-reentrant) on every side, the single
+process included, and its rows compare against that single process; those steps call the model with
+use_cache=False (HF would turn the cache off with a warning, which fullgraph=True cannot trace).
 - `attention`: G ranks, `options={"parallel": "attention"}`. `--no-parallel-option` leaves the
   "parallel" key out, for burstc versions without that option (whose only behaviour is
   attention-parallel; where the option exists its default may be another mode).
@@ -85,7 +91,7 @@ def modes_table(world_size: int, sequence_outputs: str, parallel_option: bool) -
     }
 
 
-def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache):
+def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache, checkpointing=False):
     """Warm-up step, then `iters` timed steps; runs on every rank (run_ranks)."""
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -98,12 +104,15 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, shape["vocab"], (1, seq_len), generator=torch.Generator().manual_seed(1))
     kwargs = {} if backend == "inductor" else {"backend": backend, "options": options}
     compiled = torch.compile(model, fullgraph=True, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = dict(model.named_parameters())
-    call_kwargs = {} if use_cache else {"use_cache": False}
+    # HF turns the cache off under checkpointing with a logged warning, which fullgraph=True refuses
+    call_kwargs = {} if use_cache and not checkpointing else {"use_cache": False}
     sync = dist.barrier if world_size > 1 else (lambda: None)
     grads = {}
 
@@ -136,14 +145,14 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
                 sites=dict(counters["burst"]))
 
 
-def measure(mode, spec, seq_len, args, shape):
+def measure(mode, spec, seq_len, args, shape, checkpointing=False):
     """One configuration in fresh processes: a dict of the table's numbers, or {"error": text}."""
     ranks, backend, options = spec
-    print(f"N={seq_len} {mode}: {ranks} process(es), backend={backend}, options={options} ...",
-          file=sys.stderr, flush=True)
+    print(f"N={seq_len} {mode}: {ranks} process(es), backend={backend}, options={options}, "
+          f"checkpointing={checkpointing} ...", file=sys.stderr, flush=True)
     try:
         per_rank = run_ranks(ranks, train_ranks, shape, seq_len, args.iters, backend, options, args.use_cache,
-                             timeout_s=args.timeout_s, group_timeout_s=args.timeout_s, threads=THREADS)
+                             checkpointing, timeout_s=args.timeout_s, group_timeout_s=args.timeout_s, threads=THREADS)
     except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
         print(f"N={seq_len} {mode} failed: {e}", file=sys.stderr, flush=True)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -159,12 +168,14 @@ def measure(mode, spec, seq_len, args, shape):
                 sites=r0["sites"])
 
 
-def table_row(seq_len, mode, ranks, r, base):
+def table_row(seq_len, mode, ranks, r, base, checkpointing=False):
     label = "single"
     if mode != "single":
         converted, left = (r.get("sites", {}).get(k, 0) for k in ("sites_converted", "sites_left"))
         sites = f", {converted}/{converted + left} sites converted" if "sites" in r else ""
         label = f"burst {mode} ({ranks} ranks{sites})"
+    if checkpointing:
+        label += ", checkpointing"
     if "error" in r:
         return [seq_len, label, "error: " + r["error"].replace("|", r"\|")] + [""] * 7
     loss = f"{r['loss']:.6f}"
@@ -193,8 +204,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--sequence-outputs", default="local", choices=["local", "gathered"],
-                   help='the "outputs" option of the sequence mode')
+    p.add_argument("--sequence-outputs", default="gathered", choices=["local", "gathered"],
+                   help='the "outputs" option of the sequence mode (gathered is the default option)')
+    p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"],
+                   help="activation checkpointing (HF gradient_checkpointing_enable, non-reentrant) on every "
+                        "side; 'off on' runs both, each against the single process with the same setting")
     p.add_argument("--no-parallel-option", action="store_true",
                    help='leave the "parallel" option out (burstc versions without it)')
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
@@ -213,9 +227,10 @@ def main() -> None:
 
     rows = []
     for seq_len in args.seq_lens:
-        results = {m: measure(m, table[m], seq_len, args, shape) for m in modes}
-        for m in modes:
-            rows.append(table_row(seq_len, m, table[m][0], results[m], results.get("single")))
+        for checkpointing in (c == "on" for c in args.checkpointing):
+            results = {m: measure(m, table[m], seq_len, args, shape, checkpointing) for m in modes}
+            for m in modes:
+                rows.append(table_row(seq_len, m, table[m][0], results[m], results.get("single"), checkpointing))
 
     head = ["tokens", "config", "step s (median)", "speedup vs single", "step MiB per rank",
             "step MiB / single's", "peak RSS MiB", "loss", r"\|loss diff\|", r"max \|grad diff\|"]

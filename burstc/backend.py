@@ -39,6 +39,8 @@ from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted
 from burstc.passes.selective_checkpoint import SelectivePolicies, has_selective_regions
 from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
+from burstc.runtime.graph_boundary import GraphBoundary, arriving_shards
+from burstc.runtime.sequence_shard import ShardSpec
 
 log = logging.getLogger("burstc.backend")
 _graph_ids = itertools.count()
@@ -148,23 +150,52 @@ class _Target:
 
     def compile(self, gm, example_inputs, dump, plans=None) -> Callable:
         """shard (in sequence mode) -> rewrite -> the inner compiler, for a canonicalized graph; a sharded
-        graph the inner compiler rejects falls back to attention-parallel mode."""
+        graph the inner compiler rejects falls back to attention-parallel mode. Inputs that arrive as
+        SequenceShards are taken as they are where the graph is partitioned alike, else gathered."""
         cfg = self.cfg
         plans = plans if plans is not None else plan_sites(find_attention_sites(gm), cfg, self.world_size)
-        if cfg.sequence_mode(self.world_size) and any(p.converts for p in plans):
-            sharded, sharded_plans, sharding = _sequence_parallel(gm, example_inputs, plans, self)
-            if sharding is not None:
-                if dump:
-                    dump.add_graph("shard", sharded)
-                    dump.add_text("sharding.md", sharding.table())
-                try:
-                    return self._finish(sharded, example_inputs, dump, sharded_plans, "sequence")
-                except Exception as e:  # noqa: BLE001 - exact fallback, logged
-                    counters["burst"]["seq_fallbacks"] += 1
-                    log.warning("burst: graph %s stays attention-parallel: the %s compiler failed on the sharded "
-                                "graph (%s: %s); this is a burstc bug, please report it", self.graph_id,
-                                cfg.inner, type(e).__name__, e)
-        return self._finish(gm, example_inputs, dump, plans, "attention-parallel")
+        arriving = arriving_shards(gm)
+        if cfg.sequence_mode(self.world_size):
+            takes = self._takes(arriving, plans)
+            if any(p.converts for p in plans) or takes:
+                boundary = GraphBoundary(gm, example_inputs, takes, set(arriving) - set(takes))
+                sharded, sharded_plans, sharding = _sequence_parallel(gm, boundary, plans, self)
+                if sharding is not None:
+                    if dump:
+                        dump.add_graph("shard", sharded)
+                        dump.add_text("sharding.md", sharding.table())
+                    try:
+                        compiled = self._finish(sharded, boundary.example_inputs, dump, sharded_plans, "sequence")
+                    except Exception as e:  # noqa: BLE001 - exact fallback, logged
+                        counters["burst"]["seq_fallbacks"] += 1
+                        log.warning("burst: graph %s stays attention-parallel: the %s compiler failed on the "
+                                    "sharded graph (%s: %s); this is a burstc bug, please report it",
+                                    self.graph_id, cfg.inner, type(e).__name__, e)
+                    else:
+                        return boundary.wrap(compiled, self._lazy_outputs(sharding))
+        boundary = GraphBoundary(gm, example_inputs, {}, set(arriving))
+        return boundary.wrap(self._finish(gm, boundary.example_inputs, dump, plans, "attention-parallel"), {})
+
+    def _takes(self, arriving: dict[int, ShardSpec], plans) -> dict[int, ShardSpec]:
+        """The arriving shards this graph takes as they are: split over this group like its own sequence
+        (the length and layout of its converting attention, else of the first shard)."""
+        converting = [p for p in plans if p.converts]
+        if converting:
+            length, layout = converting[0].seq_len, converting[0].layout
+        elif arriving:
+            first = next(iter(arriving.values()))
+            length, layout = first.seq_len, first.layout
+        else:
+            return {}
+        return {i: spec for i, spec in arriving.items()
+                if (spec.seq_len, spec.layout, spec.group_name) == (length, layout, self.group_name)}
+
+    def _lazy_outputs(self, sharding) -> dict[int, ShardSpec]:
+        """The sharded outputs that leave as SequenceShards (outputs='lazy'; 'local' leaves plain shards)."""
+        if self.cfg.outputs != "lazy":
+            return {}
+        return {i: ShardSpec(d.dim, d.outer, d.inner, sharding.seq_len, sharding.layout, self.group_name)
+                for i, d in sharding.sharded_outputs.items()}
 
     def _finish(self, gm, example_inputs, dump, plans, mode: str) -> Callable:
         gm = rewrite_sites(gm, plans, self.cfg, self.group_name, self.graph_id, local=mode == "sequence")
@@ -179,13 +210,15 @@ class _Target:
                              rank_key=f"rank {self.rank} of {self.world_size} in group '{self.group_name}'")
 
 
-def _sequence_parallel(gm, example_inputs, plans, target: _Target):
+def _sequence_parallel(gm, boundary: GraphBoundary, plans, target: _Target):
     """(graph, plans, ShardingPlan) partitioned along the sequence, or the graph unchanged with sharding None
     (attention-parallel mode) and the reason logged when the shard pass cannot do it exactly."""
     graph_id = target.graph_id
     try:
-        work, work_plans, sharding = shard_copy(gm, example_inputs, target.cfg, world_size=target.world_size,
-                                                rank=target.rank, group_name=target.group_name)
+        work, work_plans, sharding = shard_copy(
+            gm, boundary.example_inputs, target.cfg, world_size=target.world_size, rank=target.rank,
+            group_name=target.group_name, arriving=boundary.arriving_dims(), arriving_len=boundary.seq_len,
+            layout=boundary.layout)
     except Exception as e:  # noqa: BLE001 - a graph eager accepts must still compile: fall back, exactly
         counters["burst"]["seq_fallbacks"] += 1
         why = str(e) if isinstance(e, ShardingError) else (

@@ -12,7 +12,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | dump_dir  | BURST_DUMP_DIR    | None     | write graphs, plans, pictures and kernels of each compiled graph there |
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
 | parallel  | BURST_PARALLEL    | auto     | sequence: every rank runs the whole model on its own tokens; attention: only attention is split, the rest runs replicated; auto: sequence when the group has more than one rank |
-| outputs   | BURST_OUTPUTS     | gathered | sequence mode: graph outputs with the sequence dim are gathered on every rank, or 'local' (this rank's rows, see burstc.shard_positions) |
+| outputs   | BURST_OUTPUTS     | lazy     | sequence mode: a graph output with the sequence dim leaves as a SequenceShard (lazy: this rank's rows, gathered only when something reads its values; the next burst graph takes it as it is), is gathered on every rank (gathered), or is this rank's rows as a plain tensor (local, see burstc.shard_positions) |
 | mask_tile | BURST_MASK_TILE   | 256      | rows per tile when a structured mask (window, padding, documents, mask_mod, attn_mask) is classified: smaller skips work more finely, larger makes fewer kernel calls |
 | schedule  | BURST_SCHEDULE    | auto     | how chunks travel over the nodes: ring (one flat ring), double_ring (inner ring per node, outer ring across nodes), ulysses_ring (all-to-all to head shards inside a node, ring across nodes); auto: the least predicted time per attention (burstc.schedule.predict) |
 | node_size | BURST_NODE_SIZE   | None     | ranks per node of the machine (nodes hold consecutive global ranks, as torchrun numbers them; a group's nodes follow from its ranks); None: torchrun's LOCAL_WORLD_SIZE, else the whole group is one node |
@@ -34,7 +34,7 @@ from burstc.schedule.topology import INTER, INTRA, LinkSpec
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 PARALLEL_MODES = ("auto", "sequence", "attention")
-OUTPUT_MODES = ("gathered", "local")
+OUTPUT_MODES = ("lazy", "gathered", "local")
 _TRUE = ("1", "true", "yes", "on")
 _FLOATS = ("timeout_s", "intra_gbs", "inter_gbs", "intra_latency_us", "inter_latency_us", "tflops")
 
@@ -50,7 +50,7 @@ class BurstConfig:
     exclude: tuple[str, ...] = ()
     dump_dir: Optional[str] = None
     parallel: str = "auto"
-    outputs: str = "gathered"
+    outputs: str = "lazy"
     mask_tile: int = 256
     schedule: str = "auto"
     node_size: Optional[int] = None

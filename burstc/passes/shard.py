@@ -83,6 +83,8 @@ class ShardingPlan:
     local_len: int
     tensors: list[TensorPlacement] = field(default_factory=list)
     boundaries: list[Boundary] = field(default_factory=list)
+    # graph outputs left sharded (outputs='lazy' or 'local'): position in the output tuple -> its SeqDim
+    sharded_outputs: dict[int, SeqDim] = field(default_factory=dict)
 
     @property
     def sharded(self) -> list[str]:
@@ -191,12 +193,14 @@ def _sized_like(src: torch.Tensor, size: tuple[int, ...], like: str, *args, **kw
 
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
-                 rank: int, group_name: str, local_outputs: bool, needs_grad: set[fx.Node]):
+                 rank: int, group_name: str, outputs: str, needs_grad: set[fx.Node],
+                 arriving: Optional[dict[fx.Node, SeqDim]] = None):
         self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
+        self.arriving = arriving or {}  # graph inputs that arrive as this rank's shards (SequenceShard)
         self.storage = storages(gm)
         self.from_inputs = input_dependent(gm, self.storage)
         self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
-        self.group_name, self.local_outputs = group_name, local_outputs
+        self.group_name, self.outputs = group_name, outputs
         self.local_len = local_length(seq_len, layout, world_size, rank)
         self.sites = {p.site.node: p for p in plans if p.converts}
         self.want: dict[fx.Node, SeqDim] = {}
@@ -269,12 +273,15 @@ class _Sharder:
             for a, s in (need or {}).items():
                 if s is not None:
                     proposals.setdefault(a, set()).add(s)
+        self.want.update(self.arriving)  # an input that arrives sharded is wanted as it is
 
     # -- sweep 2: placements and boundaries -------------------------------------------------------
     def run(self) -> ShardingPlan:
         self.propagate_wants()
         for node in list(self.graph.nodes):
-            if node.op in ("placeholder", "get_attr"):
+            if node in self.arriving:
+                self.place[node] = self.arriving[node]  # it is this rank's shard already
+            elif node.op in ("placeholder", "get_attr"):
                 self.place[node] = None  # an input stays replicated; wanted sharded, its users see a shard
                 if node in self.want and node.users and not self.writes.get(self.storage.get(node)):
                     self._shard_source(node, self.want[node])
@@ -544,13 +551,15 @@ class _Sharder:
         self.place[new] = None
 
     def _outputs(self, node: fx.Node) -> None:
-        def fix(a):
+        def fix(a, position=None):
             spec = self.place.get(a) if isinstance(a, fx.Node) else None
             if spec is None:
                 return a
             full = _nbytes(a)
-            if self.local_outputs:
-                self._record("output", a, spec, 0, "left local (outputs='local')")
+            if self.outputs in ("lazy", "local") and position is not None:
+                self.plan.sharded_outputs[position] = spec
+                self._record("output", a, spec, 0, "left sharded: gathered only if read (outputs='lazy')"
+                             if self.outputs == "lazy" else "left local (outputs='local')")
                 return a
             if full > GATHER_WARN_BYTES:
                 log.warning("burst: sequence mode gathers the %.1f GiB output %s on every rank; compile with "
@@ -561,7 +570,11 @@ class _Sharder:
             self._record("output_gather", a, spec, full, "graph output")
             return g
 
-        node.args = fx.node.map_arg(node.args, fix)
+        results = node.args[0]
+        if isinstance(results, (tuple, list)):
+            node.args = (type(results)(fix(a, i) for i, a in enumerate(results)),) + tuple(node.args[1:])
+        else:
+            node.args = fx.node.map_arg(node.args, fix)
 
     def _bucket_grad_sums(self) -> None:
         """Parameters (graph inputs) needing a gradient sum go into one bucket after the last input;
@@ -647,12 +660,15 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_s
 
 
 def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
-                rank: int, group_name: str, local_outputs: bool = False, check_shapes: bool = True) -> ShardingPlan:
-    """Partition gm (in place) along the sequence of its converting attention sites; raises
-    ShardingError (gm then unusable: pass a copy) when that cannot be done exactly. check_shapes=False
-    skips the fake-tensor run of the result (it needs the process group: `explain` plans without one)."""
+                rank: int, group_name: str, outputs: str = "gathered", check_shapes: bool = True,
+                arriving: Optional[dict[fx.Node, SeqDim]] = None, arriving_len: Optional[int] = None) -> ShardingPlan:
+    """Partition gm (in place) along the sequence of its converting attention sites (and of its inputs that
+    arrive as shards: `arriving`, over a sequence of arriving_len tokens); raises ShardingError (gm then
+    unusable: pass a copy) when that cannot be done exactly. outputs: the option (what sharded outputs
+    become). check_shapes=False skips the fake-tensor run of the result (it needs the process group:
+    `explain` plans without one). example_inputs hold the local shards of arriving inputs."""
     converting = [p for p in plans if p.converts]
-    lengths = {p.seq_len for p in converting}
+    lengths = {p.seq_len for p in converting} | ({arriving_len} if arriving else set())
     if len(lengths) != 1:
         raise ShardingError(f"the attention sites have sequence lengths {sorted(map(str, lengths))}; sequence "
                             "mode shards one sequence per graph")
@@ -663,8 +679,8 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
     if seq_len < chunk_count(layout, world_size):
         raise ShardingError(f"{seq_len} tokens are fewer than the {chunk_count(layout, world_size)} chunks of "
                             f"the {layout} layout on {world_size} ranks")
-    sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, local_outputs,
-                       requires_grad(gm, example_inputs))
+    sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, outputs,
+                       requires_grad(gm, example_inputs), arriving)
     plan = sharder.run()
     unsharded = [p.site.name for p in converting if sharder.place.get(p.site.node) != SeqDim(2)]
     if unsharded:  # the rewrite makes them local attention: it must get this rank's shards
@@ -684,12 +700,18 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
 
 
 def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_size: int, rank: int,
-               group_name: str, check_shapes: bool = True) -> tuple[fx.GraphModule, list[SitePlan], ShardingPlan]:
+               group_name: str, check_shapes: bool = True, arriving: Optional[dict[str, SeqDim]] = None,
+               arriving_len: Optional[int] = None, layout: Optional[str] = None,
+               ) -> tuple[fx.GraphModule, list[SitePlan], ShardingPlan]:
     """(a sharded copy of gm, the site plans of that copy, the ShardingPlan); gm itself is left as it was,
-    so a ShardingError leaves the caller free to compile gm attention-parallel."""
+    so a ShardingError leaves the caller free to compile gm attention-parallel. arriving: placeholder
+    name -> SeqDim of the inputs that arrive sharded; layout: theirs, when no attention says it."""
     work = copy_graph(gm)
     plans = plan_sites(find_attention_sites(work), cfg, world_size)
-    layout = plans[0].layout if plans else cfg.layout  # plan_sites made an 'auto' layout concrete
+    layout = plans[0].layout if plans else layout or cfg.layout  # plan_sites made an 'auto' layout concrete
+    by_name = {n.name: n for n in work.graph.find_nodes(op="placeholder")}
     sharding = shard_graph(work, example_inputs, plans, layout=layout, world_size=world_size, rank=rank,
-                           group_name=group_name, local_outputs=cfg.outputs == "local", check_shapes=check_shapes)
+                           group_name=group_name, outputs=cfg.outputs, check_shapes=check_shapes,
+                           arriving={by_name[name]: spec for name, spec in (arriving or {}).items()},
+                           arriving_len=arriving_len)
     return work, plans, sharding

@@ -18,7 +18,9 @@ class CommStats:
     bytes_by_link: the same bytes (forward and backward together) split by the link class they
     crossed, {"intra": ..., "inter": ...} (burstc.schedule.topology: ranks of one node or not).
     forward_calls / backward_calls: burst attention calls run (each is one whole ring), forward and
-    backward; under activation checkpointing the forward runs once per step, not again in the backward."""
+    backward; under activation checkpointing the forward runs once per step, not again in the backward.
+    gathered_bytes: bytes of SequenceShards gathered because something outside a burst graph read them
+    (outputs='lazy'), the full tensor's size on this rank."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
@@ -26,6 +28,7 @@ class CommStats:
     skipped_pairs: int = 0
     forward_calls: int = 0
     backward_calls: int = 0
+    gathered_bytes: int = 0
     bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
