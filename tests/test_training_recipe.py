@@ -199,3 +199,68 @@ def test_autocast_sites_convert_and_are_as_accurate_as_eager_autocast():
             assert worst <= 1.5, (worst, r)
             if r["name"].startswith("hf"):
                 assert c.get("autocast_sites") == 2, r  # the RoPE'd q, k and the bf16 v disagreed
+
+
+def _boundaries(rank, world_size, hows):
+    """Per way of compiling TinyGPT: errors against eager, the bytes a steady step gathered outside the
+    graphs (eager code reading a SequenceShard), and the counters."""
+    results = []
+    ids = torch.randint(0, 128, (2, N), generator=torch.Generator().manual_seed(1))
+    for how in hows:
+        torch.manual_seed(0)
+        model = TinyGPT(vocab=128, dim=32, layers=2, graph_break=how == "graph_break")
+        want_loss, want = loss_and_grads(model, ids)
+        counters.clear()
+        torch._dynamo.reset()
+        compiled = copy.deepcopy(model)
+        if how == "per_block":  # as torchtitan compiles: each block on its own, the rest eager
+            for block in compiled.blocks:
+                block.compile(backend="burst")
+        else:
+            compiled = torch.compile(compiled, backend="burst")
+        got_loss, got = loss_and_grads(compiled, ids)
+        with comm_stats() as stats:
+            loss_and_grads(compiled, ids)
+        results.append(dict(how=how, loss_err=abs(got_loss - want_loss).item(), counters=dict(counters["burst"]),
+                            grad_err=max(_relative(got[n.removeprefix("_orig_mod.")], want[n]) for n in want),
+                            gathered=stats.gathered_bytes))
+    return results
+
+
+def test_shards_cross_graph_boundaries_without_gathers():
+    """A graph break between the blocks, or each block compiled on its own: the hidden states pass from
+    graph to graph as this rank's rows. The one gather of a step is where eager code reads a graph's
+    output: the logits for the hand-written loss (whole model, graph break), the last block's output for
+    the eager head (per block)."""
+    logits, hidden = 2 * N * 128 * 4, 2 * N * 32 * 4
+    for rank_results in run_ranks(2, _boundaries, ("graph_break", "per_block"), timeout_s=900):
+        for r in rank_results:
+            assert r["loss_err"] <= 1e-5 and r["grad_err"] <= 1e-4, r
+            c = r["counters"]
+            assert c.get("sites_converted") == 2 and c.get("seq_graphs") == 2 and not c.get("seq_fallbacks"), r
+            assert r["gathered"] == (logits if r["how"] == "graph_break" else hidden), r
+
+
+def _loss_only(rank, world_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (2, N), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(copy.deepcopy(model), backend="burst")
+    compiled(ids, labels=ids).loss.backward()
+    with comm_stats() as stats:
+        out = compiled(ids, labels=ids)
+        out.loss.backward()
+        untouched = stats.gathered_bytes
+        logits_err = (out.logits - model(ids).logits).abs().max().item()  # reading them gathers them, exactly
+    return untouched, stats.gathered_bytes, logits_err
+
+
+def test_a_loop_that_reads_only_the_loss_gathers_nothing():
+    pytest.importorskip("transformers")
+    for untouched, after_read, logits_err in run_ranks(2, _loss_only, timeout_s=900):
+        assert untouched == 0 and after_read == 2 * N * 128 * 4 and logits_err <= 1e-5, (untouched, after_read)
