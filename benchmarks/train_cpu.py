@@ -25,8 +25,8 @@ torch thread per process:
 
 - `single`: one process, `torch.compile(model, fullgraph=True)` (Inductor).
 - `sequence`: G ranks, `torch.compile(model, backend="burst", fullgraph=True,
-  options={"parallel": "sequence", "outputs": --sequence-outputs})` (gathered, the default option,
-  unless asked otherwise).
+  options={"parallel": "sequence", "outputs": --sequence-outputs})` (lazy, the default option,
+  unless asked otherwise: the loss is read, the logits are never gathered).
 
 `--checkpointing on` enables HF's activation checkpointing (non-reentrant) on every side, the single
 process included, and its rows compare against that single process; those steps call the model with
@@ -204,8 +204,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--sequence-outputs", default="gathered", choices=["local", "gathered"],
-                   help='the "outputs" option of the sequence mode (gathered is the default option)')
+    p.add_argument("--sequence-outputs", default="lazy", choices=["lazy", "local", "gathered"],
+                   help='the "outputs" option of the sequence mode (lazy is the default option)')
     p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"],
                    help="activation checkpointing (HF gradient_checkpointing_enable, non-reentrant) on every "
                         "side; 'off on' runs both, each against the single process with the same setting")

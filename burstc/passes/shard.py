@@ -632,6 +632,19 @@ def _local_attention(query, key, value, *args, **kwargs):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
+def _fake_like(mode, x: torch.Tensor) -> torch.Tensor:
+    """mode's fake of x. A view, or a fake of another mode (Dynamo's, for an input that arrives sharded),
+    becomes a fresh fake with x's metadata: mode.from_tensor replays how a view was made from its base,
+    which fails for views of one buffer (FSDP2's unsharded parameters)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(x, FakeTensor) and not x._is_view():
+        return mode.from_tensor(x)
+    with mode:
+        fake = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return fake.requires_grad_(x.requires_grad) if x.is_floating_point() or x.is_complex() else fake
+
+
 def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_size, sites=()) -> None:
     """Run the rewritten graph on fake tensors: every op must accept the local shapes, and every sharded
     tensor must have its local size on its sequence dim. `sites` (converting attention nodes) run as
@@ -640,7 +653,7 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_s
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    fakes = [_fake_like(mode, x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     targets = {node: node.target for node in sites}
     try:
         for node in sites:

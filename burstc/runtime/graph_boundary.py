@@ -32,15 +32,16 @@ class GraphBoundary:
         self.takes, self.gathers = takes, sorted(gathers)
         self.placeholders = gm.graph.find_nodes(op="placeholder")
         self.example_inputs = list(example_inputs)
-        for i in takes:
-            shard = self.example_inputs[i]
-            self.example_inputs[i] = shard.local.detach().requires_grad_(shard.requires_grad)
+        # the compilers read metadata only: Dynamo's own fakes of the rows (a real stand-in would be a tensor
+        # Dynamo never saw, which AOTAutograd gives sizes without sources, and guards then fail)
+        for i in takes:  # the rows need a gradient where the shard does (the graph's backward must give one)
+            fake = self.placeholders[i].meta["example_value"]
+            self.example_inputs[i] = fake.local.detach().requires_grad_(fake.requires_grad)
         for i in self.gathers:
-            shard, node = self.example_inputs[i], self.placeholders[i]
-            self.example_inputs[i] = torch.empty(shard.shape, dtype=shard.dtype, device=shard.device,
-                                                 requires_grad=shard.requires_grad)
+            node = self.placeholders[i]
             fake = node.meta["example_value"]
             node.meta["example_value"] = fake.local.new_empty(fake.shape).requires_grad_(fake.requires_grad)
+            self.example_inputs[i] = node.meta["example_value"]
 
     @property
     def seq_len(self) -> Optional[int]:

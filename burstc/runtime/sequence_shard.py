@@ -44,8 +44,16 @@ class ShardSpec:
         return tuple(shape)
 
 
-# ops that keep a shard a shard: no values are read
-_SHARD_PRESERVING = {torch.ops.aten.detach.default: torch.Tensor.detach}
+# ops that keep a shard a shard (no values are read): detach, alias, and a view to its own shape (what
+# autograd makes of an autograd.Function that returns its input, as FSDP2's hooks do)
+_ALIASES = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _keeps_shard(func, args) -> bool:
+    if not (args and isinstance(args[0], SequenceShard)):
+        return False
+    return func in _ALIASES or (func in _VIEWS and list(args[1]) == list(args[0].shape))
 
 
 class SequenceShard(torch.Tensor):
@@ -55,11 +63,12 @@ class SequenceShard(torch.Tensor):
     spec: ShardSpec
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, spec: ShardSpec, requires_grad: bool = False):
-        return torch.Tensor._make_wrapper_subclass(cls, spec.global_shape(local.shape), dtype=local.dtype,
+    def __new__(cls, local: torch.Tensor, spec: ShardSpec, requires_grad: bool = False, shape=None, stride=None):
+        shape = spec.global_shape(local.shape) if shape is None else shape
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=stride, dtype=local.dtype,
                                                    device=local.device, requires_grad=requires_grad)
 
-    def __init__(self, local: torch.Tensor, spec: ShardSpec, requires_grad: bool = False):
+    def __init__(self, local: torch.Tensor, spec: ShardSpec, requires_grad: bool = False, shape=None, stride=None):
         self.local, self.spec = local, spec
         self._full: Optional[torch.Tensor] = None
 
@@ -72,7 +81,7 @@ class SequenceShard(torch.Tensor):
 
     @staticmethod
     def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
-        return SequenceShard(inner["local"], spec)
+        return SequenceShard(inner["local"], spec, shape=outer_size, stride=outer_stride)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -87,8 +96,9 @@ class SequenceShard(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SHARD_PRESERVING and isinstance(args[0], SequenceShard):
-            return SequenceShard(_SHARD_PRESERVING[func](args[0].local), args[0].spec)
+        if _keeps_shard(func, args):
+            shard = args[0]
+            return SequenceShard(torch.ops.aten.alias.default(shard.local), shard.spec)
         full_args, full_kwargs = tree_map_only(SequenceShard, SequenceShard.full, (args, kwargs))
         out = func(*full_args, **full_kwargs)
         for i, arg in enumerate(func._schema.arguments):  # a write into a shard's values: keep its rows in step
