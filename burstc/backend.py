@@ -39,6 +39,7 @@ from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted
 from burstc.passes.selective_checkpoint import SelectivePolicies, has_selective_regions
 from burstc.passes.shard import ShardingError, shard_copy
 from burstc.passes.specialize import per_shape
+from burstc.runtime.fsdp import fsdp_scales
 from burstc.runtime.graph_boundary import GraphBoundary, arriving_shards
 from burstc.runtime.sequence_shard import ShardSpec
 
@@ -218,7 +219,7 @@ def _sequence_parallel(gm, boundary: GraphBoundary, plans, target: _Target):
         work, work_plans, sharding = shard_copy(
             gm, boundary.example_inputs, target.cfg, world_size=target.world_size, rank=target.rank,
             group_name=target.group_name, arriving=boundary.arriving_dims(), arriving_len=boundary.seq_len,
-            layout=boundary.layout)
+            layout=boundary.layout, fsdp=fsdp_scales(boundary.example_inputs, target.cfg.group))
     except Exception as e:  # noqa: BLE001 - a graph eager accepts must still compile: fall back, exactly
         counters["burst"]["seq_fallbacks"] += 1
         why = str(e) if isinstance(e, ShardingError) else (

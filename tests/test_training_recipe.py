@@ -264,3 +264,52 @@ def test_a_loop_that_reads_only_the_loss_gathers_nothing():
     pytest.importorskip("transformers")
     for untouched, after_read, logits_err in run_ranks(2, _loss_only, timeout_s=900):
         assert untouched == 0 and after_read == 2 * N * 128 * 4 and logits_err <= 1e-5, (untouched, after_read)
+
+
+def _fsdp2(rank, world_size, data_degree):
+    """HF Llama under FSDP2 (each layer, then the model) over the flattened data x sequence mesh, compiled
+    whole with burst over the sequence ranks; against one device on the global batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (2 * data_degree, N), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    want_loss = reference(ids, labels=ids).loss
+    want_loss.backward()
+    mesh = init_device_mesh("cpu", (data_degree, world_size // data_degree), mesh_dim_names=("dp", "cp"))
+    shard_mesh = mesh["dp", "cp"]._flatten("dp_cp") if data_degree > 1 else mesh["cp"]
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=shard_mesh)
+    fully_shard(model, mesh=shard_mesh)
+    replica = mesh["dp"].get_local_rank()
+    batch = ids[2 * replica: 2 * replica + 2]
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="burst", options={"group": mesh["cp"].get_group()})
+    compiled(batch, labels=batch).loss.backward()
+    model.zero_grad()
+    with comm_stats() as stats:  # a steady step
+        compiled(batch, labels=batch).loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.full_tensor() for n, p in model.named_parameters()}
+    return dict(grad_err=max(_relative(grads[n], p.grad) for n, p in reference.named_parameters()),
+                counters=dict(counters["burst"]), gathered=stats.gathered_bytes, all_reduced=stats.all_reduce_bytes)
+
+
+@pytest.mark.parametrize("world_size,data_degree", [(2, 1), (4, 2)])
+def test_fsdp2_leaves_the_gradient_sum_to_fsdp_and_passes_shards_between_layers(world_size, data_degree):
+    """FSDP's hooks break the graph at every layer: the hidden states cross as shards (nothing gathered), and
+    FSDP's reduce-scatter over the data x sequence ranks sums the gradients, so burst all-reduces only the
+    loss (8 bytes: its sum and count), not the 20 parameters' gradients."""
+    pytest.importorskip("transformers")
+    for r in run_ranks(world_size, _fsdp2, data_degree, timeout_s=900):
+        assert r["grad_err"] <= 1e-5, r
+        c = r["counters"]
+        assert c.get("sites_converted") == 2 and c.get("seq_graphs", 0) >= 3 and not c.get("seq_fallbacks"), r
+        assert c.get("seq_fsdp_params") == 20 and not c.get("seq_grad_sum_inputs"), r
+        assert r["gathered"] == 0 and r["all_reduced"] == 8, r

@@ -36,6 +36,7 @@ from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard_rules import (RESIZED, Factory, SeqDim, arg, factory_source, is_tensor, mutated_input,
                                        op_name, reduced_dims, rule_for, set_local_size, shape, tensor_inputs, value)
 from burstc.runtime import sequence_ops
+from burstc.runtime.fsdp import FsdpScales
 from burstc.schedule.layout import chunk_count, local_length
 
 log = logging.getLogger("burstc.passes")
@@ -194,8 +195,9 @@ def _sized_like(src: torch.Tensor, size: tuple[int, ...], like: str, *args, **kw
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, outputs: str, needs_grad: set[fx.Node],
-                 arriving: Optional[dict[fx.Node, SeqDim]] = None):
+                 arriving: Optional[dict[fx.Node, SeqDim]] = None, fsdp: Optional[dict[fx.Node, FsdpScales]] = None):
         self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
+        self.fsdp = {a: scales for a, scales in (fsdp or {}).items() if a in needs_grad}  # FSDP2 reduces these
         self.arriving = arriving or {}  # graph inputs that arrive as this rank's shards (SequenceShard)
         self.storage = storages(gm)
         self.from_inputs = input_dependent(gm, self.storage)
@@ -576,14 +578,42 @@ class _Sharder:
         else:
             node.args = fx.node.map_arg(node.args, fix)
 
+    def _leave_to_fsdp(self, inputs: list[fx.Node]) -> dict[tuple, fx.Node]:
+        """FSDP2-managed parameters: no sum here, FSDP's reduction makes it (burstc.runtime.fsdp). Their uses
+        by sharded work get the partial gradient's scale (returned as the views for those edges), every other
+        use the scale of a gradient computed whole on every rank."""
+        views = {}
+        for a in dict.fromkeys(a for a in inputs if a in self.fsdp):
+            scales = self.fsdp[a]
+            with self.graph.inserting_after(self._after(a)):
+                views[(a, self._after(a))] = self._grad_scale(a, scales.partial)
+        for a, scales in self.fsdp.items():
+            sharded_work = {c for c, x, _ in self.grad_sums if x is a} | set(views.values())
+            others = [u for u in a.users if u not in sharded_work]
+            if others and scales.whole != 1.0:
+                with self.graph.inserting_after(self._after(a)):
+                    whole = self._grad_scale(a, scales.whole)
+                for u in others:
+                    u.replace_input_with(a, whole)
+        if self.fsdp:
+            self._record("grad_sum", next(iter(self.fsdp)), None, 0, f"{len(self.fsdp)} FSDP2-managed parameters: "
+                         "left to FSDP's reduction over the ranks (no all-reduce here)")
+            counters["burst"]["seq_fsdp_params"] += len(self.fsdp)
+        return views
+
+    def _grad_scale(self, a: fx.Node, factor: float) -> fx.Node:
+        node = self.graph.call_function(sequence_ops.grad_scale, (a, factor))
+        _same_value(node, a)
+        return node
+
     def _bucket_grad_sums(self) -> None:
         """Parameters (graph inputs) needing a gradient sum go into one bucket after the last input;
         replicated intermediates (and inputs written in place) get their own, right after they are
         computed (after the writes their consumer sees)."""
         inputs = [a for _, a, _ in self.grad_sums if a.op in ("placeholder", "get_attr")
                   and not self.writes.get(self.storage.get(a))]
-        bucket = list(dict.fromkeys(inputs))
-        views: dict[tuple, fx.Node] = {}
+        views: dict[tuple, fx.Node] = self._leave_to_fsdp(inputs)
+        bucket = [a for a in dict.fromkeys(inputs) if a not in self.fsdp]
         if bucket:
             last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last):
@@ -674,12 +704,14 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_s
 
 def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
                 rank: int, group_name: str, outputs: str = "gathered", check_shapes: bool = True,
-                arriving: Optional[dict[fx.Node, SeqDim]] = None, arriving_len: Optional[int] = None) -> ShardingPlan:
+                arriving: Optional[dict[fx.Node, SeqDim]] = None, arriving_len: Optional[int] = None,
+                fsdp: Optional[dict[fx.Node, FsdpScales]] = None) -> ShardingPlan:
     """Partition gm (in place) along the sequence of its converting attention sites (and of its inputs that
     arrive as shards: `arriving`, over a sequence of arriving_len tokens); raises ShardingError (gm then
     unusable: pass a copy) when that cannot be done exactly. outputs: the option (what sharded outputs
     become). check_shapes=False skips the fake-tensor run of the result (it needs the process group:
-    `explain` plans without one). example_inputs hold the local shards of arriving inputs."""
+    `explain` plans without one). example_inputs hold the local shards of arriving inputs. fsdp: inputs whose
+    gradient FSDP2 reduces over the ranks, with the scales burst applies instead of its own sum."""
     converting = [p for p in plans if p.converts]
     lengths = {p.seq_len for p in converting} | ({arriving_len} if arriving else set())
     if len(lengths) != 1:
@@ -693,7 +725,7 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
         raise ShardingError(f"{seq_len} tokens are fewer than the {chunk_count(layout, world_size)} chunks of "
                             f"the {layout} layout on {world_size} ranks")
     sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, outputs,
-                       requires_grad(gm, example_inputs), arriving)
+                       requires_grad(gm, example_inputs), arriving, fsdp)
     plan = sharder.run()
     unsharded = [p.site.name for p in converting if sharder.place.get(p.site.node) != SeqDim(2)]
     if unsharded:  # the rewrite makes them local attention: it must get this rank's shards
@@ -715,10 +747,11 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
 def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_size: int, rank: int,
                group_name: str, check_shapes: bool = True, arriving: Optional[dict[str, SeqDim]] = None,
                arriving_len: Optional[int] = None, layout: Optional[str] = None,
-               ) -> tuple[fx.GraphModule, list[SitePlan], ShardingPlan]:
+               fsdp: Optional[dict[int, FsdpScales]] = None) -> tuple[fx.GraphModule, list[SitePlan], ShardingPlan]:
     """(a sharded copy of gm, the site plans of that copy, the ShardingPlan); gm itself is left as it was,
     so a ShardingError leaves the caller free to compile gm attention-parallel. arriving: placeholder
-    name -> SeqDim of the inputs that arrive sharded; layout: theirs, when no attention says it."""
+    name -> SeqDim of the inputs that arrive sharded; layout: theirs, when no attention says it; fsdp:
+    input position -> scales of the FSDP2-managed parameters (burstc.runtime.fsdp)."""
     work = copy_graph(gm)
     plans = plan_sites(find_attention_sites(work), cfg, world_size)
     layout = plans[0].layout if plans else layout or cfg.layout  # plan_sites made an 'auto' layout concrete
@@ -726,5 +759,6 @@ def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_si
     sharding = shard_graph(work, example_inputs, plans, layout=layout, world_size=world_size, rank=rank,
                            group_name=group_name, outputs=cfg.outputs, check_shapes=check_shapes,
                            arriving={by_name[name]: spec for name, spec in (arriving or {}).items()},
-                           arriving_len=arriving_len)
+                           arriving_len=arriving_len,
+                           fsdp={p: scales for i, p in enumerate(by_name.values()) if (scales := (fsdp or {}).get(i))})
     return work, plans, sharding

@@ -11,6 +11,7 @@ and the sequence is the middle factor. The four boundaries keep every gradient e
 | `burst::seq_gather`  | all-gather in global order            | this rank's slice |
 | `burst::all_reduce`  | sum over the ranks                    | identity |
 | `grad_sum(*ts)`      | identity (views)                      | one bucketed all-reduce of all gradients |
+| `grad_scale(x, f)`   | identity (a view)                     | times f (FSDP2 sums over the ranks instead) |
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from burstc.runtime import stats
 from burstc.runtime.ordering import program_order
 from burstc.runtime.sharding import assemble, pad_shard
 from burstc.runtime.validate import BurstInputError, replicated_checksum
@@ -165,6 +167,7 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum of x over the ranks of the group (a partial reduction becomes the global one)."""
     out = x.clone()
     if _world(group_name)[0] > 1:
+        stats.count("all_reduce_bytes", out.numel() * out.element_size())
         dist.all_reduce(out, group=_group(group_name))
     return out
 
@@ -199,6 +202,25 @@ def grad_sum(group_name: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...
     """Replicated tensors used by sharded work: the same values, with their gradients summed over the
     ranks in the backward (where a parameter's gradient becomes complete)."""
     return _GradSum.apply(group_name, *tensors)
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (a view); backward: the gradient times a constant."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x, whose gradient is multiplied by factor in the backward (an FSDP2-managed parameter's gradient
+    before FSDP's reduction: burstc.runtime.fsdp)."""
+    return _GradScale.apply(x, factor)
 
 
 def sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group_name: str, weight=None,

@@ -20,7 +20,9 @@ class CommStats:
     forward_calls / backward_calls: burst attention calls run (each is one whole ring), forward and
     backward; under activation checkpointing the forward runs once per step, not again in the backward.
     gathered_bytes: bytes of SequenceShards gathered because something outside a burst graph read them
-    (outputs='lazy'), the full tensor's size on this rank."""
+    (outputs='lazy'), the full tensor's size on this rank.
+    all_reduce_bytes: bytes this rank all-reduced in sequence mode's reductions: losses and sums over the
+    sequence, and the parameters' gradient sum (none for parameters FSDP2 reduces: burstc.runtime.fsdp)."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
@@ -29,6 +31,7 @@ class CommStats:
     forward_calls: int = 0
     backward_calls: int = 0
     gathered_bytes: int = 0
+    all_reduce_bytes: int = 0
     bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
