@@ -15,6 +15,7 @@ Public API:
 from burstc.config import BurstConfig
 from burstc.debug.trace import trace
 from burstc.runtime.attention import burst_attention
+from burstc.runtime.sequence_shard import SequenceShard
 from burstc.runtime.sharding import shard_sequence, unshard_sequence
 from burstc.runtime.stats import CommStats, comm_stats
 from burstc.runtime.validate import BurstInputError
@@ -22,7 +23,7 @@ from burstc.schedule.layout import LAYOUTS, local_length, shard_positions
 from burstc.schedule.plan import RingPlan, build_plan
 
 __all__ = [
-    "BurstConfig", "BurstInputError", "CommStats", "LAYOUTS", "RingPlan", "build_plan", "burst_attention",
+    "BurstConfig", "BurstInputError", "CommStats", "LAYOUTS", "RingPlan", "SequenceShard", "build_plan", "burst_attention",
     "burst_backend", "comm_stats", "convert", "local_length", "shard_positions", "shard_sequence", "trace",
     "unshard_sequence",
 ]

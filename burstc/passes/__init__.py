@@ -1,9 +1,15 @@
 """FX passes of the burst backend, each ``GraphModule -> GraphModule`` with a one-line contract at
 the top of its module. They run on the Dynamo-level graph (before AOTAutograd), in this order:
 
+0. ``higher_order.inline_checkpoints`` — activation-checkpoint regions become part of the graph, tagged
+   for AOTAutograd's partitioner as the checkpoint op tags them (selective policies kept:
+   ``selective_checkpoint``); steps 1 to 1b run on the graph and on every higher-order op's body
+   (``higher_order.graphs``).
 1. ``canonicalize.canonicalize_attention`` — hand-written attention (matmul / softmax / matmul,
    einsum, baddbmm, masks, scales, no-op dropouts) -> one ``torch._C._nn.scaled_dot_product_attention``
    call per site, only where the rewrite is exact; records what it did in ``gm.meta``.
+1a. ``autocast.spell_out_autocast`` — an SDPA autocast ran in lower precision gets autocast's casts of
+   q, k, v and a floating mask written into the graph, so the site has one dtype.
 1b. ``masks.recognize_masks`` — an ``attn_mask`` built from index comparisons, a [B, N] padding mask
    and document ids (HF ``masking_utils``) becomes ``masked_sdpa`` with compact descriptors; other
    masks take the [B|1, H|1, N, N] row form the ring shards by query rows.
