@@ -28,6 +28,10 @@ torch thread per process:
   options={"parallel": "sequence", "outputs": --sequence-outputs})` (lazy, the default option,
   unless asked otherwise: the loss is read, the logits are never gathered).
 
+`--per-layer` compiles each decoder layer on its own (`layer.compile(...)`, as torchtitan does) and runs
+the embedding, final norm, head and loss eagerly, on every side: the hidden states then cross a graph
+boundary at every layer (burst: as this rank's rows, a SequenceShard).
+
 `--checkpointing on` enables HF's activation checkpointing (non-reentrant) on every side, the single
 process included, and its rows compare against that single process; those steps call the model with
 use_cache=False (HF would turn the cache off with a warning, which fullgraph=True cannot trace).
@@ -91,7 +95,8 @@ def modes_table(world_size: int, sequence_outputs: str, parallel_option: bool) -
     }
 
 
-def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache, checkpointing=False):
+def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache, checkpointing=False,
+                per_layer=False):
     """Warm-up step, then `iters` timed steps; runs on every rank (run_ranks)."""
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -108,7 +113,12 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, shape["vocab"], (1, seq_len), generator=torch.Generator().manual_seed(1))
     kwargs = {} if backend == "inductor" else {"backend": backend, "options": options}
-    compiled = torch.compile(model, fullgraph=True, **kwargs)
+    if per_layer:  # as torchtitan compiles: each decoder layer on its own, the rest eager
+        for layer in model.model.layers:
+            layer.compile(fullgraph=True, **kwargs)
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = dict(model.named_parameters())
     # HF turns the cache off under checkpointing with a logged warning, which fullgraph=True refuses
@@ -152,7 +162,7 @@ def measure(mode, spec, seq_len, args, shape, checkpointing=False):
           f"checkpointing={checkpointing} ...", file=sys.stderr, flush=True)
     try:
         per_rank = run_ranks(ranks, train_ranks, shape, seq_len, args.iters, backend, options, args.use_cache,
-                             checkpointing, timeout_s=args.timeout_s, group_timeout_s=args.timeout_s, threads=THREADS)
+                             checkpointing, args.per_layer, timeout_s=args.timeout_s, group_timeout_s=args.timeout_s, threads=THREADS)
     except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
         print(f"N={seq_len} {mode} failed: {e}", file=sys.stderr, flush=True)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -206,6 +216,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--sequence-outputs", default="lazy", choices=["lazy", "local", "gathered"],
                    help='the "outputs" option of the sequence mode (lazy is the default option)')
+    p.add_argument("--per-layer", action="store_true",
+                   help="compile each decoder layer on its own (torchtitan's way), the rest eager, on every side")
     p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"],
                    help="activation checkpointing (HF gradient_checkpointing_enable, non-reentrant) on every "
                         "side; 'off on' runs both, each against the single process with the same setting")
@@ -241,7 +253,8 @@ def main() -> None:
         f"LLaMA vocab={args.vocab} hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} "
         f"heads={args.heads}/{args.kv_heads} (q/kv), float32, batch 1; training step = forward+loss "
         f"({'default use_cache' if args.use_cache else 'use_cache=False'}), backward, "
-        f"AdamW step, zero_grad; median of {args.iters} after 1 warm-up; memory and grads: max over ranks / rank 0",
+        f"AdamW step, zero_grad; median of {args.iters} after 1 warm-up; memory and grads: max over ranks / rank 0"
+        + ("; each decoder layer compiled on its own" if args.per_layer else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

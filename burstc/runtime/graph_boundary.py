@@ -37,10 +37,11 @@ class GraphBoundary:
         for i in takes:  # the rows need a gradient where the shard does (the graph's backward must give one)
             fake = self.placeholders[i].meta["example_value"]
             self.example_inputs[i] = fake.local.detach().requires_grad_(fake.requires_grad)
-        for i in self.gathers:
+        for i in self.gathers:  # a whole tensor of the global shape (once: a fallback builds a second boundary)
             node = self.placeholders[i]
             fake = node.meta["example_value"]
-            node.meta["example_value"] = fake.local.new_empty(fake.shape).requires_grad_(fake.requires_grad)
+            if isinstance(fake, SequenceShard):
+                node.meta["example_value"] = fake.local.new_empty(fake.shape).requires_grad_(fake.requires_grad)
             self.example_inputs[i] = node.meta["example_value"]
 
     @property
