@@ -1,7 +1,7 @@
 """The torch.compile backend "burst": the pass pipeline over Dynamo's graph, then the inner compiler.
 
-    inline checkpoint regions -> canonicalize (hand-written attention -> SDPA), autocast's casts and masks,
-    in the graph and every higher-order op's body
+    inline checkpoint regions -> canonicalize (hand-written attention -> SDPA), autocast's casts, masks and
+    shifted losses, in the graph and every higher-order op's body
     -> find_attention -> plan -> [shard] -> rewrite -> inner compiler
 
 In sequence mode (the default on more than one rank) the shard pass partitions the whole graph along the
@@ -38,6 +38,7 @@ from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted_softmax, rewrite_sites
 from burstc.passes.selective_checkpoint import SelectivePolicies, has_selective_regions
 from burstc.passes.shard import ShardingError, shard_copy
+from burstc.passes.shifts import unshift_losses
 from burstc.passes.specialize import per_shape
 from burstc.runtime.fsdp import fsdp_scales
 from burstc.runtime.graph_boundary import GraphBoundary, arriving_shards
@@ -121,6 +122,7 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     gm = inline_checkpoints(gm, selective=cfg.inner == "inductor")
     for graph in graphs(gm):  # the graph and every higher-order op's body left in it
         recognize_masks(spell_out_autocast(canonicalize_attention(graph, example_inputs if graph is gm else None)))
+        unshift_losses(graph)
     unconverted = report_unconverted_softmax(gm) + report_attention_in_bodies(gm)
     if dump:
         dump.add_graph("canonicalize", gm)

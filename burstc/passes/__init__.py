@@ -3,7 +3,7 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
 
 0. ``higher_order.inline_checkpoints`` — activation-checkpoint regions become part of the graph, tagged
    for AOTAutograd's partitioner as the checkpoint op tags them (selective policies kept:
-   ``selective_checkpoint``); steps 1 to 1b run on the graph and on every higher-order op's body
+   ``selective_checkpoint``); steps 1 to 1c run on the graph and on every higher-order op's body
    (``higher_order.graphs``).
 1. ``canonicalize.canonicalize_attention`` — hand-written attention (matmul / softmax / matmul,
    einsum, baddbmm, masks, scales, no-op dropouts) -> one ``torch._C._nn.scaled_dot_product_attention``
@@ -13,6 +13,8 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
 1b. ``masks.recognize_masks`` — an ``attn_mask`` built from index comparisons, a [B, N] padding mask
    and document ids (HF ``masking_utils``) becomes ``masked_sdpa`` with compact descriptors; other
    masks take the [B|1, H|1, N, N] row form the ring shards by query rows.
+1c. ``shifts.unshift_losses`` — ``cross_entropy(L[:, :-k], T[:, k:])`` (flattened) reads L whole against
+   T[:, k:] padded with ignore_index: the same loss, and no slice along the sequence to gather.
 2. ``find_attention.find_attention_sites`` — every SDPA call becomes an AttentionSite with shapes,
    scale, mask kind, GQA ratio, dropout and the user's source line.
 3. ``plan.plan_sites`` — per site: convert or the reason not to; layout, backward scheme by the cost
