@@ -3,8 +3,9 @@
     MALLOC_MMAP_THRESHOLD_=1048576 torchrun --nproc-per-node 2 examples/train_llama.py [--steps 5] [--seq-len 4096]
 
 Every rank is given the same model and the same full batch; in sequence mode (the default) the compiled
-model runs every token-wise part on this rank's tokens only and each attention as a burst ring, and
-`outputs="local"` keeps the logits local (a training loop needs only the loss). Rank 0 also trains an
+model runs every token-wise part on this rank's tokens only and each attention as a burst ring, and the
+logits leave as a SequenceShard that the loop never reads (it needs only the loss), so they are never
+gathered. Rank 0 also trains an
 identical copy on one device (Inductor, plain SDPA) and prints both losses per step, which agree to
 float32 rounding, and the memory each step adds on a rank against the one-device run (RSS sampled
 during the step; the MALLOC_MMAP_THRESHOLD_ setting makes freed tensors leave the RSS).
@@ -75,8 +76,6 @@ def main() -> None:
     model = build_model(args)
     reference = copy.deepcopy(model) if rank == 0 else None
     options = {"inner": args.inner, "layout": args.layout, "parallel": args.parallel}
-    if args.parallel == "sequence":
-        options["outputs"] = "local"
     compiled = torch.compile(model, backend="burst", fullgraph=True, options=options)
     reference_step = torch.compile(reference, fullgraph=True) if reference is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
