@@ -1,5 +1,6 @@
 """Current models that once came out silently wrong, under the default options (no options at all, the
-path users run): Llama 4 (chunked attention, an MoE that adds its experts in place), GPT-2 with a padded
+path users run): Llama 4 (chunked attention, now recognised as document ids of fixed-length chunks; an MoE
+that adds its experts in place), GPT-2 with a padded
 batch (compiled twice, the second time from Inductor's warm caches), DeepSeek-V3 (MLA, MoE) with and
 without masks. Each against single-device eager on the same weights and batch: the loss, the logits and
 every parameter gradient."""
@@ -135,3 +136,5 @@ def test_llama4_on_three_ranks_with_uneven_shards():
     (gloo: "Received data size doesn't match")."""
     for rank_results in run_ranks(3, _compare, [("llama4", "padded")], timeout_s=900):
         _check(rank_results, sequence=True)
+        for r in rank_results:  # the chunked layer's mask became document ids (proven on the first call)
+            assert not r["counters"].get("masks_materialised") and r["counters"].get("mask_proofs", 0) >= 2, r

@@ -13,6 +13,8 @@ What is recognised (an abstract interpretation of the mask's backward slice; no 
 - bounds: `le/lt/ge/gt` between a key term and a query term, in indices or in gathered position ids;
 - padding: `A[b, kv]` of a [B, N] bool tensor; documents: `D[b, q] == D[b, kv]` with D HF's
   `cumsum(diff(P, prepend=P[:, :1] - 1) != 1)` of position ids P (a restart = a new document);
+- chunks (Llama 4's chunked attention): `(kv - L[b]) // c == (q - L[b]) // c` of a [B] integer tensor L,
+  which become document ids `(arange(N) - L[:, None]) // c` (burstc.runtime.masked_sdpa.chunk_ids);
 - glue: `and_`, `new_ones((), bool)` (True), no-op `.to(device)`, `.expand`; HF's eager additive form
   `where(M, 0, finfo.min | -inf)`.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -37,8 +39,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from burstc.passes.dead_code import remove_dead_code
 from burstc.passes.find_attention import SDPA_TARGETS, source_line
 from burstc.passes.mask_code import extract_mask_code
+from burstc.passes.nodes import new_node
 from burstc.runtime.mask_mods import register
-from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
+from burstc.runtime.masked_sdpa import additive_attention, chunk_ids, masked_sdpa
 
 
 log = logging.getLogger("burstc.passes")
@@ -70,6 +73,9 @@ class MaskDescriptor:
     # offset)), from which the model's own mask code is extracted for the first-call proof
     predicate: Optional[fx.Node] = field(default=None, compare=False)
     axes: dict = field(default_factory=dict, compare=False)
+    # fixed-length chunks (Llama 4): (offset [B] node, c, size), keep iff (i + c - offset[b]) // size agree;
+    # they become document ids (chunk_ids)
+    chunks: Optional[tuple] = None
 
 
 # -- abstract values ----------------------------------------------------------------------------------
@@ -111,6 +117,19 @@ class _PaddingAt:
     node: fx.Node
 
 
+@dataclass(frozen=True)
+class _PerBatch:  # v[b] of a [B] integer tensor v (Llama 4's left-padding counts)
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class _Chunk:  # (index[axis] + c - offset[b]) // size, or before the division (size None)
+    axis: str
+    c: int
+    offset: fx.Node
+    size: Optional[int] = None
+
+
 @dataclass
 class _Predicate:  # a conjunction: lo <= kv - q <= hi (in coord), padding and document atoms
     lo: float = -math.inf
@@ -118,12 +137,14 @@ class _Predicate:  # a conjunction: lo <= kv - q <= hi (in coord), padding and d
     coord: Any = None
     paddings: list = field(default_factory=list)
     documents: list = field(default_factory=list)
+    chunks: list = field(default_factory=list)  # (offset node, c, size): same (index + c - offset[b]) // size
 
     def conjoin(self, other: "_Predicate") -> "_Predicate":
         if self.coord is not None and other.coord is not None and self.coord != other.coord:
             raise NotRecognised("bounds stated in different coordinates")
         return _Predicate(max(self.lo, other.lo), min(self.hi, other.hi), self.coord or other.coord,
-                          self.paddings + other.paddings, self.documents + other.documents)
+                          self.paddings + other.paddings, self.documents + other.documents,
+                          self.chunks + other.chunks)
 
 
 def _value(n):
@@ -187,6 +208,16 @@ class _Interpreter:
             if isinstance(b, int) and not isinstance(b, bool) and isinstance(a, (_Index, _Term)):
                 c = a.c + (b if n.target is operator.add else -b)
                 return _Index(a.axis, a.n, c) if isinstance(a, _Index) else _Term(a.coord, a.axis, c)
+            b = self.eval(b)
+            if n.target is operator.sub and isinstance(a, _Index) and a.axis in ("q", "kv") and \
+                    isinstance(b, _PerBatch):
+                return _Chunk(a.axis, a.c, b.node)
+            return _opaque(n)
+        if _calls(n, operator.floordiv):
+            a, size = self.eval(n.args[0]), n.args[1]
+            if isinstance(a, _Chunk) and a.size is None and isinstance(size, int) and not isinstance(size, bool) \
+                    and size > 0:
+                return _Chunk(a.axis, a.c, a.offset, size)
             return _opaque(n)
         if _calls(n, operator.getitem):
             return self._getitem(n)
@@ -201,6 +232,9 @@ class _Interpreter:
             if isinstance(a, _DocumentAt) and isinstance(b, _DocumentAt) and a.docs == b.docs and \
                     {a.axis, b.axis} == {"q", "kv"}:
                 return _Predicate(documents=[a.docs])
+            if isinstance(a, _Chunk) and isinstance(b, _Chunk) and a.size is not None and \
+                    (a.c, a.offset, a.size) == (b.c, b.offset, b.size) and {a.axis, b.axis} == {"q", "kv"}:
+                return _Predicate(chunks=[(a.offset, a.c, a.size)])  # the same chunk: chunk ids as documents
             raise NotRecognised(f"eq of {a!r} and {b!r}")
         if _calls(n, operator.and_, torch.logical_and, torch.bitwise_and):
             a, b = _as_predicate(self.eval(n.args[0])), _as_predicate(self.eval(n.args[1]))
@@ -229,6 +263,12 @@ class _Interpreter:
                     raise NotRecognised(f"{axis} index of length {b.n}, not {want}")
                 return _Index(axis, b.n, b.c)
             return _opaque(n)
+        if isinstance(index, fx.Node):  # v[batch index] of a [B] integer tensor
+            b, v = self.eval(index), _value(base)
+            if isinstance(b, _Index) and b.axis == "b" and b.c == 0 and isinstance(v, torch.Tensor) and \
+                    v.dim() == 1 and not v.dtype.is_floating_point and v.dtype != torch.bool and _provably(b.n, v.shape[0]):
+                return _PerBatch(base)
+            raise NotRecognised(f"index {n.format_node()}")
         if not (isinstance(index, (tuple, list)) and len(index) == 2):
             raise NotRecognised(f"index {n.format_node()}")
         batch, where = self.eval(index[0]), self.eval(index[1])
@@ -329,8 +369,10 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
     p = _as_predicate(interpreter.eval(node))
     if not isinstance(p, _Predicate):
         raise NotRecognised(f"the mask comes from {p[1].name if isinstance(p, tuple) else p!r}")
-    if len(p.paddings) > 1 or len(set(p.documents)) > 1:
-        raise NotRecognised("several padding or document atoms")
+    if len(p.paddings) > 1 or len(set(p.documents)) > 1 or len(set(p.chunks)) > 1:
+        raise NotRecognised("several padding, document or chunk atoms")
+    if p.documents and p.chunks:
+        raise NotRecognised("documents and chunks in one mask")
     docs = p.documents[0] if p.documents else None
     if isinstance(p.coord, _PositionIds):  # bounds on position ids
         arange = p.coord.arange_c is not None
@@ -348,7 +390,7 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
     right = None if p.hi == math.inf else int(p.hi)
     axes = {n: (v.axis, v.c) for n, v in interpreter.memo.items() if isinstance(v, _Index) and v.axis in ("q", "kv")}
     return MaskDescriptor(left, right, p.paddings[0] if p.paddings else None, docs.node if docs else None, fill,
-                          predicate=node, axes=axes)
+                          predicate=node, axes=axes, chunks=p.chunks[0] if p.chunks else None)
 
 
 def _finite_fill(mask: fx.Node) -> bool:
@@ -398,6 +440,11 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
             _rows_form(gm, node, mask, q)
             continue
         proof, proof_buffers = proofs[found.predicate]
+        if found.chunks is not None:  # chunks are documents of fixed length, offset per row
+            offset, c, size = found.chunks
+            with gm.graph.inserting_before(node):
+                found = replace(found, document_ids=new_node(gm.graph, "call_function", chunk_ids,
+                                                             (offset, int(k.shape[2]), c, size), {}, node))
         causal = found.right is not None and found.right <= 0
         kwargs = dict(key_padding=found.padding, document_ids=found.document_ids, is_causal=causal,
                       window_left=found.left, window_right=None if causal and found.right == 0 else found.right,

@@ -40,6 +40,13 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
+def chunk_ids(offset: torch.Tensor, n: int, c: int, size: int) -> torch.Tensor:
+    """[B, n] document ids of fixed-length chunks offset per row: (i + c - offset[b]) // size (Llama 4's
+    chunked attention, whose chunks start after each row's left padding)."""
+    positions = torch.arange(n, device=offset.device, dtype=torch.int64)
+    return torch.div(positions[None, :] + c - offset.to(torch.int64)[:, None], size, rounding_mode="floor")
+
+
 def additive_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
                        scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale + attn_mask) v in plain ops, the softmax in float32, as hand-written eager

@@ -145,3 +145,38 @@ def test_flex_attention_mask_mod_becomes_a_registered_descriptor():
 
 def _double(score, b, h, q_idx, kv_idx):
     return score * 2
+
+
+class _Chunked(torch.nn.Module):
+    """Llama 4's chunked causal mask as HF's masking_utils spells it (index broadcasting): keys in the query's
+    chunk of `size` tokens, counted from each row's left padding, causal, not padding. kv_size other than
+    size makes the two sides disagree: not a chunk atom."""
+
+    def __init__(self, size, kv_size=None):
+        super().__init__()
+        self.size, self.kv_size = size, kv_size or size
+
+    def forward(self, q, attention_mask):
+        padding = attention_mask.bool()
+        left = (attention_mask.cumsum(dim=-1) == torch.zeros_like(attention_mask)).sum(dim=-1)
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        qi, ki = torch.arange(N)[None, None, :, None], torch.arange(N)[None, None, None, :]
+        keep = ((ki - left[b]) // self.kv_size == (qi - left[b]) // self.size) & (ki <= qi) & padding[b, ki]
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+
+
+def test_llama4_chunks_become_document_ids():
+    q = torch.randn(2, 2, N, 8)
+    before, after, example_inputs = _captured(_Chunked(5), q=q, attention_mask=PADDED)
+    ((target, site),) = _sites(after)
+    assert target is masked_sdpa and site.is_causal and site.document_ids is not None and site.key_padding is not None
+    docs = site.document_ids.meta["example_value"]
+    assert docs.shape == (2, N) and not docs.is_floating_point()
+    _same_outputs(before, after, example_inputs)
+
+
+def test_chunks_of_two_sizes_stay_materialised():
+    q = torch.randn(2, 2, N, 8)
+    before, after, example_inputs = _captured(_Chunked(5, kv_size=4), q=q, attention_mask=PADDED)
+    assert len(after.meta["burst_masks"]["materialised"]) == 1 and not after.meta["burst_masks"]["recognised"]
+    _same_outputs(before, after, example_inputs)
