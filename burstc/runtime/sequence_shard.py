@@ -71,6 +71,7 @@ class SequenceShard(torch.Tensor):
     def __init__(self, local: torch.Tensor, spec: ShardSpec, requires_grad: bool = False, shape=None, stride=None):
         self.local, self.spec = local, spec
         self._full: Optional[torch.Tensor] = None
+        self._full_version = -1  # local's version counter when _full was gathered
 
     def __repr__(self) -> str:
         return (f"SequenceShard(global {tuple(self.shape)}, this rank's {self.local.shape[self.spec.dim]} rows on "
@@ -86,9 +87,11 @@ class SequenceShard(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def full(self) -> torch.Tensor:
-        """The whole tensor in global order (gathered on the first call, then kept). No autograd."""
-        if self._full is None:
+        """The whole tensor in global order (gathered on the first call, then kept while the rows are not
+        written: a later graph that writes its input in place invalidates it). No autograd."""
+        if self._full is None or self._full_version != self.local._version:
             self._full = seq_gather(self.local.contiguous(), *self.spec.args())
+            self._full_version = self.local._version
             if not isinstance(self.local, torch._subclasses.FakeTensor):
                 stats.count("gathered_bytes", self._full.numel() * self._full.element_size())
         return self._full
@@ -105,6 +108,7 @@ class SequenceShard(torch.Tensor):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             if arg.is_write and isinstance(value, SequenceShard):
                 value.local.copy_(take_local(value.full(), *value.spec.args()))
+                value._full_version = value.local._version  # the kept whole tensor is the written one
         return out
 
 

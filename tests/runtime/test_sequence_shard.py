@@ -31,13 +31,17 @@ def _reads_writes_and_gradients(rank, world_size):
         (to_local(from_local(rows, spec)) * 2).sum().backward()
         written = from_local(local.detach().clone(), spec)
         written.add_(1.0)
+        rows_written = from_local(local.detach().clone(), spec)
+        before = rows_written.full().clone()  # kept ...
+        rows_written.local.mul_(2.0)  # ... until a later graph writes the rows in place: gathered again
+        stale_err = (rows_written.full() - 2 * before).abs().max().item()
         results.append(dict(
             layout=layout, shape_ok=shape_ok, gathered=stats.gathered_bytes, full_bytes=full.numel() * 8,
             value_err=(shard.full() - full).abs().max().item(),
             grad_err=(local.grad - want_grad).abs().max().item(),
             full_err=(to_full(from_local(local.detach(), spec)) - full).abs().max().item(),
             write_err=(written.local - (local.detach() + 1)).abs().max().item(),
-            rows_grad_err=(rows.grad - 2).abs().max().item()))
+            rows_grad_err=(rows.grad - 2).abs().max().item(), stale_err=stale_err))
     return results
 
 
@@ -46,4 +50,4 @@ def test_reads_gather_once_writes_stay_in_step_gradients_come_back_as_rows():
         for r in per_rank:
             assert r["shape_ok"] and r["gathered"] == r["full_bytes"], r
             assert r["value_err"] == 0 and r["grad_err"] <= 1e-12 and r["full_err"] == 0 and r["write_err"] == 0, r
-            assert r["rows_grad_err"] == 0, r
+            assert r["rows_grad_err"] == 0 and r["stale_err"] == 0, r
