@@ -29,16 +29,12 @@ from burstc.codegen import sources_for_sites
 from burstc.config import BurstConfig
 from burstc.debug.dump import CompilationDump
 from burstc.debug.dump import log as dump_log
-from burstc.passes.autocast import spell_out_autocast
-from burstc.passes.canonicalize import canonicalize_attention
 from burstc.passes.find_attention import find_attention_sites
-from burstc.passes.higher_order import graphs, inline_checkpoints
-from burstc.passes.masks import recognize_masks
+from burstc.passes.pipeline import front_passes
 from burstc.passes.plan import plan_sites
 from burstc.passes.rewrite import report_attention_in_bodies, report_unconverted_softmax, rewrite_sites
 from burstc.passes.selective_checkpoint import SelectivePolicies, has_selective_regions
 from burstc.passes.shard import ShardingError, shard_copy
-from burstc.passes.shifts import unshift_losses
 from burstc.passes.specialize import per_shape
 from burstc.runtime.fsdp import fsdp_scales
 from burstc.runtime.graph_boundary import GraphBoundary, arriving_shards
@@ -119,10 +115,7 @@ def burst_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     dump = CompilationDump(graph_id, rank, world_size, _dump_dir(cfg)) if _dump_wanted(cfg) else None
     if dump:
         dump.add_graph("dynamo", gm)
-    gm = inline_checkpoints(gm, selective=cfg.inner == "inductor")
-    for graph in graphs(gm):  # the graph and every higher-order op's body left in it
-        recognize_masks(spell_out_autocast(canonicalize_attention(graph, example_inputs if graph is gm else None)))
-        unshift_losses(graph)
+    gm = front_passes(gm, example_inputs, selective=cfg.inner == "inductor")
     unconverted = report_unconverted_softmax(gm) + report_attention_in_bodies(gm)
     if dump:
         dump.add_graph("canonicalize", gm)

@@ -17,9 +17,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from burstc.config import BurstConfig
 from burstc.debug.render import plan_report, site_ring
-from burstc.passes.canonicalize import canonicalize_attention, canonicalize_result
+from burstc.passes.canonicalize import canonicalize_result
 from burstc.passes.find_attention import find_attention_sites
-from burstc.passes.masks import recognize_masks
+from burstc.passes.higher_order import attention_in_bodies, describe, graphs
+from burstc.passes.pipeline import front_passes
 from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard import ShardingError, ShardingPlan, shard_copy
 from burstc.schedule.cost import AttentionShape
@@ -38,14 +39,17 @@ def trace_plans(model, args, cfg: BurstConfig, world_size: int, shardings: Optio
                 unrecognised: Optional[list] = None) -> list[SitePlan]:
     """Run Dynamo on fake copies of args and the burst passes with G simulated ranks; in sequence mode
     the ShardingPlan of rank 0 of each graph is appended to `shardings` (or the reason it has none);
-    softmax attention canonicalize could not rewrite goes to `unrecognised` as (location, reason)."""
+    attention left before planning (softmax canonicalize could not rewrite, attention inside a higher-order
+    op's body) goes to `unrecognised` as (location, reason). The passes are the backend's own
+    (burstc.passes.pipeline.front_passes)."""
     captured: list[SitePlan] = []
 
     def capture(gm, example_inputs):
-        gm = recognize_masks(canonicalize_attention(gm, example_inputs))
-        result = canonicalize_result(gm)
-        if unrecognised is not None and result is not None:
-            unrecognised.extend((s.location, s.reason) for s in result.skipped)
+        gm = front_passes(gm, example_inputs, selective=cfg.inner == "inductor")
+        if unrecognised is not None:
+            for graph in graphs(gm):
+                unrecognised.extend((s.location, s.reason) for s in getattr(canonicalize_result(graph), "skipped", []))
+            unrecognised.extend((describe(node), why) for node, why in attention_in_bodies(gm))
         plans = plan_sites(find_attention_sites(gm), cfg, world_size)
         captured.extend(plans)
         if shardings is not None and cfg.sequence_mode(world_size) and any(p.converts for p in plans):

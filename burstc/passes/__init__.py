@@ -25,7 +25,8 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
 5. ``rewrite.rewrite_sites`` — converting sites become ``burst::attention_local`` (sequence mode) or
    ``burst::attention`` calls; the others stay SDPA with their reason logged once.
 
-``burstc.backend.burst_backend`` runs them and hands the graph to the inner compiler.
+``pipeline.front_passes`` runs steps 0 to 1c (for the backend and for ``explain`` alike);
+``burstc.backend.burst_backend`` runs them all and hands the graph to the inner compiler.
 """
 from burstc.passes.canonicalize import (
     CanonicalizedSite, CanonicalizeResult, SkippedSite, canonicalize_attention, canonicalize_result,

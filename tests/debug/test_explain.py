@@ -55,3 +55,18 @@ def test_explain_names_what_it_leaves():
     learned_bias = torch.zeros(64, 64, requires_grad=True)
     text = explain(Masked(), (torch.randn(1, 2, 64, 8), learned_bias), world_size=2, seq_len=64, cfg=BurstConfig())
     assert "left as plain SDPA" in text and "attn_mask requires grad" in text and "0 converted, 1 left" in text
+
+
+def test_explain_sees_attention_inside_checkpoint_regions():
+    """explain runs the backend's own front passes: a checkpointed model's sites are planned, not hidden
+    inside tag_activation_checkpoint bodies."""
+    import torch
+
+    from burstc.debug.explain import trace_plans
+    from tests.models import Checkpointed, TinyGPT
+
+    model = TinyGPT(vocab=50, dim=32, layers=2)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = Checkpointed(block)
+    plans = trace_plans(model, (torch.randint(0, 50, (1, 64)),), BurstConfig(), world_size=2)
+    assert len(plans) == 2 and all(p.converts for p in plans)
