@@ -18,13 +18,19 @@ from tests.models import Checkpointed, TinyGPT, hf_training_step, loss_and_grads
 N = 64
 
 
-def _hf_llama(use_reentrant):
+def _llama():
+    """The tiny HF Llama (sdpa) of these tests, from seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _hf_llama(use_reentrant):
+    model = _llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     return model
 
@@ -246,13 +252,7 @@ def test_shards_cross_graph_boundaries_without_gathers():
 
 
 def _loss_only(rank, world_size):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = _llama()
     ids = torch.randint(0, 128, (2, N), generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(copy.deepcopy(model), backend="burst")
     compiled(ids, labels=ids).loss.backward()
@@ -276,13 +276,8 @@ def _fsdp2(rank, world_size, data_degree, recipe=False):
     checkpointing and bf16 autocast too (then eager autocast's own gradients are returned beside)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = _llama()
     ids = torch.randint(0, 128, (2 * data_degree, N), generator=torch.Generator().manual_seed(1))
     ambient = functools.partial(torch.autocast, "cpu", torch.bfloat16) if recipe else contextlib.nullcontext
 

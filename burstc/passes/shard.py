@@ -584,9 +584,8 @@ class _Sharder:
         use the scale of a gradient computed whole on every rank."""
         views = {}
         for a in dict.fromkeys(a for a in inputs if a in self.fsdp):
-            scales = self.fsdp[a]
             with self.graph.inserting_after(self._after(a)):
-                views[(a, self._after(a))] = self._grad_scale(a, scales.partial)
+                views[(a, self._after(a))] = self._grad_scale(a, self.fsdp[a].partial)
         for a, scales in self.fsdp.items():
             sharded_work = {c for c, x, _ in self.grad_sums if x is a} | set(views.values())
             others = [u for u in a.users if u not in sharded_work]
@@ -602,6 +601,9 @@ class _Sharder:
         return views
 
     def _grad_scale(self, a: fx.Node, factor: float) -> fx.Node:
+        """a, whose gradient is multiplied by factor (a itself for a factor of 1)."""
+        if factor == 1.0:
+            return a
         node = self.graph.call_function(sequence_ops.grad_scale, (a, factor))
         _same_value(node, a)
         return node
