@@ -73,17 +73,38 @@ class CausalConv(nn.Module):
         return x + self.conv(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
 
 
-class TinyGPT(nn.Module):
-    """conv=True puts a CausalConv before every block: an op that mixes tokens outside attention;
-    graph_break=True breaks Dynamo's graph between blocks."""
+class TokenMixers(nn.Module):
+    """Every spelling of bounded token mixing the halo covers (burstc.passes.windows): RWKV's token shift
+    (nn.ZeroPad2d), a roll, F.pad then a dilated conv, a 'same' conv, Mamba's conv(x)[..., :N]."""
 
-    def __init__(self, vocab=50, dim=32, layers=2, conv=False, graph_break=False, **attn):
+    def __init__(self, dim):
+        super().__init__()
+        self.shift = nn.ZeroPad2d((0, 0, 1, -1))
+        self.dilated = nn.Conv1d(dim, dim, 3, dilation=2, groups=dim)
+        self.same = nn.Conv1d(dim, dim, 4, padding="same")
+        self.causal = nn.Conv1d(dim, dim, 4, groups=dim, padding=3)
+        self.mix = nn.Parameter(torch.rand(dim))
+
+    def forward(self, x):
+        n = x.shape[1]
+        y = self.mix * x + (1 - self.mix) * self.shift(x) + 0.5 * torch.roll(x, 2, 1)
+        t = y.transpose(1, 2)
+        t = self.dilated(F.pad(t, (4, 0))) + self.same(t) + self.causal(t)[..., :n]
+        return x + F.silu(t).transpose(1, 2)
+
+
+class TinyGPT(nn.Module):
+    """conv=True puts a CausalConv before every block: an op that mixes tokens outside attention (mixers=True:
+    TokenMixers, all the spellings); graph_break=True breaks Dynamo's graph between blocks."""
+
+    def __init__(self, vocab=50, dim=32, layers=2, conv=False, graph_break=False, mixers=False, **attn):
         super().__init__()
         self.graph_break = graph_break
         self.emb = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(256, dim)
         self.blocks = nn.ModuleList(Block(dim, **attn) for _ in range(layers))
-        self.convs = nn.ModuleList(CausalConv(dim) if conv else nn.Identity() for _ in range(layers))
+        mixer = TokenMixers if mixers else CausalConv if conv else lambda dim: nn.Identity()
+        self.convs = nn.ModuleList(mixer(dim) for _ in range(layers))
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, idx):

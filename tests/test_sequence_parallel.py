@@ -108,9 +108,36 @@ def _losses(length):
     return model, step
 
 
+class _MixersWithShiftedLoss(torch.nn.Module):
+    """Token shift, roll, causal and 'same' convs around every block, and nanoGPT's shifted loss in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = TinyGPT(layers=2, mixers=True, heads=4, kv_heads=2)
+
+    def forward(self, idx):
+        logits = self.gpt(idx)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+def _mixers(length):
+    torch.manual_seed(12)
+    model = _MixersWithShiftedLoss()
+    idx = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(13))
+
+    def step(m):
+        m.zero_grad()
+        loss = m(idx)
+        loss.backward()
+        return loss.detach(), loss.detach(), _grads(m)
+    return model, step
+
+
 def _build(name, length):
     if name == "tiny_losses":
         return _losses(length)
+    if name == "mixers_shifted_loss":
+        return _mixers(length)
     if name == "tiny_gqa":
         return _tiny(0, length, heads=4, kv_heads=2)
     if name == "tiny_hand_written":
@@ -168,7 +195,8 @@ def test_models_on_two_ranks_match_single_device_eager():
     for rank_results in results:
         _check(rank_results)
     conv = next(r for r in results[0] if r["name"] == "tiny_conv")
-    assert conv["counters"]["seq_gathers"] == 2  # one gather before each conv: exact, and counted
+    # each causal conv exchanges its edge rows with the neighbouring rank: no gather
+    assert conv["counters"]["seq_halos"] == 2 and not conv["counters"].get("seq_gathers"), conv
 
 
 def test_more_hf_decoders_on_two_ranks():
@@ -186,6 +214,20 @@ def test_three_ranks_with_a_length_that_does_not_divide():
              ("tiny_hand_written", 29, {"inner": "aot_eager", "layout": "contiguous"})]
     for rank_results in run_ranks(3, _compare_cases, cases, timeout_s=900):
         _check(rank_results)
+
+
+@pytest.mark.parametrize("world_size,cases", [
+    (2, [("mixers_shifted_loss", 30, {})]),
+    (3, [("mixers_shifted_loss", 31, {"inner": "aot_eager"}),
+         ("mixers_shifted_loss", 29, {"inner": "aot_eager", "layout": "contiguous"})])])
+def test_token_mixing_and_a_shifted_loss_gather_nothing(world_size, cases):
+    """Shifts, rolls and convs over the sequence take halos, the shifted loss reads the logits whole: not one
+    gather, on 2 and 3 ranks with lengths that do not divide, loss and gradients as on one device."""
+    for rank_results in run_ranks(world_size, _compare_cases, cases, timeout_s=900):
+        _check(rank_results)
+        for r in rank_results:
+            c = r["counters"]
+            assert c["seq_halos"] == 2 * 5 and c["shifts_unshifted"] == 1 and not c.get("seq_gathers"), r
 
 
 def _local_outputs(rank, world_size):

@@ -33,9 +33,11 @@ from torch._dynamo.utils import counters
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import find_attention_sites, rebind, source_line
 from burstc.passes.plan import SitePlan, plan_sites
-from burstc.passes.shard_rules import (RESIZED, Factory, SeqDim, arg, factory_source, is_tensor, mutated_input,
-                                       op_name, reduced_dims, rule_for, set_local_size, shape, tensor_inputs, value)
-from burstc.runtime import sequence_ops
+from burstc.passes.shard_rules import (RESIZED, Factory, SeqDim, WindowMap, arg, factory_source, is_tensor,
+                                       mutated_input, op_name, reduced_dims, rule_for, set_local_size, shape,
+                                       tensor_inputs, value)
+from burstc.passes.windows import fuse_windows
+from burstc.runtime import halo, sequence_ops
 from burstc.runtime.fsdp import FsdpScales
 from burstc.schedule.layout import chunk_count, local_length
 
@@ -358,6 +360,25 @@ class _Sharder:
             if a in need:  # an input the rule leaves out (type_as's other tensor) only lends metadata
                 self._fix_edge(node, a, need[a], read_globally=a in getattr(rule, "read_globally", ()))
         self.place[node] = out
+        if isinstance(rule, WindowMap) and out.dim == rule.window_dim:
+            self._halo(node)
+
+    def _halo(self, node: fx.Node) -> None:
+        """A window op along the sequence runs on this rank's shard, its window's edge rows exchanged with
+        the ranks that hold them (burstc.runtime.halo)."""
+        if node.target is halo.sequence_shift:
+            _, dim, shift, _, wrap = node.args
+            before, after, node.target = max(shift, 0), max(-shift, 0), halo.sharded_sequence_shift
+        else:
+            dim, (before, after), wrap = len(shape(node)) - 1, node.args[3:5], False
+            node.target = halo.sharded_window_conv1d
+        node.args = (*node.args, self.seq_len, self.layout, self.group_name)
+        rows = sum(map(len, halo.halo_plan(self.seq_len, self.layout, self.world_size, self.rank, before, after,
+                                           wrap).send.values()))
+        row_bytes = _nbytes(node) // self.seq_len
+        self._record("halo", node, self.place[node], rows * row_bytes,
+                     f"{op_name(node)} reads {before} rows before and {after} after each token")
+        counters["burst"]["seq_halos"] += 1
 
     def _refuse_inplace(self, node: fx.Node, out: Optional[SeqDim]) -> None:
         """An in-place op must mutate the tensor later users read: its target may not be swapped for a
@@ -755,6 +776,7 @@ def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_si
     name -> SeqDim of the inputs that arrive sharded; layout: theirs, when no attention says it; fsdp:
     input position -> scales of the FSDP2-managed parameters (burstc.runtime.fsdp)."""
     work = copy_graph(gm)
+    fuse_windows(work)
     plans = plan_sites(find_attention_sites(work), cfg, world_size)
     layout = plans[0].layout if plans else layout or cfg.layout  # plan_sites made an 'auto' layout concrete
     by_name = {n.name: n for n in work.graph.find_nodes(op="placeholder")}

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from burstc.runtime.halo import sequence_shift, window_conv1d
+
 
 @dataclass(frozen=True)
 class SeqDim:
@@ -122,6 +124,35 @@ class DimMap:
             if in_dim == spec.dim:
                 return replace(spec, dim=out_dim)
         return None
+
+
+class WindowMap(DimMap):
+    """A window op (burstc.runtime.halo: a token shift, a roll, a causal conv): token-wise along every dim
+    but `window_dim`, along which each output row reads a bounded window of input rows. Sharded there, it
+    runs on shards with a halo exchange; a sequence merged with other dims by a view has no such form."""
+
+    def __init__(self, maps: dict[fx.Node, dict[int, int]], window_dim: int):
+        super().__init__(maps)
+        self.window_dim = window_dim
+
+    def _merged(self, spec: SeqDim) -> bool:
+        return spec.dim == self.window_dim and (spec.outer, spec.inner) != (1, 1)
+
+    def inputs_for(self, out: SeqDim):
+        return None if self._merged(out) else super().inputs_for(out)
+
+    def output_for(self, a: fx.Node, spec: SeqDim) -> Optional[SeqDim]:
+        out = super().output_for(a, spec)
+        return None if out is None or self._merged(out) else out
+
+
+def _window(node: fx.Node, out_shape) -> Optional[WindowMap]:
+    n = len(out_shape)
+    if node.target is sequence_shift:
+        return WindowMap({node.args[0]: {d: d for d in range(n)}}, node.args[1])
+    x, weight, bias = node.args[:3]
+    maps = {x: {0: 0, n - 1: n - 1} if n == 3 else {n - 1: n - 1}, weight: {}}
+    return WindowMap({**maps, **({bias: {}} if isinstance(bias, fx.Node) else {})}, n - 1)
 
 
 class ViewMap:
@@ -338,6 +369,8 @@ def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
     inputs = tensor_inputs(node)
     if not inputs:
         return None
+    if node.target in (sequence_shift, window_conv1d):
+        return _window(node, out_shape)
     src = node.args[0] if node.args else None
     source = factory_source(node)
     if source is not None and is_tensor(source):

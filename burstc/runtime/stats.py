@@ -22,7 +22,9 @@ class CommStats:
     gathered_bytes: bytes of SequenceShards gathered because something outside a burst graph read them
     (outputs='lazy'), the full tensor's size on this rank.
     all_reduce_bytes: bytes this rank all-reduced in sequence mode's reductions: losses and sums over the
-    sequence, and the parameters' gradient sum (none for parameters FSDP2 reduces: burstc.runtime.fsdp)."""
+    sequence, and the parameters' gradient sum (none for parameters FSDP2 reduces: burstc.runtime.fsdp).
+    halo_bytes: bytes this rank sent in halo exchanges (burstc.runtime.halo: the edge rows a causal conv,
+    a token shift or a roll over the sequence needs from its neighbours), forward and backward."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
@@ -32,6 +34,7 @@ class CommStats:
     backward_calls: int = 0
     gathered_bytes: int = 0
     all_reduce_bytes: int = 0
+    halo_bytes: int = 0
     bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
