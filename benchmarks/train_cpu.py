@@ -35,6 +35,11 @@ boundary at every layer (burst: as this rank's rows, a SequenceShard).
 `--checkpointing on` enables HF's activation checkpointing (non-reentrant) on every side, the single
 process included, and its rows compare against that single process; those steps call the model with
 use_cache=False (HF would turn the cache off with a warning, which fullgraph=True cannot trace).
+- `torch_cp`: G ranks, PyTorch's context parallelism applied by hand, the recipe a user writes today: every
+  attention is PyTorch's own ring (benchmarks/torch_cp_baseline.py, its head-tail load-balanced layout),
+  called from HF through a registered attention function (a graph break; Inductor compiles the rest,
+  fullgraph=False); each rank feeds its own tokens, their position ids and its share of the next-token
+  labels, the loss is its sum over the global count, and one bucketed all-reduce sums the gradients.
 - `attention`: G ranks, `options={"parallel": "attention"}`. `--no-parallel-option` leaves the
   "parallel" key out, for burstc versions without that option (whose only behaviour is
   attention-parallel; where the option exists its default may be another mode).
@@ -53,6 +58,9 @@ MALLOC_MMAP_THRESHOLD_=1 MiB so that freed tensors leave the RSS (as benchmarks/
   instead a background thread reads /proc/self/statm every 2 ms during the step. Peaks shorter than
   that can be missed.
 - peak RSS MiB: the process's `ru_maxrss` at the end (compilation included).
+
+Bytes: the last column shows, for the burst rows, what a timed step gathered (full tensors built on a rank:
+`comm_stats().gathered_bytes`) and sent in halo exchanges, per step and rank.
 
 Correctness: the loss of the first timed step (rank 0's; all ranks should agree) and its |difference|
 from `single`'s, and the largest |difference| of any parameter gradient of that step (rank 0's) from
@@ -78,6 +86,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from burstc.debug.memory import StepMemory  # noqa: E402
 from burstc.launch import run_ranks  # noqa: E402
+from burstc.runtime.stats import comm_stats  # noqa: E402
 from ring_cpu import _rss_mib  # noqa: E402  (peak RSS of this process, MiB)
 
 THREADS = 1  # torch threads per process
@@ -92,7 +101,43 @@ def modes_table(world_size: int, sequence_outputs: str, parallel_option: bool) -
         "single": (1, "inductor", None),
         "sequence": (world_size, "burst", burst("sequence", outputs=sequence_outputs)),
         "attention": (world_size, "burst", burst("attention")),
+        "torch_cp": (world_size, "torch_cp", None),
     }
+
+
+def torch_cp_by_hand(model, config, input_ids, rank, world_size):
+    """PyTorch's context parallelism applied by hand, as a user would: every attention is PyTorch's ring
+    (benchmarks/torch_cp_baseline.py, head-tail layout; GQA's k/v heads repeated for it; a graph break,
+    Inductor compiles the rest), each rank feeds its own tokens with their position ids and its share of the
+    next-token labels, the loss is this rank's sum over the global count, and the gradients are all-reduced
+    in one bucket after the backward. Returns (call kwargs for the model, the gradient all-reduce)."""
+    import torch.distributed as dist
+    from torch_cp_baseline import torch_cp_attention, torch_cp_positions
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    ring = torch._dynamo.disable(torch_cp_attention)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+        repeat = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(repeat, 1).contiguous() for t in (key, value))
+        return ring(query.contiguous(), key, value, causal=True, scale=scaling).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("torch_cp", attention)
+    AttentionMaskInterface.register("torch_cp", lambda *args, **kwargs: None)  # the ring is causal itself
+    model.set_attn_implementation("torch_cp")
+    seq_len = input_ids.shape[1]
+    positions = torch_cp_positions(seq_len, rank=rank, world_size=world_size, causal=True)
+    targets = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1)[:, positions]
+    call = dict(input_ids=input_ids[:, positions], position_ids=positions[None], labels=targets,
+                shift_labels=targets, num_items_in_batch=seq_len - 1)
+
+    def all_reduce_grads():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    return call, all_reduce_grads
 
 
 def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_cache, checkpointing=False,
@@ -112,13 +157,16 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, shape["vocab"], (1, seq_len), generator=torch.Generator().manual_seed(1))
-    kwargs = {} if backend == "inductor" else {"backend": backend, "options": options}
+    kwargs = {} if backend in ("inductor", "torch_cp") else {"backend": backend, "options": options}
+    inputs, reduce_grads = dict(input_ids=input_ids, labels=input_ids), lambda: None
+    if backend == "torch_cp":
+        inputs, reduce_grads = torch_cp_by_hand(model, config, input_ids, rank, world_size)
     if per_layer:  # as torchtitan compiles: each decoder layer on its own, the rest eager
         for layer in model.model.layers:
             layer.compile(fullgraph=True, **kwargs)
         compiled = model
     else:
-        compiled = torch.compile(model, fullgraph=True, **kwargs)
+        compiled = torch.compile(model, fullgraph=backend != "torch_cp", **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = dict(model.named_parameters())
     # HF turns the cache off under checkpointing with a logged warning, which fullgraph=True refuses
@@ -127,8 +175,12 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     grads = {}
 
     def step(keep_grads=False):
-        loss = compiled(input_ids, labels=input_ids, **call_kwargs).loss
+        loss = compiled(**inputs, **call_kwargs).loss
         loss.backward()
+        reduce_grads()
+        if backend == "torch_cp":  # the reported loss: every rank's share summed
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
         opt.step()
         if keep_grads:  # references only: no copy inside the measured step
             grads.update((name, p.grad) for name, p in params.items())
@@ -139,17 +191,19 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     step()  # warm-up: compilation and AdamW's state
     frames = counters["stats"]["unique_graphs"]
     times, step_mib, losses = [], [], []
-    for i in range(iters):  # timed steps: no sampler thread competing with the ranks for the cores
-        sync()
-        start = time.perf_counter()
-        loss = step(keep_grads=(i == 0 and rank == 0))
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+    with comm_stats() as moved:
+        for i in range(iters):  # timed steps: no sampler thread competing with the ranks for the cores
+            sync()
+            start = time.perf_counter()
+            loss = step(keep_grads=(i == 0 and rank == 0))
+            times.append(time.perf_counter() - start)
+            losses.append(loss.item())
     sync()
     with StepMemory() as mem:  # one more step, for memory only
         step()
     step_mib.append(mem.mib)
     return dict(times=times, step_mib=max(step_mib), peak_rss_mib=_rss_mib(), loss=losses[0],
+                gathered_mib=moved.gathered_bytes / iters / 2**20, halo_kib=moved.halo_bytes / iters / 2**10,
                 grads={k: g.detach() for k, g in grads.items()} if rank == 0 else None,
                 recompiled=counters["stats"]["unique_graphs"] != frames,
                 sites=dict(counters["burst"]))
@@ -175,24 +229,27 @@ def measure(mode, spec, seq_len, args, shape, checkpointing=False):
     return dict(time=statistics.median(step_times), step_mib=max(r["step_mib"] for r in per_rank),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in per_rank), loss=r0["loss"],
                 rank_loss_spread=max(abs(r["loss"] - r0["loss"]) for r in per_rank), grads=r0["grads"],
+                gathered_mib=max(r["gathered_mib"] for r in per_rank), halo_kib=max(r["halo_kib"] for r in per_rank),
                 sites=r0["sites"])
 
 
 def table_row(seq_len, mode, ranks, r, base, checkpointing=False):
     label = "single"
-    if mode != "single":
+    if mode == "torch_cp":
+        label = f"PyTorch CP by hand ({ranks} ranks)"
+    elif mode != "single":
         converted, left = (r.get("sites", {}).get(k, 0) for k in ("sites_converted", "sites_left"))
         sites = f", {converted}/{converted + left} sites converted" if "sites" in r else ""
         label = f"burst {mode} ({ranks} ranks{sites})"
     if checkpointing:
         label += ", checkpointing"
     if "error" in r:
-        return [seq_len, label, "error: " + r["error"].replace("|", r"\|")] + [""] * 7
+        return [seq_len, label, "error: " + r["error"].replace("|", r"\|")] + [""] * 8
     loss = f"{r['loss']:.6f}"
     if r["rank_loss_spread"] > 0:
         loss += f" (ranks differ by {r['rank_loss_spread']:.1e})"
     cells = [seq_len, label, f"{r['time']:.2f}", "", f"{r['step_mib']:.0f}", "", f"{r['peak_rss_mib']:.0f}",
-             loss, "", ""]
+             loss, "", "", f"{r['gathered_mib']:.2f} / {r['halo_kib']:.1f}" if mode in ("sequence", "attention") else ""]
     if base is not None and "error" not in base:
         cells[3] = f"{base['time'] / r['time']:.2f}"
         cells[5] = f"{r['step_mib'] / base['step_mib']:.2f}" if base["step_mib"] > 0 else ""
@@ -205,7 +262,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--modes", default="single,sequence,attention",
-                   help="comma-separated subset of single, sequence, attention")
+                   help="comma-separated subset of single, sequence, attention, torch_cp")
     p.add_argument("--world-size", type=int, default=2, help="ranks of the burst configurations")
     p.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--layers", type=int, default=2)
@@ -245,7 +302,8 @@ def main() -> None:
                 rows.append(table_row(seq_len, m, table[m][0], results[m], results.get("single"), checkpointing))
 
     head = ["tokens", "config", "step s (median)", "speedup vs single", "step MiB per rank",
-            "step MiB / single's", "peak RSS MiB", "loss", r"\|loss diff\|", r"max \|grad diff\|"]
+            "step MiB / single's", "peak RSS MiB", "loss", r"\|loss diff\|", r"max \|grad diff\|",
+            "gathered MiB / halo KiB per step"]
     lines = [
         f"`{shlex.join([os.path.basename(sys.executable), *sys.argv])}`",
         "",

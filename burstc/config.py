@@ -8,6 +8,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 | kernel    | BURST_KERNEL      | auto     | auto, cpu, reference or triton local kernel |
 | timeout_s | BURST_TIMEOUT_S   | 300      | seconds a rank waits for a ring transfer before raising |
 | inner     | BURST_INNER       | inductor | compiler for the rest of the graph: inductor, aot_eager or eager |
+| checks    | BURST_CHECKS      | once     | when the ranks' agreement is checked (shapes, options, mask digests, replicated inputs' fingerprints): once per compiled site or graph input and shape, or always (every call: a debugging aid; each check is a small collective and a device-to-host copy) |
 | verify    | BURST_VERIFY      | False    | the first forward and backward of each converted site are compared with plain SDPA (and its gradients); a mismatch raises |
 | dump_dir  | BURST_DUMP_DIR    | None     | write graphs, plans, pictures and kernels of each compiled graph there |
 | exclude   | BURST_EXCLUDE     | ()       | attention sites left as plain SDPA: graph node names ('y_1') or 'file.py:line' (comma-separated in the env) |
@@ -35,6 +36,7 @@ from burstc.schedule.topology import INTER, INTRA, LinkSpec
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 PARALLEL_MODES = ("auto", "sequence", "attention")
 OUTPUT_MODES = ("lazy", "gathered", "local")
+CHECK_MODES = ("once", "always")
 _TRUE = ("1", "true", "yes", "on")
 _FLOATS = ("timeout_s", "intra_gbs", "inter_gbs", "intra_latency_us", "inter_latency_us", "tflops")
 
@@ -47,6 +49,7 @@ class BurstConfig:
     timeout_s: float = 300.0
     inner: str = "inductor"
     verify: bool = False
+    checks: str = "once"
     exclude: tuple[str, ...] = ()
     dump_dir: Optional[str] = None
     parallel: str = "auto"
@@ -97,7 +100,7 @@ class BurstConfig:
             options["exclude"] = tuple(options["exclude"])
         cfg = replace(cls.from_env(environ), **options)
         for name, allowed in (("inner", INNER_COMPILERS), ("parallel", PARALLEL_MODES), ("outputs", OUTPUT_MODES),
-                              ("schedule", SCHEDULE_CHOICES)):
+                              ("schedule", SCHEDULE_CHOICES), ("checks", CHECK_MODES)):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
         return cfg

@@ -38,11 +38,11 @@ def test_custom_ops_pass_opcheck():
              "", "")
     for mask_args in (no_masks, masks):
         torch.library.opcheck(torch.ops.burst.attention.default,
-                              (q, k, v, *mask_args, None, True, "zigzag", "auto", "auto", "auto", 0, "", ""))
-        out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", "")
+                              (q, k, v, *mask_args, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
+        out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", "", "")
         torch.library.opcheck(torch.ops.burst.attention_backward.default,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                               *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", ""))
+                               *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])

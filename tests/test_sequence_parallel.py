@@ -230,6 +230,47 @@ def test_token_mixing_and_a_shifted_loss_gather_nothing(world_size, cases):
             assert c["seq_halos"] == 2 * 5 and c["shifts_unshifted"] == 1 and not c.get("seq_gathers"), r
 
 
+def _collectives_per_step(rank, world_size, checks):
+    from burstc.runtime.stats import comm_stats
+
+    torch.manual_seed(0)
+    model = _MixersWithShiftedLoss() if checks == "halo" else _LossInGraph()
+    idx = torch.randint(0, 50, (2, 32), generator=torch.Generator().manual_seed(1))
+    options = {"inner": "aot_eager"} if checks == "halo" else {"inner": "aot_eager", "checks": checks}
+    compiled = torch.compile(model, backend="burst", options=options)
+    steps = []
+    for _ in range(3):
+        with comm_stats() as c:
+            compiled(idx).backward()
+        steps.append(dict(c.collectives))
+    return steps
+
+
+class _LossInGraph(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gpt = TinyGPT(layers=2, heads=4, kv_heads=2)
+
+    def forward(self, idx):
+        logits = self.gpt(idx)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx.roll(-1, 1).reshape(-1))
+
+
+def test_a_steady_step_talks_only_in_rings_and_reductions():
+    """The ranks agree on each site's metadata and check the replicated inputs on the first call; a steady
+    step then makes the rings' transfers, the loss's all-reduce and the gradient bucket's, nothing else
+    (no metadata exchange, no device-to-host copy). checks='always' brings the checks back every step."""
+    once, always, halo = (run_ranks(2, _collectives_per_step, checks, timeout_s=600)[0]
+                          for checks in ("once", "always", "halo"))
+    rings = 2 * 2 * 2  # 2 sites, forward and backward, 2 steps of the ring each
+    assert once[0]["agreement"] == 2 and once[0]["replica_check"] >= 1, once[0]
+    assert once[2] == {"ring": rings, "all_reduce": 2}, once[2]
+    assert always[2]["agreement"] == 4 and always[2]["replica_check"] == always[0]["replica_check"], always
+    # shifts, rolls and convs add one exchange each way per window op (2 layers x 5), still no gather (the
+    # mixers' replicated `1 - mix` gets its own gradient all-reduce per layer)
+    assert halo[2] == {"ring": rings, "all_reduce": 2 + 2, "halo": 2 * 2 * 5}, halo[2]
+
+
 def _local_outputs(rank, world_size):
     import burstc
 

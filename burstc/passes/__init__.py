@@ -21,7 +21,8 @@ the top of its module. They run on the Dynamo-level graph (before AOTAutograd), 
    model, sizes as sympy expressions when the sequence length is dynamic.
 4. ``shard.shard_graph`` (sequence mode) — every tensor sharded along the sequence or replicated, with
    boundary ops where they meet (rules per op in ``shard_rules``; ``specialize`` folds symbolic sizes
-   for ``dynamic=True``).
+   for ``dynamic=True``). Before it, ``windows.fuse_windows`` turns token shifts, rolls and convs over a
+   bounded window into one node each, which the pass runs on shards with a halo exchange.
 5. ``rewrite.rewrite_sites`` — converting sites become ``burst::attention_local`` (sequence mode) or
    ``burst::attention`` calls; the others stay SDPA with their reason logged once.
 

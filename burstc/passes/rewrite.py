@@ -41,12 +41,14 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
         graph = gm.graph
         with graph.inserting_before(site.node):
             verify_site = f"{graph_id}/{site.name}" if cfg.verify else ""
+            every_call = cfg.verify or cfg.checks == "always"
+            site_key = "" if every_call else f"{graph_id}/{site.name}/{plan.seq_len}"
             query, key, value = _broadcast(graph, site)
             call = graph.call_function(op, (
                 query, key, value, site.attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers or site.proof_buffers), plan.causal, site.window_left, site.window_right,
                 site.mask_mod, site.proof, plan.scale, plan.enable_gqa, plan.layout,
-                plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, verify_site))
+                plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, site_key, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(site.node.meta)
         site.node.replace_all_uses_with(out)

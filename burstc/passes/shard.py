@@ -197,14 +197,15 @@ def _sized_like(src: torch.Tensor, size: tuple[int, ...], like: str, *args, **kw
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, plans: list[SitePlan], seq_len: int, layout: str, world_size: int,
                  rank: int, group_name: str, outputs: str, needs_grad: set[fx.Node],
-                 arriving: Optional[dict[fx.Node, SeqDim]] = None, fsdp: Optional[dict[fx.Node, FsdpScales]] = None):
+                 arriving: Optional[dict[fx.Node, SeqDim]] = None, fsdp: Optional[dict[fx.Node, FsdpScales]] = None,
+                 checks: str = "once"):
         self.gm, self.graph, self.needs_grad = gm, gm.graph, needs_grad
         self.fsdp = {a: scales for a, scales in (fsdp or {}).items() if a in needs_grad}  # FSDP2 reduces these
         self.arriving = arriving or {}  # graph inputs that arrive as this rank's shards (SequenceShard)
         self.storage = storages(gm)
         self.from_inputs = input_dependent(gm, self.storage)
         self.seq_len, self.layout, self.world_size, self.rank = seq_len, layout, world_size, rank
-        self.group_name, self.outputs = group_name, outputs
+        self.group_name, self.outputs, self.checks = group_name, outputs, checks
         self.local_len = local_length(seq_len, layout, world_size, rank)
         self.sites = {p.site.node: p for p in plans if p.converts}
         self.want: dict[fx.Node, SeqDim] = {}
@@ -485,7 +486,8 @@ class _Sharder:
         else:
             why = "replicated value meets sharded work"
         with self.graph.inserting_after(anchor or self._after(node)):
-            new = self.graph.call_function(torch.ops.burst.seq_shard.default, (node, *self._spec_args(spec), check))
+            new = self.graph.call_function(torch.ops.burst.seq_shard.default,
+                                           (node, *self._spec_args(spec), check, self.checks == "always"))
         self._record("shard", node, spec, 0, why)
         _same_value(new, node)
         return new
@@ -728,7 +730,7 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_s
 def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, layout: str, world_size: int,
                 rank: int, group_name: str, outputs: str = "gathered", check_shapes: bool = True,
                 arriving: Optional[dict[fx.Node, SeqDim]] = None, arriving_len: Optional[int] = None,
-                fsdp: Optional[dict[fx.Node, FsdpScales]] = None) -> ShardingPlan:
+                fsdp: Optional[dict[fx.Node, FsdpScales]] = None, checks: str = "once") -> ShardingPlan:
     """Partition gm (in place) along the sequence of its converting attention sites (and of its inputs that
     arrive as shards: `arriving`, over a sequence of arriving_len tokens); raises ShardingError (gm then
     unusable: pass a copy) when that cannot be done exactly. outputs: the option (what sharded outputs
@@ -748,7 +750,7 @@ def shard_graph(gm: fx.GraphModule, example_inputs, plans: list[SitePlan], *, la
         raise ShardingError(f"{seq_len} tokens are fewer than the {chunk_count(layout, world_size)} chunks of "
                             f"the {layout} layout on {world_size} ranks")
     sharder = _Sharder(gm, converting, seq_len, layout, world_size, rank, group_name, outputs,
-                       requires_grad(gm, example_inputs), arriving, fsdp)
+                       requires_grad(gm, example_inputs), arriving, fsdp, checks)
     plan = sharder.run()
     unsharded = [p.site.name for p in converting if sharder.place.get(p.site.node) != SeqDim(2)]
     if unsharded:  # the rewrite makes them local attention: it must get this rank's shards
@@ -784,5 +786,6 @@ def shard_copy(gm: fx.GraphModule, example_inputs, cfg: BurstConfig, *, world_si
                            group_name=group_name, outputs=cfg.outputs, check_shapes=check_shapes,
                            arriving={by_name[name]: spec for name, spec in (arriving or {}).items()},
                            arriving_len=arriving_len,
-                           fsdp={p: scales for i, p in enumerate(by_name.values()) if (scales := (fsdp or {}).get(i))})
+                           fsdp={p: scales for i, p in enumerate(by_name.values()) if (scales := (fsdp or {}).get(i))},
+                           checks=cfg.checks)
     return work, plans, sharding

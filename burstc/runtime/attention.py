@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 
 from burstc.config import BurstConfig
+from burstc.runtime import stats
 from burstc.runtime.kernels import LocalKernel, select_kernel
 from burstc.runtime.ring import ring_backward, ring_forward
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.runtime.ulysses import ulysses_backward, ulysses_forward
-from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, local_problem,
-                                     replicated_checksum)
+from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, agreed_before, local_problem,
+                                     remember_agreement, replicated_checksum)
 from burstc.runtime.mask_args import MaskArgs
 from burstc.schedule import layout as layouts
 from burstc.schedule import predict
@@ -93,6 +94,7 @@ class RingRun:
             mine = held[self.rank].contiguous()
             shards = [torch.empty_like(mine) for _ in range(g)]
             dist.all_gather(shards, mine, group=self.group)
+            stats.count_collective("gather")
         return assemble(shards, dim=SEQ_DIM, layout=p.layout, seq_len=p.seq_len)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Held, ...]:
@@ -251,10 +253,13 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                 kernel: Optional[str], virtual_world_size: Optional[int] = None,
                 dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True,
                 masks: Optional["MaskArgs"] = None, schedule: Optional[str] = None,
-                node_size: Optional[int] = None) -> RingRun:
+                node_size: Optional[int] = None, site_key: str = "") -> RingRun:
     """Validate a call (on every rank) and build its RingRun. full_sequence: q, k, v are the whole
     sequence on every rank of the group (the compiled op) instead of this rank's shard;
-    check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v)."""
+    check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v).
+    site_key: a compiled site's key (graph, site, global length; alike on every rank): the ranks then agree
+    on the first call with each local shape only, and later calls make no collective and no host copy
+    here; '' agrees on every call (the eager API, checks='always', verify)."""
     cfg = BurstConfig.from_env()
     masks = masks or MaskArgs()
     layout = layout or cfg.layout
@@ -302,13 +307,20 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         local_len=q.shape[SEQ_DIM], dtype=q.dtype, causal=bool(causal), layout=layout,
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-                        checksum=replicated_checksum(q, k, v) if full_sequence and check_replicas and world_size > 1
-                        else (0.0, 0.0), mask_code=masks.code(), schedule=schedule,
-                        node_size=topology.node_size,
+                        mask_code=masks.code(content=not site_key), schedule=schedule, node_size=topology.node_size,
                         cost_code=zlib.crc32(repr((_links_key(topology), cfg.tflops)).encode()))
     distributed = rank is not None and world_size > 1
+    metas = agreed_before(site_key, meta, group) if distributed and site_key and meta is not None else None
+    if distributed and metas is None:
+        agreed = meta
+        if meta is not None and site_key:  # the first call of a compiled site: the mask values count too
+            agreed = replace(meta, mask_code=masks.code())
+        if meta is not None and full_sequence and check_replicas:
+            agreed = replace(agreed, checksum=replicated_checksum(q, k, v))
+        metas = agree_across_ranks(agreed, problem, group, rank, world_size, q.device, full_sequence)
+        if site_key:
+            remember_agreement(site_key, meta, group, metas)
     if distributed:
-        metas = agree_across_ranks(meta, problem, group, rank, world_size, q.device, full_sequence)
         seq_len = metas[0].local_len if full_sequence else sum(m.local_len for m in metas)
     else:
         if problem is not None:

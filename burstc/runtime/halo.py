@@ -140,6 +140,7 @@ def _exchange(group_name: str, outgoing: dict, incoming: dict) -> dict:
     stats.count("halo_bytes", sum(t.numel() * t.element_size() for t in outgoing.values()))
     if not ops:
         return incoming
+    stats.count_collective("halo")
     timeout = datetime.timedelta(seconds=float(os.environ.get("BURST_TIMEOUT_S") or 300))
     for work in dist.batch_isend_irecv(ops):
         try:

@@ -55,9 +55,10 @@ class MaskArgs:
                 return f"attn_mask {tuple(m.shape)} does not broadcast over batch {q.shape[0]} and {q.shape[1]} heads"
         return None
 
-    def code(self) -> int:
+    def code(self, content: bool = True) -> int:
         """A 62-bit digest of what every rank must pass alike (the attn_mask rows differ per rank: only
-        their kind counts)."""
+        their kind counts). content=False leaves the descriptors' values out (their shapes and dtypes
+        count): no host copy, for a compiled site whose agreement is already known."""
         h = hashlib.sha1()
         h.update(repr(self.window).encode())
         for t in (self.key_padding_mask, self.document_ids, self.cu_seqlens):
@@ -65,7 +66,8 @@ class MaskArgs:
                 h.update(b"-")
             else:
                 h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+                if content:
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
         for mod in (self.mask_mod, self.proof):
             h.update(getattr(mod, "__qualname__", "-").encode())
             if hasattr(mod, "digest"):

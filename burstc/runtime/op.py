@@ -44,7 +44,9 @@ def resolve_group(group_name: str) -> Optional[dist.ProcessGroup]:
 # mask construction became (key padding [B, N], document ids [B, N], a window, a registered FlexAttention
 # mask_mod with its captured tensors mask_buffers), all over global positions. mask_proof names the model's
 # own mask code (its leaves in mask_buffers), against which recognised descriptors are proven on the
-# first call (burstc.runtime.mask_proof). Options follow; verify_site comes last.
+# first call (burstc.runtime.mask_proof). Options follow; site_key (the compiled site's graph, name and global
+# length, alike on every rank: the ranks agree on its first call with each shape only; '' on every call)
+# and verify_site come last.
 
 def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right, mask_mod,
            mask_proof) -> MaskArgs:
@@ -55,10 +57,10 @@ def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, wind
 
 
 def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-         mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence: bool,
-         check_replicas: bool = False):
+         mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key,
+         full_sequence: bool, check_replicas: bool = False):
     return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
-                       layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence,
+                       layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence, site_key=site_key,
                        check_replicas=check_replicas, schedule=schedule, node_size=node_size or None,
                        masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
                                     mask_mod, mask_proof))
@@ -70,12 +72,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
               mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
               window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
               enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
-              verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
+              site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
     masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
              mask_proof)
-    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=True,
+    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=True,
                check_replicas=True)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
@@ -116,12 +118,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
                        mask_proof: str, scale: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
-                       verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) over the full sequence, given the forward's out and lse. verify_site: '' or the
     site whose first backward is checked against SDPA's gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=True)
+               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=True)
     grads = _grads(run, dout, q, k, v, out, lse)
     if verify_site and verify_site not in _verified_backward:
         _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, enable_gqa)
@@ -229,13 +231,13 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                     mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                     window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                     enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
-                    verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
     tokens in the layout's order (sequence mode), attn_mask this rank's query rows over all keys. No
     gather: the output stays sharded."""
     masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
              mask_proof)
-    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=False)
+    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=False)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
@@ -265,10 +267,10 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                              window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str,
-                             node_size: int, group_name: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             node_size: int, group_name: str, site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, full_sequence=False)
+               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=False)
     grads = _grads(run, dout, q, k, v, out, lse)
     if verify_site and verify_site not in _verified_backward:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731

@@ -72,6 +72,7 @@ def _check_replicated(x: torch.Tensor, dim: int, what: str, group_name: str) -> 
                         device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
+    stats.count_collective("replica_check")
     rows = torch.stack(gathered).cpu()
     tolerance = 1e-9 * max(float(rows[:, 2].max()), 1e-30)
     if bool((rows[:, 0] != rows[0, 0]).any()) or float(rows[:, 1].max() - rows[:, 1].min()) > tolerance:
@@ -82,19 +83,27 @@ def _check_replicated(x: torch.Tensor, dim: int, what: str, group_name: str) -> 
             "in their own group (options={'group': ...}) and combine groups with data parallelism.")
 
 
+_checked: set[tuple] = set()  # replica checks made (checks='once')
+
+
 @torch.library.custom_op("burst::seq_shard", mutates_args=())
 def seq_shard(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, layout: str, group_name: str,
-              check: str) -> torch.Tensor:
+              check: str, every_call: bool) -> torch.Tensor:
     """This rank's positions of replicated x along dim. check: '' or the name of the value, whose
-    replication over the ranks is then verified (a graph input: the ranks must agree on it)."""
+    replication over the ranks is then verified (a graph input: the ranks must agree on it), on the first
+    call with its shape, or on every call (every_call: the option checks='always')."""
     world, _ = _world(group_name)
-    if check and world > 1:
+    key = (check, tuple(x.shape), x.dtype, dim, seq_len, layout, group_name)
+    if check and world > 1 and (every_call or key not in _checked):
         _check_replicated(x, dim, check, group_name)
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked.add(key)
     return take_local(x, dim, outer, inner, seq_len, layout, group_name)
 
 
 @seq_shard.register_fake
-def _(x, dim, outer, inner, seq_len, layout, group_name, check):
+def _(x, dim, outer, inner, seq_len, layout, group_name, check, every_call):
     return _with_rows(x, dim, outer, local_rows(seq_len, layout, group_name), inner)
 
 
@@ -108,6 +117,7 @@ def seq_scatter_sum(g: torch.Tensor, dim: int, outer: int, inner: int, seq_len: 
     _seq_view(full, dim, outer, inner).index_copy_(dim + 1, positions, _seq_view(g, dim, outer, inner))
     if world > 1:
         dist.all_reduce(full, group=_group(group_name))
+        stats.count_collective("all_reduce")
     return full
 
 
@@ -117,7 +127,7 @@ def _(g, dim, outer, inner, seq_len, layout, group_name):
 
 
 def _shard_backward(ctx, grad):
-    return (seq_scatter_sum(grad.contiguous(), *ctx.args), None, None, None, None, None, None, None)
+    return (seq_scatter_sum(grad.contiguous(), *ctx.args), None, None, None, None, None, None, None, None)
 
 
 def _shard_setup(ctx, inputs, output):
@@ -139,7 +149,10 @@ def seq_gather(x: torch.Tensor, dim: int, outer: int, inner: int, seq_len: int, 
     padded = pad_shard(tokens.contiguous(), dim=dim + 1, rows=rows)
     shards = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(shards, padded, group=_group(group_name))
-    return assemble(shards, dim=dim + 1, layout=layout, seq_len=seq_len).flatten(dim, dim + 2)
+    stats.count_collective("gather")
+    full = assemble(shards, dim=dim + 1, layout=layout, seq_len=seq_len).flatten(dim, dim + 2)
+    stats.count("gathered_bytes", full.numel() * full.element_size())
+    return full
 
 
 @seq_gather.register_fake
@@ -152,7 +165,7 @@ def _gather_backward(ctx, grad):
     # Through the op, never take_local itself: AOTAutograd would trace this rank's positions into the
     # backward graph as a constant, and Inductor's caches (keyed without the rank) would hand that graph
     # to another rank, which then takes the wrong rows (silently wrong gradients).
-    return (seq_shard(grad.contiguous(), *ctx.args, ""), None, None, None, None, None, None)
+    return (seq_shard(grad.contiguous(), *ctx.args, "", False), None, None, None, None, None, None)
 
 
 def _gather_setup(ctx, inputs, output):
@@ -169,6 +182,7 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     if _world(group_name)[0] > 1:
         stats.count("all_reduce_bytes", out.numel() * out.element_size())
         dist.all_reduce(out, group=_group(group_name))
+        stats.count_collective("all_reduce")
     return out
 
 

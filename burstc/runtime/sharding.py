@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from burstc.runtime import stats
 from burstc.schedule import layout as layouts
 
 
@@ -58,6 +59,7 @@ class _Unshard(torch.autograd.Function):
         lengths = torch.tensor([x_local.shape[dim]], device=x_local.device)
         all_lengths = [torch.empty_like(lengths) for _ in range(world_size)]
         dist.all_gather(all_lengths, lengths, group=group)
+        stats.count_collective("gather")
         seq_len = int(sum(int(n) for n in all_lengths))
         rows = layouts.local_padded_length(seq_len, layout, world_size)
         padded = pad_shard(x_local.contiguous(), dim=dim, rows=rows)

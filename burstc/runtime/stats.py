@@ -19,12 +19,18 @@ class CommStats:
     crossed, {"intra": ..., "inter": ...} (burstc.schedule.topology: ranks of one node or not).
     forward_calls / backward_calls: burst attention calls run (each is one whole ring), forward and
     backward; under activation checkpointing the forward runs once per step, not again in the backward.
-    gathered_bytes: bytes of SequenceShards gathered because something outside a burst graph read them
-    (outputs='lazy'), the full tensor's size on this rank.
+    gathered_bytes: bytes of full tensors sequence mode gathered on this rank: inside a graph (an op that mixes
+    tokens with no sharded form, an output with outputs='gathered') and SequenceShards that something outside
+    a burst graph read (outputs='lazy'); the full tensor's size each time.
     all_reduce_bytes: bytes this rank all-reduced in sequence mode's reductions: losses and sums over the
     sequence, and the parameters' gradient sum (none for parameters FSDP2 reduces: burstc.runtime.fsdp).
     halo_bytes: bytes this rank sent in halo exchanges (burstc.runtime.halo: the edge rows a causal conv,
-    a token shift or a roll over the sequence needs from its neighbours), forward and backward."""
+    a token shift or a roll over the sequence needs from its neighbours), forward and backward.
+    collectives: how many communication calls this rank made, by purpose: "ring" (a batch of the ring's
+    point-to-point transfers), "halo" (a halo exchange), "all_reduce" (a loss, a sum over the sequence, the
+    gradient bucket, a shard's gradient scatter), "gather" (a full tensor gathered), "agreement" (the
+    ranks' call metadata exchanged: once per compiled site and shape) and "replica_check" (a graph input's
+    fingerprints compared: once per input and shape); BURST_CHECKS=always makes the last two per call."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
@@ -35,6 +41,7 @@ class CommStats:
     gathered_bytes: int = 0
     all_reduce_bytes: int = 0
     halo_bytes: int = 0
+    collectives: dict = field(default_factory=dict)
     bytes_by_link: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
 
     @property
@@ -59,6 +66,12 @@ def comm_stats():
 def count(field: str, amount: int) -> None:
     for stats in _active:
         setattr(stats, field, getattr(stats, field) + amount)
+
+
+def count_collective(purpose: str) -> None:
+    """One communication call made for `purpose` (see CommStats.collectives)."""
+    for stats in _active:
+        stats.collectives[purpose] = stats.collectives.get(purpose, 0) + 1
 
 
 def count_message(phase: str, link: str, amount: int) -> None:

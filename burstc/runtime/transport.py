@@ -141,6 +141,8 @@ class GroupTransport:
             ops += [dist.P2POp(dist.irecv, t, self._global[src], self._group, tag + i) for i, t in enumerate(buffers)]
             received.append(buffers)
         entry = (dist.batch_isend_irecv(ops) if ops else [], sent)
+        if ops:
+            stats.count_collective("ring")
         self._inflight.append(entry)
         what = ", ".join(f"tag {tag} from rank {self.members[src]}" for src, _, _, tag in recvs) or "its own sends"
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from burstc.runtime import stats
 from burstc.schedule import layout as layouts
 from burstc.schedule.cost import BACKWARD_SCHEMES
 from burstc.schedule.plan import SCHEDULE_CHOICES
@@ -118,6 +119,22 @@ def local_problem(q, k, v, *, enable_gqa: bool, layout: str, backward: str, drop
     return None
 
 
+_agreed: dict[tuple, list[CallMeta]] = {}  # (site key, group, this rank's call) -> every rank's CallMeta
+
+
+def agreed_before(site_key: str, meta: CallMeta, group) -> Optional[list[CallMeta]]:
+    """Every rank's CallMeta from an earlier agreement of this compiled site with this rank's call as it is
+    now (shapes, options, mask digest), or None. The site key names the compiled graph, the site and the
+    global sequence length, all alike on every rank, so every rank finds it or none does."""
+    return _agreed.get((site_key, id(group), replace(meta, checksum=(0.0, 0.0))))
+
+
+def remember_agreement(site_key: str, meta: CallMeta, group, metas: list[CallMeta]) -> None:
+    if len(_agreed) > 4096:  # many shapes (dynamic lengths): forget, and agree again
+        _agreed.clear()
+    _agreed[(site_key, id(group), replace(meta, checksum=(0.0, 0.0)))] = metas
+
+
 def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, rank: int,
                        world_size: int, device: torch.device, full_sequence: bool = False) -> list[CallMeta]:
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
@@ -133,6 +150,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     mine = mine.to(comm_device)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine, group=group)
+    stats.count_collective("agreement")
     rows = [g.cpu().tolist() for g in gathered]
     failing = [r for r, row in enumerate(rows) if row[0]]
     if failing:

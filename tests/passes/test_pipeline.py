@@ -52,7 +52,7 @@ def test_gpt_sites_become_burst_ops(fake_world):
     assert counters["burst"]["sites_converted"] == 3 and counters["burst"]["sites_left"] == 0
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
     # (q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-    #  mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group, verify_site)
+    #  mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group, site_key, verify_site)
     assert call.args[3:7] == (None, None, None, [])
     assert call.args[7:16] == (True, None, None, "", "", None, True, "zigzag", "kv_ring")
 
@@ -77,7 +77,7 @@ def test_mha_picks_the_query_ring_and_options_apply(fake_world):
     gm = rewritten_graph(model, torch.randint(0, 50, (1, 16)), layout="striped", verify=True)
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
     assert call.args[14:16] == ("striped", "query_ring")
-    assert re.fullmatch(r"g\d+/y", call.args[20])  # verify is on: the site is named <graph id>/<node name>
+    assert re.fullmatch(r"g\d+/y", call.args[21])  # verify is on: the site is named <graph id>/<node name>
 
 
 def test_unsupported_sites_stay_sdpa_with_a_logged_reason(fake_world, caplog):

@@ -296,7 +296,7 @@ def _gloo_schedules(rank, world_size):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         no_masks = (None, None, None, [], True, None, None, "", "")
         out, _ = torch.ops.burst.attention(*leaves, *no_masks, None, True, "zigzag", "auto", "reference", schedule,
-                                           0, "", "")
+                                           0, "", "", "")
         out.backward(dout)
         want = sdpa_with_grads(q, k, v, dout, True)
         err = max((a - b).abs().max().item() for a, b in zip((out, *(t.grad for t in leaves)), want))
