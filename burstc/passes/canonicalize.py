@@ -329,6 +329,7 @@ def _match_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.No
             break
         following = [u for u in node.users if u.args and u.args[0] is node and _is_prob_passthrough(u)]
         if len(following) != 1:
+            _report_unknown_path(node)
             raise _NotAttention
         node = following[0]
         nodes.append(node)
@@ -339,6 +340,40 @@ def _match_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.No
         if _is_dropout(n) and not _dropout_is_noop(n):
             raise _Skip(f"dropout {n.name} is not provably a no-op (p > 0 in training)")
     return pv, _pv_value(pv, node), nodes
+
+
+def _report_unknown_path(probs: fx.Node, hops: int = 4) -> None:
+    """A softmax whose weights reach a P @ V product through ops the matcher does not know is attention
+    left alone: raise _Skip naming those ops (never let it pass unseen). Attention sinks (GPT-OSS: the
+    softmax runs over one extra column per head, sliced off before P @ V) get their own reason."""
+    frontier, path = [probs], []
+    for _ in range(hops):
+        users = [u for n in frontier for u in n.users if u.args and u.args[0] is n]
+        for u in users:
+            if _pv_value(u, u.args[0]) is not None:
+                names = [_op_label(n) for n in path]
+                if any(_drops_last_columns(n) for n in path):
+                    raise _Skip("the softmax also covers extra columns that are dropped before P @ V (attention "
+                                "sinks, as in GPT-OSS), which burst does not convert yet")
+                raise _Skip(f"the attention weights pass through {', '.join(names)} before P @ V, which burst does "
+                            "not know to be exact to rewrite")
+        if not users:
+            return
+        path += users
+        frontier = users
+
+
+def _op_label(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _drops_last_columns(node: fx.Node) -> bool:
+    """x[..., :-k] (k > 0): a slice of the last dim dropping its last columns."""
+    if node.target is not operator.getitem or not isinstance(node.args[1], tuple) or not node.args[1]:
+        return False
+    last = node.args[1][-1]
+    return (isinstance(last, slice) and last.start in (None, 0) and isinstance(last.stop, int) and last.stop < 0
+            and last.step in (None, 1))
 
 
 def _softmax_input(node: fx.Node) -> tuple[fx.Node, torch.dtype | None]:

@@ -284,6 +284,32 @@ class MaskFromScoresAttention(QKVBlock):
         return self.merge(att.masked_fill(att < -1.0, float("-inf")).softmax(-1) @ v)
 
 
+class SinkAttention(QKVBlock):
+    """GPT-OSS's eager attention: a learned per-head sink logit joins the softmax and is sliced off."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(H))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        scores = q @ k.transpose(-1, -2) * D ** -0.5
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        combined = torch.cat([scores, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1)[..., :-1]
+        return self.merge(probs @ v)
+
+
+class ReweightedAttention(QKVBlock):
+    """The weights go through an op the matcher does not know (a renormalisation) before P @ V."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        probs = F.softmax(q @ k.transpose(-1, -2) * D ** -0.5, dim=-1)
+        return self.merge(torch.sqrt(probs) @ v)
+
+
 class Bmm3DAttention(QKVBlock):
     """3-D bmm attention over [B*H, T, D]: deliberately not converted, but reported."""
 
@@ -423,8 +449,10 @@ def test_dropout_in_training_stays():
     (MaskFromScoresAttention, (), "also used elsewhere"),
     (Bmm3DAttention, (), "not a 4-D tensor"),
     (AdditiveMaskAttention, (torch.randn(T),), "fewer than 2 dims"),
+    (SinkAttention, (), "attention sinks"),
+    (ReweightedAttention, (), "pass through sqrt before P @ V"),
 ], ids=["finite-fill", "scale-after-mask", "negative-scale-after-mask", "mask-from-scores", "bmm-3d",
-        "1-d-mask"])
+        "1-d-mask", "sinks", "unknown-op-on-weights"])
 def test_inexact_forms_stay(model_cls, extra, reason):
     model = model_cls()
     compiled, captured = compile_with_pass(model)
