@@ -368,10 +368,10 @@ class _Sharder:
         """A window op along the sequence runs on this rank's shard, its window's edge rows exchanged with
         the ranks that hold them (burstc.runtime.halo)."""
         if node.target is halo.sequence_shift:
-            _, dim, shift, _, wrap = node.args
+            shift, wrap = node.args[2], node.args[4]
             before, after, node.target = max(shift, 0), max(-shift, 0), halo.sharded_sequence_shift
         else:
-            dim, (before, after), wrap = len(shape(node)) - 1, node.args[3:5], False
+            (before, after), wrap = node.args[3:5], False
             node.target = halo.sharded_window_conv1d
         node.args = (*node.args, self.seq_len, self.layout, self.group_name)
         rows = sum(map(len, halo.halo_plan(self.seq_len, self.layout, self.world_size, self.rank, before, after,

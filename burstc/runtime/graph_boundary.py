@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from burstc.passes.shard_rules import SeqDim

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from burstc.passes import canonicalize_attention, canonicalize_result
-from burstc.passes.canonicalize import SDPA, _einsum_form
+from burstc.passes.attention_spellings import einsum_form
+from burstc.passes.canonicalize import SDPA
 
 B, T, C, H = 2, 8, 32, 4
 D = C // H
@@ -470,7 +471,7 @@ def test_inexact_forms_stay(model_cls, extra, reason):
     ("...qd,...kd->...qk", None),   # ellipsis
 ])
 def test_einsum_forms(equation, form):
-    assert _einsum_form(equation) == form
+    assert einsum_form(equation) == form
 
 
 # ---------------------------------------------------------------------------------------------

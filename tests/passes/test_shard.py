@@ -60,7 +60,7 @@ def test_tiny_gpt_shards_ids_and_positions_and_sums_every_weight_gradient(fake_w
     # (Inductor's caches would hand such a graph to another rank)
     (positions,) = [n for n in gm.graph.nodes if n.target is torch.ops.burst.seq_shard.default
                     and getattr(n.args[0], "target", None) is torch.arange]
-    assert positions.args[-1] == ""  # an arange is the same on every rank: nothing to fingerprint
+    assert positions.args[-2] == ""  # an arange is the same on every rank: nothing to fingerprint
     views = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
     assert views and all(n.args[2] == 6 for n in views)  # the literal 30 became this rank's 6 tokens
 
@@ -202,7 +202,7 @@ def test_a_tensor_filled_in_place_enters_after_the_write(fake_world):
     shards = {n.args[0].name: n for n in nodes if n.target is torch.ops.burst.seq_shard.default}
     (copy,) = [n for n in nodes if n.target == "copy_"]
     assert nodes.index(shards["buf"]) > nodes.index(copy)
-    assert shards["buf"].args[-1] == "buf" and shards["ones"].args[-1] == ""
+    assert shards["buf"].args[-2] == "buf" and shards["ones"].args[-2] == ""
 
 
 def test_an_attention_with_only_replicated_inputs_is_still_sharded(fake_world):

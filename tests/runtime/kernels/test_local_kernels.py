@@ -1,5 +1,4 @@
 """Each back-end's step functions against a float64 reference computed independently with SDPA."""
-import itertools
 
 import pytest
 import torch
