@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 from torch.utils._pytree import tree_map_only
 
-from burstc.runtime import stats
 from burstc.runtime.sequence_ops import seq_gather, take_local
 
 
@@ -90,10 +89,8 @@ class SequenceShard(torch.Tensor):
         """The whole tensor in global order (gathered on the first call, then kept while the rows are not
         written: a later graph that writes its input in place invalidates it). No autograd."""
         if self._full is None or self._full_version != self.local._version:
-            self._full = seq_gather(self.local.contiguous(), *self.spec.args())
+            self._full = seq_gather(self.local.contiguous(), *self.spec.args())  # counts gathered_bytes
             self._full_version = self.local._version
-            if not isinstance(self.local, torch._subclasses.FakeTensor):
-                stats.count("gathered_bytes", self._full.numel() * self._full.element_size())
         return self._full
 
     @classmethod
