@@ -4,8 +4,9 @@
 
 `factory(seq_len)` returns `(model, example_args)`. The model is traced by Dynamo on fake inputs (no
 compute, any length), the pass pipeline plans for G ranks (a number: no process group is created), and the
-report lists every attention site: converted or left (and why), its plan, the bytes each rank sends
-and an estimate of each rank's attention working memory against one device's.
+report lists every attention site: converted or left (and why), its plan, the work and bytes of each rank
+(min / median / max) and an estimate of each rank's attention working memory against one device's; `--full`
+adds each site's steps x ranks table and every pair's work items (G^2 lines per site).
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def sharding_summary(plan: ShardingPlan) -> list[str]:
     return lines + plan.boundary_table() + [""]
 
 
-def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> str:
+def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig, full: bool = False) -> str:
+    """The report; full adds each site's steps x ranks table and every pair's work items (G^2 lines)."""
     shardings: list = []
     unrecognised: list = []
     plans = trace_plans(model, args, cfg, world_size, shardings, unrecognised)
@@ -119,7 +121,7 @@ def explain(model, args, *, world_size: int, seq_len: int, cfg: BurstConfig) -> 
         if plan.schedule_note:
             notes.append(plan.schedule_note)
         lines.append(plan_report(ring, ring_shape, title=f"site {site.name}: converted", scale=plan.scale,
-                                 scheme=plan.backward, notes=notes, predictions=plan.predictions))
+                                 scheme=plan.backward, notes=notes, predictions=plan.predictions, full=full))
     for where, why in unrecognised:
         lines += [f"## attention at {where}: left as it is (runs whole on every rank)", f"reason: {why}", ""]
     left = [p for p in plans if not p.converts]
@@ -141,11 +143,13 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", default=None, help="auto (default: sequence), sequence or attention")
     p.add_argument("--schedule", default=None, help="auto (default), ring, double_ring or ulysses_ring")
     p.add_argument("--node-size", type=int, default=None, help="ranks per node (default: one node)")
+    p.add_argument("--full", action="store_true",
+                   help="also each site's steps x ranks table and every pair's work items (G^2 lines per site)")
     a = p.parse_args(argv)
     options = {k: v for k, v in (("layout", a.layout), ("backward", a.backward), ("parallel", a.parallel),
                                  ("schedule", a.schedule), ("node_size", a.node_size)) if v}
     cfg = BurstConfig.from_options(options)
     model, args = load_factory(a.factory)(a.seq_len)
-    print(explain(model, args, world_size=a.world_size, seq_len=a.seq_len, cfg=cfg))
+    print(explain(model, args, world_size=a.world_size, seq_len=a.seq_len, cfg=cfg, full=a.full))
     return 0
 

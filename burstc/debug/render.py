@@ -13,10 +13,11 @@ _COLORS = {FULL: "#4c78a8", DIAGONAL: "#f58518", PARTIAL: "#54a24b", SKIPPED: "#
 
 
 def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, scheme: str,
-                notes: Optional[list[str]] = None, predictions: Optional[dict] = None) -> str:
+                notes: Optional[list[str]] = None, predictions: Optional[dict] = None, full: bool = True) -> str:
     """Markdown: what the site is, how its ring runs, the schedules the cost model compared
-    (predictions: burstc.schedule.predict's, by schedule) and the table of steps x ranks. For
-    ulysses_ring, shape is the head-sharded chunk the ring over the nodes carries."""
+    (predictions: burstc.schedule.predict's, by schedule), work and bytes per rank (min / median / max) and,
+    when full, the table of steps x ranks and every pair's work items (G^2 lines: leave them out at scale).
+    For ulysses_ring, shape is the head-sharded chunk the ring over the nodes carries."""
     row_bytes = shape.batch * 2 * shape.heads_kv * shape.head_dim * shape.itemsize
     fwd = plan.rows_sent(KV) * row_bytes
     bwd = {k: plan_backward_bytes(shape, plan, k) for k in (QUERY_RING, KV_RING)}
@@ -27,7 +28,7 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
         f"- scale: {scale if scale is not None else f'1/sqrt({shape.head_dim}) (default)'}; mask: "
         f"{plan.mask.describe() if plan.mask is not None else 'causal' if plan.causal else 'none'} (global positions)",
         f"- layout: {plan.layout}; {_route_line(plan)}; rows per rank: {plan.local_len} "
-        f"(real tokens per {'node' if plan.schedule == ULYSSES_RING else 'rank'}: {list(plan.valid_lens)})",
+        f"(real tokens per {'node' if plan.schedule == ULYSSES_RING else 'rank'}: {_spread(plan.valid_lens)})",
         f"- forward bytes sent, all ranks: {fwd} (K, V: 2*H_kv*d*e per row and hop; a dense ring would send "
         f"{plan.world_size * forward_bytes(shape)})",
         f"- backward scheme: **{scheme}**; bytes, all ranks: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
@@ -42,6 +43,9 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
     if predictions:
         lines += ["", "## Schedules (predicted by the cost model, one call forward + backward, per rank)", "",
                   schedule_table(predictions, plan.schedule)]
+    lines += ["", f"## Per rank ({plan.steps} forward steps)", "", per_rank_table(plan, row_bytes)]
+    if not full:
+        return "\n".join(lines + ["", "(the steps x ranks table and every pair's work items: --full)"]) + "\n"
     lines += ["", "## Forward steps (KV ring): key chunk each rank's queries meet, mask class", "",
               plan.table(bytes_per_row=row_bytes), "",
               "## Work items per pair (rows are local, padded indices)", ""]
@@ -70,10 +74,39 @@ def schedule_table(predictions: dict, chosen: str) -> str:
     return markdown_table(head, rows)
 
 
+def per_rank_table(plan: RingPlan, row_bytes: int) -> str:
+    """Markdown: min / median / max over the ranks of the (query, key) pairs each computes, the K/V bytes
+    each sends in the forward ring and its fully masked pairs."""
+    work = [sum(p.visible_pairs for p in plan.pairs[r]) for r in range(plan.world_size)]
+    sent = [0] * plan.world_size
+    for src, _, rows in plan.messages(KV):
+        sent[src] += rows * row_bytes
+    skipped = [plan.skipped_pairs(r) for r in range(plan.world_size)]
+    rows = [[what, *_min_median_max(values)] for what, values in (
+        ("visible (query, key) pairs computed", work), ("forward K/V bytes sent", sent),
+        ("fully masked pairs skipped", skipped))]
+    return markdown_table(["per rank", "min", "median", "max"], rows)
+
+
+def _min_median_max(values) -> list[str]:
+    ordered = sorted(values)
+    return [str(ordered[0]), str(ordered[len(ordered) // 2]), str(ordered[-1])]
+
+
+def _spread(values) -> str:
+    """A short list as it is, a long one as min / median / max."""
+    if len(values) <= 8:
+        return str(list(values))
+    low, mid, high = _min_median_max(values)
+    return f"{low} on every rank" if low == high else f"min {low}, median {mid}, max {high}"
+
+
 def _route_line(plan: RingPlan) -> str:
     if plan.order is not None and plan.schedule != ULYSSES_RING:
-        ring = " -> ".join(map(str, plan.order + plan.order[:1] if plan.world_size > 1 else plan.order))
-        return f"schedule: {plan.schedule}, ring order: {ring}"
+        order = list(plan.order + plan.order[:1] if plan.world_size > 1 else plan.order)
+        if len(order) > 17:
+            order = [*order[:8], "...", *order[-3:]]
+        return f"schedule: {plan.schedule}, ring order: {' -> '.join(map(str, order))}"
     return plan.describe_route().replace("=", ": ", 1)
 
 

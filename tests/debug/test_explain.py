@@ -12,11 +12,25 @@ def test_explain_nanogpt_plans_every_site():
     from examples.nanogpt import factory
 
     model, args = factory(2048)
-    text = explain(model, args, world_size=4, seq_len=2048, cfg=BurstConfig())
+    text = explain(model, args, world_size=4, seq_len=2048, cfg=BurstConfig(), full=True)
     assert text.count(": converted") == 2 and "summary: 2 converted, 0 left as SDPA" in text
     assert "examples/nanogpt.py" in text  # the source line of the hand-written attention
     assert "backward scheme: **query_ring**" in text  # MHA
     assert "| 3    | k1 diagonal | k2 diagonal | k3 diagonal | k0 diagonal |" in text
+    assert "- q3 x k0: diagonal" in text  # every pair's work items
+
+
+def test_explain_at_64_ranks_and_a_million_tokens_is_a_page():
+    """The default report summarises each site per rank (min / median / max); the G x G tables are --full."""
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, "-m", "burstc", "explain", "examples.train_llama:factory",
+                             "--world-size", "64", "--seq-len", str(1 << 20)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert len(out.splitlines()) <= 150 and out.count(": converted") == 2, out
+    assert "| forward K/V bytes sent" in out and "16384 on every rank" in out and "- q0 x k1" not in out
+    assert "ring order: 0 -> 1 -> 2 -> 3 -> 4 -> 5 -> 6 -> 7 -> ... -> 62 -> 63 -> 0" in out
 
 
 def test_explain_shows_the_schedules_over_nodes():
