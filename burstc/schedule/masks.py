@@ -226,21 +226,35 @@ class AttentionMask:
             conjoin(f, e)
         elif self.dense is not None:
             full = torch.zeros_like(full)  # only this rank knows its rows: never proven full or empty
-        classes = []
-        all_empty, all_full = empty.all(dim=0), full.all(dim=0)
-        for i in range(nq):
-            classes.append([EMPTY if all_empty[i, j] else FULL if all_full[i, j] else PARTIAL for j in range(nk)])
-        return classes
+        all_empty, all_full = empty.all(dim=0).tolist(), full.all(dim=0).tolist()
+        return [[EMPTY if e else FULL if f else PARTIAL for e, f in zip(empty_row, full_row)]
+                for empty_row, full_row in zip(all_empty, all_full)]
 
 
 def _bounds(tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor([int(t.min()) for t in tiles]), torch.tensor([int(t.max()) for t in tiles]))
+    """Smallest and largest position of every tile (one reduction over the tiles laid end to end)."""
+    flat, owner = _flattened(tiles)
+    lo = torch.full((len(tiles),), torch.iinfo(torch.int64).max).scatter_reduce(0, owner, flat, "amin")
+    hi = torch.full((len(tiles),), torch.iinfo(torch.int64).min).scatter_reduce(0, owner, flat, "amax")
+    return lo, hi
 
 
 def _doc_bounds(docs: torch.Tensor, tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.stack([docs[:, t].amin(dim=1) for t in tiles], dim=1)
-    hi = torch.stack([docs[:, t].amax(dim=1) for t in tiles], dim=1)
+    """Smallest and largest document id in every tile, per batch row: [B, tiles] each."""
+    flat, owner = _flattened(tiles)
+    ids = docs[:, flat].to(torch.int64)
+    index = owner.expand(docs.shape[0], -1)
+    shape = (docs.shape[0], len(tiles))
+    lo = torch.full(shape, torch.iinfo(torch.int64).max).scatter_reduce(1, index, ids, "amin")
+    hi = torch.full(shape, torch.iinfo(torch.int64).min).scatter_reduce(1, index, ids, "amax")
     return lo, hi
+
+
+def _flattened(tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every tile's positions end to end, the tile index of each)."""
+    flat = torch.cat([t.cpu().to(torch.int64) for t in tiles])
+    owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([len(t) for t in tiles]))
+    return flat, owner
 
 
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
