@@ -43,6 +43,15 @@ from burstc.runtime.sequence_shard import ShardSpec
 log = logging.getLogger("burstc.backend")
 _graph_ids = itertools.count()
 
+# A Python side effect inside an activation-checkpoint region (transformers >= 5.25 routes layers through the
+# hub `kernels` package, which sets a context variable there) makes Dynamo refuse to trace the region: a graph
+# break, after which torch.utils.checkpoint runs it eagerly, its attention unseen by burst (neither converted
+# nor counted). In a compiled graph such a side effect runs once, at trace time, whatever the recompute does,
+# and burst compiles checkpoint regions into its graphs (passes/higher_order.py): so Dynamo may trace them.
+# Loading the backend (torch.compile(backend="burst") does) sets this for the process.
+if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
 
 def _world(cfg: BurstConfig) -> tuple[int, str]:
     """(world size of the ring's group, the group's name for the op; '' is the default group)."""

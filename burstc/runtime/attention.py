@@ -127,9 +127,10 @@ def group_members(group: Optional[dist.ProcessGroup], world_size: int) -> Option
 
 
 def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology, schedule: str, mask,
-               cfg: BurstConfig) -> tuple[RingPlan, str]:
+               cfg: BurstConfig, rank: Optional[int] = None) -> tuple[RingPlan, str]:
     """The call's plan under its schedule (the requested one, or the cost model's pick for 'auto';
-    logged once per call shape) and its backward scheme."""
+    logged once per call shape) and its backward scheme. rank: this process's rank (None: virtual ranks,
+    all in this process): it builds only its share of a ring plan (a ulysses ring's plan stays whole)."""
     shape = AttentionShape(batch=meta.batch, heads_q=meta.heads_q, heads_kv=meta.heads_kv, head_dim=meta.head_dim,
                            local_rows=layouts.local_padded_length(seq_len, meta.layout, world_size),
                            world_size=world_size, dtype=meta.dtype)
@@ -146,7 +147,7 @@ def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology
         log.info("burst: attention [B=%s, H=%s/%s, N=%s] on %s: schedule %s", shape.batch, shape.heads_q,
                  shape.heads_kv, seq_len, topology.describe(), predict.summary(chosen, predictions))
     plan = build_plan(world_size, meta.layout, seq_len, meta.causal, mask=mask, tile=cfg.mask_tile, schedule=chosen,
-                      node_size=topology.node_size)
+                      node_size=topology.node_size, rank=rank if chosen != ULYSSES_RING else None)
     if chosen == ULYSSES_RING:  # the ring over the nodes carries head-sharded node chunks
         shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
                         heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
@@ -338,7 +339,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
         raise BurstInputError(f"burst_attention: {e}") from e
     if proven_causal != bool(causal):  # recognised descriptors disproven: the model's mask code runs alone
         meta = replace(meta, causal=proven_causal)
-    plan, scheme = _plan_call(meta, seq_len, world_size, topology, schedule, mask, cfg)
+    plan, scheme = _plan_call(meta, seq_len, world_size, topology, schedule, mask, cfg, rank)
     return RingRun(plan=plan, kernel=local_kernel, scheme=scheme, scale=meta.scale,
                    group=group, rank=rank, timeout_s=cfg.timeout_s, inputs=inputs, topology=topology,
                    mask=mask)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from torch.utils._python_dispatch import _disable_current_modes
 
 from burstc.runtime import stats

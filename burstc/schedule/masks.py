@@ -171,13 +171,34 @@ class AttentionMask:
 
     # -- classification --------------------------------------------------------------------------
 
+    def tile_bounds(self, tiles: list[torch.Tensor]) -> "TileBounds":
+        """What classify reads of a list of tiles (position tensors), computed once for reuse."""
+        flat, owner = _flattened(tiles)
+        lo, hi = _reduce_by_tile(flat.view(1, -1), owner, len(tiles))
+        doc_lo = doc_hi = seen = None
+        if self.document_ids is not None:
+            doc_lo, doc_hi = _reduce_by_tile(self.document_ids.cpu()[:, flat].to(torch.int64), owner, len(tiles))
+        if self.key_padding is not None:
+            kept = self.key_padding.bool().cpu()[:, flat].to(torch.int64)
+            seen = torch.zeros(kept.shape[0], len(tiles), dtype=torch.int64).index_add_(1, owner, kept)
+        sizes = torch.tensor([len(t) for t in tiles], dtype=torch.int64)
+        return TileBounds(tiles, lo[0], hi[0], sizes, doc_lo, doc_hi, seen)
+
     def classify(self, q_tiles: list[torch.Tensor], k_tiles: list[torch.Tensor], heads: int = 1) -> list[list[str]]:
         """EMPTY / FULL / PARTIAL of every (query tile, key tile) pair; tiles are position tensors."""
+        if not q_tiles or not k_tiles:
+            return [[EMPTY] * len(k_tiles) for _ in q_tiles]
+        empty, full = self.classify_bounds(self.tile_bounds(q_tiles), self.tile_bounds(k_tiles), heads)
+        return [[EMPTY if e else FULL if f else PARTIAL for e, f in zip(empty_row, full_row)]
+                for empty_row, full_row in zip(empty.tolist(), full.tolist())]
+
+    def classify_bounds(self, q_bounds: "TileBounds", k_bounds: "TileBounds",
+                        heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(empty, full): [nq, nk] bool tensors, whether each (query tile, key tile) pair is proven fully
+        hidden / fully visible (neither: partial), from the tiles' bounds."""
+        q_tiles, k_tiles = q_bounds.tiles, k_bounds.tiles
         nq, nk = len(q_tiles), len(k_tiles)
-        if nq == 0 or nk == 0:
-            return [[EMPTY] * nk for _ in range(nq)]
-        q_lo, q_hi = _bounds(q_tiles)
-        k_lo, k_hi = _bounds(k_tiles)
+        q_lo, q_hi, k_lo, k_hi = q_bounds.lo, q_bounds.hi, k_bounds.lo, k_bounds.hi
         # [B|1, nq, nk] proofs that a tile is fully visible / fully hidden, per batch row
         full = torch.ones(1, nq, nk, dtype=torch.bool)
         empty = torch.zeros(1, nq, nk, dtype=torch.bool)
@@ -197,14 +218,11 @@ class AttentionMask:
             if right is not None:
                 conjoin(kb <= qa + right, ka > qb + right)
         if self.key_padding is not None:
-            kp = self.key_padding.bool().cpu()
-            seen = torch.stack([kp[:, t.cpu()].sum(dim=1) for t in k_tiles], dim=1)  # [B, nk]
-            sizes = torch.tensor([len(t) for t in k_tiles])
-            conjoin((seen == sizes).unsqueeze(1), (seen == 0).unsqueeze(1))
+            seen, sizes = k_bounds.seen, k_bounds.sizes
+            conjoin((seen == sizes).unsqueeze(1), (seen == 0).unsqueeze(1))  # [B, 1, nk]
         if self.document_ids is not None:
-            docs = self.document_ids.cpu()
-            dq_lo, dq_hi = _doc_bounds(docs, q_tiles)  # [B, nq]
-            dk_lo, dk_hi = _doc_bounds(docs, k_tiles)
+            dq_lo, dq_hi = q_bounds.doc_lo, q_bounds.doc_hi  # [B, nq]
+            dk_lo, dk_hi = k_bounds.doc_lo, k_bounds.doc_hi  # [B, nk]
             same = ((dq_lo == dq_hi).unsqueeze(2) & (dk_lo == dk_hi).unsqueeze(1)
                     & (dq_lo.unsqueeze(2) == dk_lo.unsqueeze(1)))
             apart = (dq_hi.unsqueeze(2) < dk_lo.unsqueeze(1)) | (dk_hi.unsqueeze(1) < dq_lo.unsqueeze(2))
@@ -226,35 +244,38 @@ class AttentionMask:
             conjoin(f, e)
         elif self.dense is not None:
             full = torch.zeros_like(full)  # only this rank knows its rows: never proven full or empty
-        all_empty, all_full = empty.all(dim=0).tolist(), full.all(dim=0).tolist()
-        return [[EMPTY if e else FULL if f else PARTIAL for e, f in zip(empty_row, full_row)]
-                for empty_row, full_row in zip(all_empty, all_full)]
+        return empty.all(dim=0), full.all(dim=0)
 
 
-def _bounds(tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest position of every tile (one reduction over the tiles laid end to end)."""
-    flat, owner = _flattened(tiles)
-    lo = torch.full((len(tiles),), torch.iinfo(torch.int64).max).scatter_reduce(0, owner, flat, "amin")
-    hi = torch.full((len(tiles),), torch.iinfo(torch.int64).min).scatter_reduce(0, owner, flat, "amax")
-    return lo, hi
+@dataclass(frozen=True)
+class TileBounds:
+    """A list of tiles (position tensors) as classification sees them: each tile's smallest and largest
+    position, size, document id bounds per batch row and kept keys per batch row (where the mask has
+    documents / key padding)."""
+
+    tiles: list
+    lo: torch.Tensor
+    hi: torch.Tensor
+    sizes: torch.Tensor
+    doc_lo: Optional[torch.Tensor] = None
+    doc_hi: Optional[torch.Tensor] = None
+    seen: Optional[torch.Tensor] = None
 
 
-def _doc_bounds(docs: torch.Tensor, tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest document id in every tile, per batch row: [B, tiles] each."""
-    flat, owner = _flattened(tiles)
-    ids = docs[:, flat].to(torch.int64)
-    index = owner.expand(docs.shape[0], -1)
-    shape = (docs.shape[0], len(tiles))
-    lo = torch.full(shape, torch.iinfo(torch.int64).max).scatter_reduce(1, index, ids, "amin")
-    hi = torch.full(shape, torch.iinfo(torch.int64).min).scatter_reduce(1, index, ids, "amax")
+def _reduce_by_tile(values: torch.Tensor, owner: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest of values [B, n] per tile (owner [n]: each value's tile): [B, tiles] each."""
+    index = owner.expand(values.shape[0], -1)
+    shape = (values.shape[0], tiles)
+    lo = torch.full(shape, torch.iinfo(torch.int64).max).scatter_reduce(1, index, values, "amin")
+    hi = torch.full(shape, torch.iinfo(torch.int64).min).scatter_reduce(1, index, values, "amax")
     return lo, hi
 
 
 def _flattened(tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(every tile's positions end to end, the tile index of each)."""
     flat = torch.cat([t.cpu().to(torch.int64) for t in tiles])
-    owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([len(t) for t in tiles]))
-    return flat, owner
+    sizes = torch.tensor([len(t) for t in tiles], dtype=torch.int64)
+    return flat, torch.repeat_interleave(torch.arange(len(tiles)), sizes, output_size=len(flat))
 
 
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from burstc.schedule import layout as layouts
 from burstc.schedule import masks as mask_classes
-from burstc.schedule.masks import AttentionMask
+from burstc.schedule.masks import AttentionMask, TileBounds
 from burstc.schedule.route import DOUBLE_RING, RING, Route, double_ring_route, flat_route
 from burstc.schedule.topology import LINK_CLASSES, flat_ring, ring_order
 from burstc.schedule.work import WorkItem
@@ -49,13 +49,32 @@ class PairPlan:
     """The work of query chunk `q_rank` against key chunk `k_rank`: FULL (every pair visible, no mask),
     DIAGONAL (partly visible: decomposed into full and top-left causal rectangles), PARTIAL (a
     structured mask: full, causal and masked rectangles) or SKIPPED (fully masked: no compute at all).
-    visible_pairs: pairs the items compute (a masked rectangle counts whole)."""
+    visible_pairs: pairs the items compute (a masked rectangle counts whole).
+    A summary (a per-rank plan's pair that its rank does not run) has no items, visible_pairs -1 and its
+    items' extent (k_start, k_stop, q_start, q_stop): what the chunks' travel needs of it."""
 
     q_rank: int
     k_rank: int
     mask: str
     items: tuple[WorkItem, ...]
     visible_pairs: int
+    extent: Optional[tuple[int, int, int, int]] = None
+
+    @property
+    def detailed(self) -> bool:
+        return self.extent is None
+
+    def bounds(self, role: str) -> Optional[tuple[int, int]]:
+        """The rows of the travelling side (keys for KV, queries for QUERY) that the items read, as
+        (first, last + 1); None when the pair is skipped."""
+        if self.mask == SKIPPED:
+            return None
+        if self.extent is not None:
+            k_lo, k_hi, q_lo, q_hi = self.extent
+            return (k_lo, k_hi) if role == KV else (q_lo, q_hi)
+        if role == KV:
+            return min(it.k_start for it in self.items), max(it.k_stop for it in self.items)
+        return min(it.q_start for it in self.items), max(it.q_stop for it in self.items)
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,9 @@ class RingPlan:
     schedule: str = RING
     # ulysses_ring: plan rank p is the group of layout ranks groups[p] (a node); None: plan rank = rank
     groups: Optional[tuple[tuple[int, ...], ...]] = None
+    # a per-rank plan: only this rank's pairs (its queries' row, its keys' column) have work items, the
+    # others are summaries (PairPlan.extent); None: every rank's plan
+    rank: Optional[int] = None
 
     @property
     def order(self) -> Optional[tuple[int, ...]]:
@@ -259,31 +281,34 @@ class RingPlan:
                         assert self.holds(role, s, r), f"{role} ring: rank {r} needs chunk {self.held(s, r)} at step {s} but it stopped travelling"
                         if s:
                             lo, hi = self.travel_rows[role][self.held(s, r)]
-                            for it in pair.items:
-                                a, b = (it.k_start, it.k_stop) if role == KV else (it.q_start, it.q_stop)
-                                assert lo <= a and b <= hi, f"{role} ring: {it} reads rows outside the travelling {lo}:{hi}"
-        positions = [self.positions(r) for r in range(g)]
+                            a, b = pair.bounds(role)
+                            assert lo <= a and b <= hi, f"{role} ring: {pair} reads rows outside the travelling {lo}:{hi}"
+        detailed = [(q, k) for q in range(g) for k in range(g) if self.rank is None or self.rank in (q, k)]
+        positions = {r: self.positions(r) for r in {r for pair in detailed for r in pair}}
         if self.mask is None:
-            for q_rank in range(g):
-                for k_rank in range(g):
-                    _check_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.causal)
+            for q_rank, k_rank in detailed:
+                _check_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.causal)
             return
         batch = self.mask._batch()
         if brute_force is None:
             brute_force = batch * self.seq_len * self.seq_len <= _BRUTE_FORCE_LIMIT and self.mask.dense_rows is None
         if brute_force:
-            for q_rank in range(g):
-                for k_rank in range(g):
-                    _check_masked_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.mask)
+            for q_rank, k_rank in detailed:
+                _check_masked_pair(self.pairs[q_rank][k_rank], positions[q_rank], positions[k_rank], self.mask)
 
 
 def build_plan(world_size: int, layout: str, seq_len: int, causal: bool,
                ring: Optional[nx.DiGraph] = None, mask: Optional[AttentionMask] = None,
-               tile: int = DEFAULT_TILE, schedule: str = RING, node_size: Optional[int] = None) -> RingPlan:
+               tile: int = DEFAULT_TILE, schedule: str = RING, node_size: Optional[int] = None,
+               rank: Optional[int] = None) -> RingPlan:
     """The checked plan for a sequence of seq_len tokens on world_size ranks (cached without a
     structured mask). mask: a structured mask (its `causal` must equal causal). schedule: ring
     (over `ring`'s order, default the flat ring), double_ring or ulysses_ring (both need node_size,
-    the ranks per node; ulysses_ring's plan runs over the world_size / node_size nodes)."""
+    the ranks per node; ulysses_ring's plan runs over the world_size / node_size nodes).
+    rank: rank r's share only, what a rank runs: the work items of its queries and of its keys, every
+    other pair as a summary (skipped or not, the rows its items read, which every rank computes alike, so
+    sends and receives still pair up), checked for its pairs only; None: every rank's plan (explain,
+    dumps, tests). A plan rank of ulysses_ring is a node."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if schedule != RING:
@@ -292,6 +317,9 @@ def build_plan(world_size: int, layout: str, seq_len: int, causal: bool,
         if node_size is None:
             raise ValueError(f"schedule {schedule} needs node_size, the ranks per node")
     node_size = node_size if schedule != RING else None
+    plan_ranks = world_size // node_size if schedule == ULYSSES_RING else world_size
+    if rank is not None and not 0 <= rank < plan_ranks:
+        raise ValueError(f"rank {rank} is outside the plan's {plan_ranks} ranks")
     if mask is not None:
         mask = mask.normalized()
     if mask is not None and mask.structured:
@@ -300,18 +328,19 @@ def build_plan(world_size: int, layout: str, seq_len: int, causal: bool,
         order = ring_order(ring) if ring is not None else None
         key = mask.fingerprint()
         if key is None:
-            return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile)
-        cache_key = (world_size, layout, seq_len, schedule, node_size, order, tile, key)
+            return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile, rank)
+        cache_key = (world_size, layout, seq_len, schedule, node_size, order, tile, key, rank)
         cached = _masked_plans.get(cache_key)
         if cached is None:
-            cached = _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile)
+            cached = _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, order, mask, tile,
+                                      rank)
             _masked_plans[cache_key] = cached
             while len(_masked_plans) > 64:
                 _masked_plans.pop(next(iter(_masked_plans)))
         return cached
     if ring is None:
-        return _build_cached(world_size, layout, seq_len, causal, schedule, node_size)
-    return _build(world_size, layout, seq_len, causal, flat_route(ring_order(ring)))
+        return _build_cached(world_size, layout, seq_len, causal, schedule, node_size, rank)
+    return _build(world_size, layout, seq_len, causal, flat_route(ring_order(ring)), rank=rank)
 
 
 _masked_plans: dict = {}  # plans of masks described by content (no mask_mod / attn_mask), newest last
@@ -324,24 +353,26 @@ def _positions(seq_len: int, layout: str, world_size: int, rank: int) -> torch.T
 
 @functools.lru_cache(maxsize=256)
 def _build_cached(world_size: int, layout: str, seq_len: int, causal: bool, schedule: str,
-                  node_size: Optional[int]) -> RingPlan:
-    return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size)
+                  node_size: Optional[int], rank: Optional[int]) -> RingPlan:
+    return _build_scheduled(world_size, layout, seq_len, causal, schedule, node_size, rank=rank)
 
 
 def _build_scheduled(world_size: int, layout: str, seq_len: int, causal: bool, schedule: str,
                      node_size: Optional[int], order: Optional[tuple[int, ...]] = None,
-                     mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE) -> RingPlan:
+                     mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE,
+                     rank: Optional[int] = None) -> RingPlan:
     if schedule == RING:
         route = flat_route(order if order is not None else ring_order(flat_ring(world_size)))
-        return _build(world_size, layout, seq_len, causal, route, mask, tile)
+        return _build(world_size, layout, seq_len, causal, route, mask, tile, rank=rank)
     if schedule == DOUBLE_RING:
-        return _build(world_size, layout, seq_len, causal, double_ring_route(world_size, node_size), mask, tile)
+        return _build(world_size, layout, seq_len, causal, double_ring_route(world_size, node_size), mask, tile,
+                      rank=rank)
     if world_size % node_size:
         raise ValueError(f"{world_size} ranks do not split into nodes of {node_size}")
     nodes = world_size // node_size
     groups = tuple(tuple(range(p * node_size, (p + 1) * node_size)) for p in range(nodes))
     return _build(world_size, layout, seq_len, causal, flat_route(tuple(range(nodes))), mask, tile,
-                  groups=groups, schedule=ULYSSES_RING)
+                  groups=groups, schedule=ULYSSES_RING, rank=rank)
 
 
 def _group_blocks(seq_len: int, layout: str, world_size: int, group: tuple[int, ...]) -> list[layouts.Block]:
@@ -357,8 +388,10 @@ def _group_blocks(seq_len: int, layout: str, world_size: int, group: tuple[int, 
 
 def _build(world_size: int, layout: str, seq_len: int, causal: bool, route: Route,
            mask: Optional[AttentionMask] = None, tile: int = DEFAULT_TILE,
-           groups: Optional[tuple[tuple[int, ...], ...]] = None, schedule: Optional[str] = None) -> RingPlan:
-    """The plan over `world_size` layout ranks; with groups, over len(groups) chunks of several ranks."""
+           groups: Optional[tuple[tuple[int, ...], ...]] = None, schedule: Optional[str] = None,
+           rank: Optional[int] = None) -> RingPlan:
+    """The plan over `world_size` layout ranks; with groups, over len(groups) chunks of several ranks.
+    rank: only that plan rank's pairs get work items (see build_plan)."""
     layouts.check_layout(layout)
     if seq_len < 1:
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
@@ -380,16 +413,19 @@ def _build(world_size: int, layout: str, seq_len: int, causal: bool, route: Rout
             tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(chunks))
             for q in range(chunks))
     else:
-        tiles = [_tiles(bl, tile) for bl in blocks]
+        tiled = [_TiledChunk.of(bl, positions[c], tile, mask) for c, bl in enumerate(blocks)]
+        beside_causal = replace(mask, causal=False) if mask.causal else None
         pairs = tuple(
-            tuple(_masked_pair_plan(q, k, tiles[q], tiles[k], positions[q], positions[k], mask)
+            tuple(_masked_pair_plan(q, k, tiled[q], tiled[k], mask, beside_causal) if rank is None or rank in (q, k)
+                  else _masked_pair_summary(q, k, tiled[q], tiled[k], mask, beside_causal)
                   for k in range(chunks))
             for q in range(chunks))
     last_step, travel_rows = _travel(pairs, route)
     plan = RingPlan(
         world_size=chunks, layout=layout, seq_len=seq_len, causal=causal, route=route,
         local_len=local_len, valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs,
-        mask=mask, last_step=last_step, travel_rows=travel_rows, schedule=schedule or route.name, groups=groups)
+        mask=mask, last_step=last_step, travel_rows=travel_rows, schedule=schedule or route.name, groups=groups,
+        rank=rank)
     plan.check()
     return plan
 
@@ -410,9 +446,8 @@ def _travel(pairs, route: Route) -> tuple[dict, dict]:
                 if pair.mask == SKIPPED:
                     continue
                 last = s
-                for it in pair.items:
-                    a, b = (it.k_start, it.k_stop) if role == KV else (it.q_start, it.q_stop)
-                    lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+                a, b = pair.bounds(role)
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
             lasts.append(last)
             rows.append((lo, hi) if lo is not None else (0, 0))
         last_step[role], travel_rows[role] = tuple(lasts), tuple(rows)
@@ -472,48 +507,139 @@ def _tiles(blocks: list[layouts.Block], tile: int) -> list[tuple[int, int]]:
     return out
 
 
-def _masked_pair_plan(q_rank: int, k_rank: int, q_tiles, k_tiles, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                      mask: AttentionMask) -> PairPlan:
+@dataclass(frozen=True)
+class _TiledChunk:
+    """A chunk cut into tiles for a structured mask: local row ranges, their global positions, and what the
+    mask's classification reads of them, computed once for every pair the chunk takes part in; `whole`
+    bounds the chunk as one tile (a quick proof that a pair has nothing visible; None where the mask has
+    no bounds to reason with: a mask_mod, a dense mask)."""
+
+    ranges: list
+    sets: list
+    bounds: Optional[TileBounds]
+    whole: Optional[TileBounds]
+
+    @classmethod
+    def of(cls, blocks: list[layouts.Block], positions: torch.Tensor, tile: int, mask: AttentionMask) -> "_TiledChunk":
+        ranges = _tiles(blocks, tile)
+        sets = [positions[a:b] for a, b in ranges]
+        if not sets:
+            return cls(ranges, sets, None, None)
+        whole = mask.tile_bounds([positions]) if mask.mask_mod is None and mask.dense is None else None
+        return cls(ranges, sets, mask.tile_bounds(sets), whole)
+
+
+def _tile_classes(qc: _TiledChunk, kc: _TiledChunk, mask: AttentionMask):
+    """(empty, full) [nq, nk] bool tensors of the pair's tiles, or None when nothing can be visible."""
+    if not qc.sets or not kc.sets:
+        return None
+    if qc.whole is not None and kc.whole is not None and bool(mask.classify_bounds(qc.whole, kc.whole)[0].all()):
+        return None
+    empty, full = mask.classify_bounds(qc.bounds, kc.bounds)
+    return None if bool(empty.all()) else (empty, full)
+
+
+def _tile_item(i: int, j: int, full: bool, qc: _TiledChunk, kc: _TiledChunk, mask: AttentionMask,
+               beside_causal: Optional[AttentionMask]) -> Optional[WorkItem]:
+    """The work item of a tile that is not proven empty: the whole tile when full, a causal item for a
+    diagonal tile that only the causal part cuts, else the masked box of what is visible (None: nothing)."""
+    (qa, qb), (ka, kb) = qc.ranges[i], kc.ranges[j]
+    if full:
+        return WorkItem(qa, qb, ka, kb, False)
+    if (beside_causal is not None and torch.equal(qc.sets[i], kc.sets[j])
+            and beside_causal.classify([qc.sets[i]], [kc.sets[j]])[0][0] == mask_classes.FULL):
+        return WorkItem(qa, qb, ka, kb, True)
+    return _visible_box(mask, qc.sets[i], kc.sets[j], qa, ka)
+
+
+def _masked_pair_plan(q_rank: int, k_rank: int, qc: _TiledChunk, kc: _TiledChunk, mask: AttentionMask,
+                      beside_causal: Optional[AttentionMask]) -> PairPlan:
     """Tile the pair, classify every tile by the mask, and merge tiles into as few calls as possible:
-    runs of full tiles and runs of partial tiles along a row of tiles, then equal full column ranges
-    down the rows. A partial tile on the diagonal that only the causal part cuts is a causal item."""
-    if not q_tiles or not k_tiles:
+    runs of full tiles and runs of partial tiles (with the same rows) along a row of tiles, then equal full
+    column ranges down the rows; a merge covers exactly the items it joins, so the items span what their
+    tiles' own items span (what _masked_pair_summary finds). A partial tile on the diagonal that only the
+    causal part cuts is a causal item."""
+    classes = _tile_classes(qc, kc, mask)
+    if classes is None:
         return PairPlan(q_rank, k_rank, SKIPPED, (), 0)
-    q_sets = [q_pos[a:b] for a, b in q_tiles]
-    k_sets = [k_pos[a:b] for a, b in k_tiles]
-    classes = mask.classify(q_sets, k_sets)
-    beside_causal = replace(mask, causal=False) if mask.causal else None
+    empty, full = (t.tolist() for t in classes)
     rows: list[list[WorkItem]] = []
-    for i, (qa, qb) in enumerate(q_tiles):
+    for i in range(len(qc.ranges)):
         row: list[WorkItem] = []
-        for j, (ka, kb) in enumerate(k_tiles):
-            cls = classes[i][j]
-            if cls == mask_classes.EMPTY:
+        for j in range(len(kc.ranges)):
+            if empty[i][j]:
                 continue
-            if cls == mask_classes.FULL:
-                item = WorkItem(qa, qb, ka, kb, False)
-            elif (beside_causal is not None and torch.equal(q_sets[i], k_sets[j])
-                  and beside_causal.classify([q_sets[i]], [k_sets[j]])[0][0] == mask_classes.FULL):
-                item = WorkItem(qa, qb, ka, kb, True)
-            else:
-                item = _visible_box(mask, q_sets[i], k_sets[j], qa, ka)
-                if item is None:
-                    classes[i][j] = mask_classes.EMPTY
-                    continue
+            item = _tile_item(i, j, full[i][j], qc, kc, mask, beside_causal)
+            if item is None:
+                continue
             last = row[-1] if row else None
             if last is not None and not last.causal and not item.causal and last.masked == item.masked \
-                    and last.k_stop == item.k_start:
-                row[-1] = WorkItem(qa, qb, last.k_start, kb, False, item.masked)
+                    and last.k_stop == item.k_start and (last.q_start, last.q_stop) == (item.q_start, item.q_stop):
+                row[-1] = WorkItem(item.q_start, item.q_stop, last.k_start, item.k_stop, False, item.masked)
             else:
                 row.append(item)
         rows.append(row)
     items = _merge_full_rows(rows)
-    n_q, n_k = sum(b - a for a, b in q_tiles), sum(b - a for a, b in k_tiles)
+    n_q, n_k = sum(b - a for a, b in qc.ranges), sum(b - a for a, b in kc.ranges)
     computed = sum(it.visible_pairs() for it in items)
-    every = all(c == mask_classes.FULL for r in classes for c in r)
+    every = all(all(r) for r in full)
     kind = SKIPPED if not items else FULL if every else PARTIAL
     assert kind != FULL or computed == n_q * n_k
     return PairPlan(q_rank, k_rank, kind, tuple(items), computed)
+
+
+def _masked_pair_summary(q_rank: int, k_rank: int, qc: _TiledChunk, kc: _TiledChunk, mask: AttentionMask,
+                         beside_causal: Optional[AttentionMask]) -> PairPlan:
+    """What _masked_pair_plan's items would span, without building them: the same kind and the extreme
+    rows of its items, found by evaluating only the tiles that can hold an extreme (full tiles bound the
+    answer; a partial tile is evaluated only while its tile could still beat the best found)."""
+    classes = _tile_classes(qc, kc, mask)
+    if classes is None:
+        return PairPlan(q_rank, k_rank, SKIPPED, (), 0, extent=(0, 0, 0, 0))
+    empty, full = classes
+    items: dict = {}
+
+    def item(i: int, j: int) -> Optional[WorkItem]:
+        if (i, j) not in items:
+            items[i, j] = _tile_item(i, j, bool(full[i, j]), qc, kc, mask, beside_causal)
+        return items[i, j]
+
+    nq, nk = empty.shape
+    q_rows = torch.tensor(qc.ranges, dtype=torch.int64)
+    k_rows = torch.tensor(kc.ranges, dtype=torch.int64)
+    sides = (("k_start", k_rows[:, 0].view(1, nk).expand(nq, nk), True),
+             ("k_stop", k_rows[:, 1].view(1, nk).expand(nq, nk), False),
+             ("q_start", q_rows[:, 0].view(nq, 1).expand(nq, nk), True),
+             ("q_stop", q_rows[:, 1].view(nq, 1).expand(nq, nk), False))
+    extent = []
+    for field, coarse, smallest in sides:
+        best = _extreme(coarse if smallest else -coarse, ~empty, full, item,
+                        (lambda it, f=field: getattr(it, f)) if smallest else (lambda it, f=field: -getattr(it, f)))
+        if best is None:  # every tile evaluated empty: the pair is skipped after all
+            return PairPlan(q_rank, k_rank, SKIPPED, (), 0, extent=(0, 0, 0, 0))
+        extent.append(best if smallest else -best)
+    kind = FULL if bool(full.all()) else PARTIAL
+    return PairPlan(q_rank, k_rank, kind, (), -1, extent=tuple(extent))
+
+
+def _extreme(key: torch.Tensor, candidate: torch.Tensor, full: torch.Tensor, item, exact) -> Optional[int]:
+    """The smallest exact(item(i, j)) over candidate tiles, where key[i, j] bounds it from below and is
+    exact for full tiles: full tiles give a bound at once, partial ones are evaluated in key order while
+    they could still beat it."""
+    best = int(key[full & candidate].min()) if bool((full & candidate).any()) else None
+    open_tiles = candidate & ~full
+    if best is not None:
+        open_tiles &= key < best
+    where = open_tiles.nonzero()
+    order = key[where[:, 0], where[:, 1]].argsort(stable=True)
+    for i, j in where[order].tolist():
+        if best is not None and int(key[i, j]) >= best:
+            break
+        found = item(i, j)
+        if found is not None:
+            value = exact(found)
+            best = value if best is None else min(best, value)
+    return best
 
 
 def _visible_box(mask: AttentionMask, q_pos: torch.Tensor, k_pos: torch.Tensor, q0: int, k0: int) -> Optional[WorkItem]:

@@ -132,3 +132,37 @@ def test_mask_mods_with_a_digest_share_a_plan_and_eager_callables_do_not():
     assert plan(_DigestedMod(3)) is not plan(_DigestedMod(5))
     eager = _DigestedMod(3).__call__  # a bound method: no digest, so nothing says what it computes
     assert plan(eager) is not plan(eager)
+
+
+@settings(max_examples=40, deadline=None)
+@given(world_size=st.integers(1, 5), seq_len=st.integers(1, 70), layout=st.sampled_from(LAYOUTS),
+       causal=st.booleans(), left=st.one_of(st.none(), st.integers(0, 20)), n_docs=st.integers(0, 5),
+       padded=st.booleans(), strided_mod=st.booleans(), tile=st.integers(1, 9), seed=st.integers(0, 2**16),
+       schedule=st.sampled_from(["ring", "double_ring"]))
+def test_a_rank_plan_is_its_share_of_every_rank_plan(world_size, seq_len, layout, causal, left, n_docs, padded,
+                                                     strided_mod, tile, seed, schedule):
+    """build_plan(rank=r): r's pairs exactly as in the all-rank plan, the other pairs as summaries of the same
+    kind and extent, and the same travel (last steps, rows): so every rank's sends meet the receives."""
+    g = torch.Generator().manual_seed(seed)
+    docs = None
+    if n_docs:
+        cuts = torch.randint(0, seq_len + 1, (n_docs - 1,), generator=g).sort().values
+        docs = documents_from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]), seq_len)
+    padding = torch.rand(2, seq_len, generator=g) > 0.3 if padded else None
+    mod = _DigestedMod(3) if strided_mod else None
+    mask = AttentionMask(causal=causal, window=None if left is None else (left, None), key_padding=padding,
+                         document_ids=docs, mask_mod=mod)
+    node_size = 1 if schedule == "ring" or world_size == 1 else next(n for n in (2, 1) if world_size % n == 0)
+    kwargs = dict(mask=mask, tile=tile, schedule=schedule, node_size=node_size if schedule != "ring" else None)
+    every = build_plan(world_size, layout, seq_len, causal, **kwargs)
+    for rank in range(world_size):
+        mine = build_plan(world_size, layout, seq_len, causal, rank=rank, **kwargs)
+        assert mine.last_step == every.last_step and mine.travel_rows == every.travel_rows
+        for q_rank, k_rank in itertools.product(range(world_size), repeat=2):
+            want, got = every.pair(q_rank, k_rank), mine.pair(q_rank, k_rank)
+            if rank in (q_rank, k_rank) or not mask.structured:  # without a structured mask pairs cost nothing
+                assert got == want
+            else:
+                assert not got.detailed and not got.items and got.mask == want.mask
+                assert [got.bounds(role) for role in ("kv", "query")] == [want.bounds(role) for role in ("kv", "query")]
+        assert mine.skipped_pairs(rank) == every.skipped_pairs(rank)
