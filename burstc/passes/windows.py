@@ -5,7 +5,7 @@ nodes it replaces; anything not proven to match is left as it is (and gathered, 
 
 - `F.pad(x, (.., a, -a, ..))` (constant mode; one dim padded, the same number of rows cut at the other end,
   a token shift such as RWKV's `nn.ZeroPad2d((0, 0, 1, -1))`) -> `sequence_shift(x, dim, a, value)`;
-- `torch.roll(x, k, dim)` -> `sequence_shift(x, dim, k, wrap=True)`;
+- `torch.roll(x, k, dim)` and `x.roll(k, dim)` -> `sequence_shift(x, dim, k, wrap=True)`;
 - `conv1d` with stride 1 over the last dim whose output has the input's length: its own padding, an
   `F.pad` of the last dim before it (constant mode) and a slice `[..., s:s + N]` of its output after it
   (Mamba's causal `conv1d(x)[..., :N]`) fold into `window_conv1d(x, w, b, before, after, dilation, groups)`.
@@ -31,6 +31,8 @@ def fuse_windows(gm: fx.GraphModule) -> int:
     """Rewrite every matched window op of gm in place; returns how many."""
     fused = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target == "roll":
+            fused += _roll(gm.graph, node)
         if node.op != "call_function":
             continue
         if node.target in _PADS:

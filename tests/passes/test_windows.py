@@ -32,6 +32,7 @@ CASES = {
     "shift_back_with_value": lambda x: F.pad(x, (0, 0, -2, 2), value=3.0),
     "roll": lambda x: torch.roll(x, -3, 1),
     "roll_tuple": lambda x: torch.roll(x, (2,), (1,)),
+    "roll_method": lambda x: x.roll(1, dims=1),
     "pad_then_conv": lambda x: conv(F.pad(x.transpose(1, 2), (2, 0))),
     "same_conv": lambda x: dense(x.transpose(1, 2)),
     "sliced_causal_conv": lambda x: causal(x.transpose(1, 2))[..., :x.shape[1]],
@@ -56,6 +57,7 @@ LEFT = {
     "pad_growing": lambda x: F.pad(x, (0, 0, 1, 0)),
     "pad_two_dims": lambda x: F.pad(x, (1, -1, 1, -1)),
     "roll_flat": lambda x: torch.roll(x, 1),
+    "roll_two_dims": lambda x: x.roll((1, 1), (0, 1)),
     "slice_used_twice": lambda x: (lambda y: y[..., :11] + y[..., 2:13].sum())(causal(x.transpose(1, 2))),
 }
 
