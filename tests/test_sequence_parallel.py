@@ -264,7 +264,8 @@ def test_a_steady_step_talks_only_in_rings_and_reductions():
                           for checks in ("once", "always", "halo"))
     rings = 2 * 2 * 2  # 2 sites, forward and backward, 2 steps of the ring each
     assert once[0]["agreement"] == 2 and once[0]["replica_check"] >= 1, once[0]
-    assert once[2] == {"ring": rings, "all_reduce": 2}, once[2]
+    # the targets idx.roll(-1, 1) take a one-row halo of the sharded ids (no gradient: forward only)
+    assert once[2] == {"ring": rings, "all_reduce": 2, "halo": 1}, once[2]
     assert always[2]["agreement"] == 4 and always[2]["replica_check"] == always[0]["replica_check"], always
     # shifts, rolls and convs add one exchange each way per window op (2 layers x 5), still no gather (the
     # mixers' replicated `1 - mix` gets its own gradient all-reduce per layer)
