@@ -105,7 +105,7 @@ def modes_table(world_size: int, sequence_outputs: str, parallel_option: bool) -
     }
 
 
-def torch_cp_by_hand(model, config, input_ids, rank, world_size):
+def torch_cp_by_hand(model, input_ids, rank, world_size):
     """PyTorch's context parallelism applied by hand, as a user would: every attention is PyTorch's ring
     (benchmarks/torch_cp_baseline.py, head-tail layout; GQA's k/v heads repeated for it; a graph break,
     Inductor compiles the rest), each rank feeds its own tokens with their position ids and its share of the
@@ -160,7 +160,7 @@ def train_ranks(rank, world_size, shape, seq_len, iters, backend, options, use_c
     kwargs = {} if backend in ("inductor", "torch_cp") else {"backend": backend, "options": options}
     inputs, reduce_grads = dict(input_ids=input_ids, labels=input_ids), lambda: None
     if backend == "torch_cp":
-        inputs, reduce_grads = torch_cp_by_hand(model, config, input_ids, rank, world_size)
+        inputs, reduce_grads = torch_cp_by_hand(model, input_ids, rank, world_size)
     if per_layer:  # as torchtitan compiles: each decoder layer on its own, the rest eager
         for layer in model.model.layers:
             layer.compile(fullgraph=True, **kwargs)

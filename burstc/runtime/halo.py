@@ -157,6 +157,21 @@ def _rows_like(x: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
     return x.new_empty(shape)
 
 
+def _move_rows(src: torch.Tensor, dst: torch.Tensor, dim: int, group_name: str, local: tuple, sends: dict,
+               recvs: dict, add: bool) -> torch.Tensor:
+    """Rows of src into rows of dst along dim: local = (src rows, dst rows) on this rank, sends[peer] = src
+    rows that peer receives, recvs[peer] = dst rows filled from that peer; copied, or added when add (the
+    adjoint). Returns dst."""
+    device = src.device
+    put = dst.index_add_ if add else dst.index_copy_
+    put(dim, local[1].to(device), src.index_select(dim, local[0].to(device)))
+    outgoing = {p: src.index_select(dim, rows.to(device)) for p, rows in sends.items()}
+    incoming = {p: _rows_like(src, dim, len(rows)) for p, rows in recvs.items()}
+    for p, got in _exchange(group_name, outgoing, incoming).items():
+        put(dim, recvs[p].to(device), got)
+    return dst
+
+
 @torch.library.custom_op("burst::seq_halo", mutates_args=())
 def seq_halo(x: torch.Tensor, dim: int, seq_len: int, layout: str, group_name: str, before: int, after: int,
              fill: float, wrap: bool) -> torch.Tensor:
@@ -164,13 +179,7 @@ def seq_halo(x: torch.Tensor, dim: int, seq_len: int, layout: str, group_name: s
     `after` behind from the ranks holding them; `fill` past the ends, or wrapped round when wrap."""
     plan = _plan(seq_len, layout, group_name, before, after, wrap)
     ext = _rows_like(x, dim, plan.ext_rows).fill_(fill)
-    device = x.device
-    ext.index_copy_(dim, plan.own_ext.to(device), x.index_select(dim, plan.own_local.to(device)))
-    outgoing = {p: x.index_select(dim, rows.to(device)) for p, rows in plan.send.items()}
-    incoming = {p: _rows_like(x, dim, len(rows)) for p, rows in plan.recv.items()}
-    for p, got in _exchange(group_name, outgoing, incoming).items():
-        ext.index_copy_(dim, plan.recv[p].to(device), got)
-    return ext
+    return _move_rows(x, ext, dim, group_name, (plan.own_local, plan.own_ext), plan.send, plan.recv, add=False)
 
 
 @seq_halo.register_fake
@@ -184,15 +193,8 @@ def seq_halo_grad(grad_ext: torch.Tensor, dim: int, seq_len: int, layout: str, g
     """The adjoint of seq_halo: each extended row's gradient added to the row it was copied from, on the
     rank that holds it (halo rows' gradients travel back)."""
     plan = _plan(seq_len, layout, group_name, before, after, wrap)
-    device = grad_ext.device
-    local_rows = sum(plan.lengths)
-    grad = _rows_like(grad_ext, dim, local_rows).zero_()
-    grad.index_add_(dim, plan.own_local.to(device), grad_ext.index_select(dim, plan.own_ext.to(device)))
-    outgoing = {p: grad_ext.index_select(dim, rows.to(device)) for p, rows in plan.recv.items()}
-    incoming = {p: _rows_like(grad_ext, dim, len(rows)) for p, rows in plan.send.items()}
-    for p, got in _exchange(group_name, outgoing, incoming).items():
-        grad.index_add_(dim, plan.send[p].to(device), got)
-    return grad
+    grad = _rows_like(grad_ext, dim, sum(plan.lengths)).zero_()
+    return _move_rows(grad_ext, grad, dim, group_name, (plan.own_ext, plan.own_local), plan.recv, plan.send, add=True)
 
 
 @seq_halo_grad.register_fake

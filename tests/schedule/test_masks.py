@@ -32,16 +32,21 @@ def _covered(pair, n_q, n_k):
     return count, unmasked
 
 
+def _random_documents(seq_len: int, n_docs: int, g: torch.Generator):
+    """[1, seq_len] ids of n_docs packed documents cut at random (None for no documents)."""
+    if not n_docs:
+        return None
+    cuts = torch.randint(0, seq_len + 1, (n_docs - 1,), generator=g).sort().values
+    return documents_from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]), seq_len)
+
+
 @settings(max_examples=40, deadline=None)
 @given(world_size=st.integers(1, 5), seq_len=st.integers(1, 70), layout=st.sampled_from(LAYOUTS),
        causal=st.booleans(), left=st.one_of(st.none(), st.integers(0, 20)), right=st.one_of(st.none(), st.integers(0, 20)),
        n_docs=st.integers(0, 5), padded=st.booleans(), tile=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_random_masks_give_exact_plans(world_size, seq_len, layout, causal, left, right, n_docs, padded, tile, seed):
     g = torch.Generator().manual_seed(seed)
-    docs = None
-    if n_docs:
-        cuts = torch.randint(0, seq_len + 1, (n_docs - 1,), generator=g).sort().values
-        docs = documents_from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]), seq_len)
+    docs = _random_documents(seq_len, n_docs, g)
     padding = torch.rand(2, seq_len, generator=g) > 0.3 if padded else None
     window = None if left is None and right is None else (left, right)
     mask = AttentionMask(causal=causal, window=window, key_padding=padding, document_ids=docs)
@@ -144,10 +149,7 @@ def test_a_rank_plan_is_its_share_of_every_rank_plan(world_size, seq_len, layout
     """build_plan(rank=r): r's pairs exactly as in the all-rank plan, the other pairs as summaries of the same
     kind and extent, and the same travel (last steps, rows): so every rank's sends meet the receives."""
     g = torch.Generator().manual_seed(seed)
-    docs = None
-    if n_docs:
-        cuts = torch.randint(0, seq_len + 1, (n_docs - 1,), generator=g).sort().values
-        docs = documents_from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]), seq_len)
+    docs = _random_documents(seq_len, n_docs, g)
     padding = torch.rand(2, seq_len, generator=g) > 0.3 if padded else None
     mod = _DigestedMod(3) if strided_mod else None
     mask = AttentionMask(causal=causal, window=None if left is None else (left, None), key_padding=padding,
