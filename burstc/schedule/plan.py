@@ -29,6 +29,7 @@ import torch
 
 from burstc.schedule import layout as layouts
 from burstc.schedule import masks as mask_classes
+from burstc.schedule.documents import DocumentRun, document_runs, same_document_pairs, shared_document_row
 from burstc.schedule.masks import AttentionMask, TileBounds
 from burstc.schedule.route import DOUBLE_RING, RING, Route, double_ring_route, flat_route
 from burstc.schedule.topology import LINK_CLASSES, flat_ring, ring_order
@@ -412,6 +413,12 @@ def _build(world_size: int, layout: str, seq_len: int, causal: bool, route: Rout
         pairs = tuple(
             tuple(_pair_plan(q, k, blocks[q], blocks[k], causal) for k in range(chunks))
             for q in range(chunks))
+    elif (documents := shared_document_row(mask)) is not None:
+        runs = [document_runs(bl, documents) for bl in blocks]
+        pairs = tuple(
+            tuple(_document_pair_plan(q, k, runs[q], runs[k], causal, summary=rank is not None and rank not in (q, k))
+                  for k in range(chunks))
+            for q in range(chunks))
     else:
         tiled = [_TiledChunk.of(bl, positions[c], tile, mask) for c, bl in enumerate(blocks)]
         beside_causal = replace(mask, causal=False) if mask.causal else None
@@ -466,6 +473,25 @@ def _pair_plan(q_rank: int, k_rank: int, q_blocks, k_blocks, causal: bool) -> Pa
     visible = sum(it.visible_pairs() for it in items)
     mask = SKIPPED if visible == 0 else FULL if visible == n_q * n_k else DIAGONAL
     return PairPlan(q_rank, k_rank, mask, tuple(items), visible)
+
+
+def _document_pair_plan(q_rank: int, k_rank: int, q_runs: list[DocumentRun], k_runs: list[DocumentRun],
+                        causal: bool, summary: bool) -> PairPlan:
+    """A pair under a pure document mask, in closed form (burstc.schedule.documents): the full or causal
+    rectangles of its same-document runs, merged; summary: only their kind and extent."""
+    items = _merge_full_items([it for qb, kb in same_document_pairs(q_runs, k_runs)
+                               for it in _block_items(qb, kb, causal)])
+    if not items:
+        return PairPlan(q_rank, k_rank, SKIPPED, (), 0, extent=(0, 0, 0, 0) if summary else None)
+    n_q = sum(run.block.valid for run in q_runs)
+    n_k = sum(run.block.valid for run in k_runs)
+    visible = sum(it.visible_pairs() for it in items)
+    kind = FULL if visible == n_q * n_k else PARTIAL
+    if summary:
+        extent = (min(it.k_start for it in items), max(it.k_stop for it in items),
+                  min(it.q_start for it in items), max(it.q_stop for it in items))
+        return PairPlan(q_rank, k_rank, kind, (), -1, extent=extent)
+    return PairPlan(q_rank, k_rank, kind, tuple(items), visible)
 
 
 def _increasing(blocks: list[layouts.Block]) -> bool:
