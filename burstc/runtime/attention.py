@@ -14,8 +14,9 @@ import torch.distributed as dist
 from burstc.config import BurstConfig
 from burstc.runtime import stats
 from burstc.runtime.kernels import LocalKernel, select_kernel
-from burstc.runtime.ring import ring_backward, ring_forward
+from burstc.runtime.ring import ring_backward, ring_forward, row_delta
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
+from burstc.runtime.sinks import apply_sinks
 from burstc.runtime.transport import GroupTransport, Held, VirtualTransport
 from burstc.runtime.ulysses import ulysses_backward, ulysses_forward
 from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ranks, agreed_before, local_problem,
@@ -107,15 +108,20 @@ class RingRun:
                                     self.scale, mask=self.mask)
         return out, lse, qd, kd, vd
 
-    def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor):
-        """(dq, dk, dv) tensors of the call's kind (shards or full), in the input dtype."""
+    def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor,
+                 dlse: Optional[Held] = None):
+        """(dq, dk, dv) tensors of the call's kind (shards or full), in the input dtype. dlse: the
+        gradient of lse per rank (attention sinks read lse), which enters as D - dlse."""
         dtype = next(iter(qd.values())).dtype
         dd = self.to_ranks(dout.to(dtype))
+        delta = None
+        if dlse is not None:
+            delta = {r: row_delta(dd[r], out[r]) - dlse[r].to(lse[r].dtype) for r in dd}
         if self.plan.schedule == ULYSSES_RING:
-            grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device)
+            grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device, delta=delta)
         else:
             grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
-                                  qd, kd, vd, out, dd, lse, self.scale, mask=self.mask)
+                                  qd, kd, vd, out, dd, lse, self.scale, delta=delta, mask=self.mask)
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
 
@@ -172,20 +178,26 @@ def _choose_schedule(shape: AttentionShape, world_size: int, node_size: int, lin
 
 
 class _BurstAttention(torch.autograd.Function):
+    """(out, lse) of a RingRun; both differentiable (an lse nobody reads gets no gradient)."""
+
     @staticmethod
     def forward(ctx, q, k, v, run: RingRun):
         out, lse, qd, kd, vd = run.forward(q, k, v)
         ctx.run = run
         ctx.ranks = tuple(qd)
         ctx.save_for_backward(*(d[r] for d in (qd, kd, vd, out, lse) for r in ctx.ranks))
-        return run.from_ranks(out)
+        ctx.set_materialize_grads(False)
+        return run.from_ranks(out), run.from_ranks(lse)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         n = len(ctx.ranks)
         saved = ctx.saved_tensors
         qd, kd, vd, out, lse = ({r: saved[i * n + j] for j, r in enumerate(ctx.ranks)} for i in range(5))
-        return ctx.run.backward(qd, kd, vd, out, lse, dout) + (None,)
+        if dout is None:
+            dout = ctx.run.from_ranks({r: torch.zeros_like(o) for r, o in out.items()})
+        dlse = ctx.run.to_ranks(dlse) if dlse is not None else None
+        return ctx.run.backward(qd, kd, vd, out, lse, dout, dlse) + (None,)
 
 
 def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -196,7 +208,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     dropout_p: float = 0.0, key_padding_mask: Optional[torch.Tensor] = None,
                     document_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                     window: Optional[tuple[Optional[int], Optional[int]]] = None,
-                    mask_mod=None, schedule: Optional[str] = None, node_size: Optional[int] = None) -> torch.Tensor:
+                    mask_mod=None, schedule: Optional[str] = None, node_size: Optional[int] = None,
+                    sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact attention over a sequence sharded across the ranks of `group` (BurstAttention).
 
     q, k, v: this rank's shard, [B, H, S_local, d] like `F.scaled_dot_product_attention`'s inputs
@@ -229,6 +242,11 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         the kv_ring backward (the rows stay with their queries).
     Rows with no visible key return 0 with zero gradients, as single-device SDPA does.
 
+    sinks: one learned logit per query head ([H_q]) that joins every row's softmax as an extra column
+        and is dropped after it (GPT-OSS's attention sinks; burstc.runtime.sinks): applied once to the
+        ring's result from the global log-sum-exp; differentiable, its gradient summed over this
+        rank's rows (sum it over the ranks like any replicated parameter's).
+
     schedule: how chunks travel when the group spans several nodes: 'ring' (one flat ring),
         'double_ring' (an inner ring per node, an outer ring across nodes: a chunk crosses the
         inter-node link once per inner cycle), 'ulysses_ring' (an all-to-all inside each node turns
@@ -246,7 +264,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=group, layout=layout,
                       backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
                       dropout_p=dropout_p, masks=masks, schedule=schedule, node_size=node_size)
-    return _BurstAttention.apply(q, k, v, run)
+    out, lse = _BurstAttention.apply(q, k, v, run)
+    return out if sinks is None else apply_sinks(out, lse, sinks)
 
 
 def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,

@@ -93,11 +93,12 @@ def _forward(run, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     return run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
 
 
-def _grads(run, dout, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) of the call's kind, contiguous."""
+def _grads(run, dout, q, k, v, out, lse, dlse) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of the call's kind, contiguous; dlse: the gradient of lse, or None."""
     stats.count("backward_calls", 1)
     qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
-    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout))
+    dlse = run.to_ranks(dlse) if dlse is not None else None
+    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout, dlse))
 
 
 def _fake_forward(q, *_):
@@ -113,19 +114,21 @@ attention.register_fake(_fake_forward)
 
 @torch.library.custom_op("burst::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding: Optional[torch.Tensor],
+                       lse: torch.Tensor, dlse: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+                       key_padding: Optional[torch.Tensor],
                        document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
                        mask_proof: str, scale: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
                        site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) over the full sequence, given the forward's out and lse. verify_site: '' or the
-    site whose first backward is checked against SDPA's gradients."""
+    """(dq, dk, dv) over the full sequence, given the forward's out and lse and the gradient of lse (None
+    unless lse is used: attention sinks). verify_site: '' or the site whose first backward is checked
+    against SDPA's gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=True)
-    grads = _grads(run, dout, q, k, v, out, lse)
-    if verify_site and verify_site not in _verified_backward:
+    grads = _grads(run, dout, q, k, v, out, lse, dlse)
+    if verify_site and verify_site not in _verified_backward and dlse is None:  # SDPA knows no lse gradient
         _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
@@ -142,15 +145,18 @@ def _setup_context(ctx, inputs, output):
     buffers = rest[_MASK_TENSORS]
     ctx.save_for_backward(q, k, v, out, lse, *rest[:_MASK_TENSORS], *buffers)
     ctx.options = rest[_MASK_TENSORS + 1:]  # the options, verify_site last
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an lse nobody reads has no gradient: None, not zeros
 
 
 def _backward_through(backward_op):
-    """The autograd formula of an attention op whose (dq, dk, dv) come from backward_op."""
-    def backward(ctx, dout, _dlse):
+    """The autograd formula of an attention op whose (dq, dk, dv) come from backward_op. lse is
+    differentiable (attention sinks read it): its gradient enters the ring as D - dlse."""
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, *masks = ctx.saved_tensors
         tensors, buffers = masks[:_MASK_TENSORS], list(masks[_MASK_TENSORS:])
-        grads = backward_op(dout.contiguous(), q, k, v, out, lse, *tensors, buffers, *ctx.options)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dlse = None if dlse is None else dlse.contiguous()
+        grads = backward_op(dout, q, k, v, out, lse, dlse, *tensors, buffers, *ctx.options)
         # no gradients for masks; the list argument mask_buffers gets a list
         return (*grads, *[None] * _MASK_TENSORS, [None] * len(buffers), *[None] * len(ctx.options))
     return backward
@@ -262,17 +268,18 @@ attention_local.register_fake(_fake_forward)
 
 @torch.library.custom_op("burst::attention_local_backward", mutates_args=())
 def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                             attn_mask: Optional[torch.Tensor],
                              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                              window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str,
                              node_size: int, group_name: str, site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shards, given the forward's out and lse shards."""
+    """(dq, dk, dv) shards, given the forward's out and lse shards and the gradient of lse (or None)."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=False)
-    grads = _grads(run, dout, q, k, v, out, lse)
-    if verify_site and verify_site not in _verified_backward:
+    grads = _grads(run, dout, q, k, v, out, lse, dlse)
+    if verify_site and verify_site not in _verified_backward and dlse is None:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
         full = [gather(t) for t in (q, k, v, dout)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,

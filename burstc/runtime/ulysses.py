@@ -12,7 +12,7 @@ are summed, which makes it the adjoint of `to_heads` for gradients. `ulysses_for
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -164,14 +164,16 @@ def ulysses_forward(run, qd: Held, kd: Held, vd: Held, device: torch.device) -> 
 
 
 def ulysses_backward(run, qd: Held, kd: Held, vd: Held, out: Held, dout: Held, lse: Held,
-                     device: torch.device) -> tuple[Held, Held, Held]:
+                     device: torch.device, delta: Optional[Held] = None) -> tuple[Held, Held, Held]:
     """(dq, dk, dv) per rank's padded shard (accumulation dtype) of a RingRun with a ulysses_ring plan;
-    K/V heads held by several ranks of a node have their gradients summed."""
+    K/V heads held by several ranks of a node have their gradients summed. delta: D per rank when the
+    caller has it (attention sinks: D - dlse), else rowsum(dO * O)."""
     qh, kvh, heads_q, heads_kv = _head_ranges(run, qd, kd)
     ex = _exchange(run, "backward", device)
     qn, kn, vn = ex.to_heads(qd, qh), ex.to_heads(kd, kvh), ex.to_heads(vd, kvh)
     # D = rowsum(dO * O) travels instead of O: one number per row and head instead of d
-    delta = {r: row_delta(dout[r], out[r]) for r in dout}
+    if delta is None:
+        delta = {r: row_delta(dout[r], out[r]) for r in dout}
     don, ln, dn = ex.to_heads(dout, qh), ex.to_heads(lse, qh), ex.to_heads(delta, qh)
     dq_n, dk_n, dv_n = {}, {}, {}
     for transport in _rings(run, "backward", device):
