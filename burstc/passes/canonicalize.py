@@ -109,12 +109,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 from burstc.passes.attention_gqa import ungroup_kv
 from burstc.passes.attention_masks import classify_mask
 from burstc.passes.attention_scores import Scale, Scores, qk_operands, walk_scores
+from burstc.passes.attention_sinks import drops_sink_column, split_sink_column
 from burstc.passes.attention_spellings import (
     NotAttention, Skip, arg_of, dropout_is_noop, dtype_of, is_call, is_dropout, is_prob_passthrough,
     is_softmax, last_frame, pv_value, rank_of, same_size, same_sizes, shape_of, swap_last2,
 )
 from burstc.passes.dead_code import mutates
 from burstc.passes.nodes import new_node
+from burstc.runtime.sinks import sdpa_with_sinks
 
 __all__ = [
     "RESULT_KEY", "SDPA", "CanonicalizeResult", "CanonicalizedSite", "SkippedSite",
@@ -142,6 +144,7 @@ class CanonicalizedSite:
     gqa_groups: int               # query heads per K/V head given to SDPA (1: enable_gqa=False)
     replaced: tuple[str, ...]     # names of the nodes the rewrite removed
     stack_trace: str | None       # the softmax node's stack trace (user source)
+    sinks: str | None = None      # the sink logits' node (then the call is sdpa_with_sinks), or None
 
     @property
     def location(self) -> str:
@@ -238,11 +241,15 @@ class _Site:
     gqa_groups: int
     spelling: str
     owned: list[fx.Node]          # nodes the site consumes; erased if dead after the rewrite
+    sinks: fx.Node | None = None  # [1, H, 1, 1] per-head sink logits (attention_sinks), or None
 
 
 def _match_site(softmax: fx.Node, ctx: _Context) -> _Site:
     pv, v, prob_nodes = _match_probabilities(softmax)
     x, dtype = _softmax_input(softmax)
+    sinks, sink_nodes = None, []
+    if any(drops_sink_column(n) for n in prob_nodes):
+        x, sinks, sink_nodes = split_sink_column(x)
     scores = walk_scores(x, Scores())
     qk = scores.qk
     # Single users from Q·Kᵀ to P also mean V and the mask cannot be computed from the scores:
@@ -257,23 +264,24 @@ def _match_site(softmax: fx.Node, ctx: _Context) -> _Site:
     _check_shapes(x, q, k_or_kt, k is None, v_heads, groups)
     _check_dtypes(x, q, k_or_kt, v_heads, prob_nodes[-1], pv, dtype)
     mask_kind, mask, negate, mask_nodes = classify_mask(scores, x, ctx)
-    owned = [pv, *prob_nodes, *scores.nodes, *qk.nodes, *lookthrough, *repeat_nodes, *mask_nodes]
+    owned = [pv, *prob_nodes, *sink_nodes, *scores.nodes, *qk.nodes, *lookthrough, *repeat_nodes, *mask_nodes]
     owned += [a for n in owned for a in n.all_input_nodes if is_call(a, (), ("item",))]
     scale = functools.reduce(Scale.times, scores.factors, factor)
     return _Site(
         softmax=softmax, pv=pv, q=q, k=k, kt=kt, v=v_heads, scale=scale, mask_kind=mask_kind,
-        mask=mask, negate_mask=negate, gqa_groups=groups, spelling=qk.spelling, owned=owned,
+        mask=mask, negate_mask=negate, gqa_groups=groups, spelling=qk.spelling, owned=owned, sinks=sinks,
     )
 
 
 def _match_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
-    """softmax -> [casts, dropouts] -> P @ V. Returns (pv node, v, the P chain)."""
+    """softmax -> [the sink column dropped] -> [casts, dropouts] -> P @ V. Returns (pv node, v, the P chain)."""
     node, nodes = softmax, [softmax]
     while True:
         pv = next((u for u in node.users if pv_value(u, node) is not None), None)
         if pv is not None:
             break
-        following = [u for u in node.users if u.args and u.args[0] is node and is_prob_passthrough(u)]
+        following = [u for u in node.users if u.args and u.args[0] is node and (
+            is_prob_passthrough(u) or node is softmax and drops_sink_column(u))]
         if len(following) != 1:
             _report_unknown_path(node)
             raise NotAttention
@@ -299,8 +307,9 @@ def _report_unknown_path(probs: fx.Node, hops: int = 4) -> None:
             if pv_value(u, u.args[0]) is not None:
                 names = [_op_label(n) for n in path]
                 if any(_drops_last_columns(n) for n in path):
-                    raise Skip("the softmax also covers extra columns that are dropped before P @ V (attention "
-                                "sinks, as in GPT-OSS), which burst does not convert yet")
+                    raise Skip("the softmax also covers extra columns that are dropped before P @ V, not in the "
+                                "form of attention sinks burst converts (one per-head logit column, dropped right "
+                                "after the softmax)")
                 raise Skip(f"the attention weights pass through {', '.join(names)} before P @ V, which burst does "
                             "not know to be exact to rewrite")
         if not users:
@@ -371,14 +380,17 @@ def _rewrite(graph: fx.Graph, site: _Site) -> CanonicalizedSite:
         scale = _scale_argument(graph, site.scale, site.softmax)
         kwargs = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": site.mask_kind == "causal",
                   "scale": scale, "enable_gqa": site.gqa_groups > 1}
-        sdpa = new_node(graph, "call_function", SDPA, (site.q, k, site.v), kwargs, site.softmax)
+        target = SDPA
+        if site.sinks is not None:
+            target, kwargs["sinks"] = sdpa_with_sinks, site.sinks
+        sdpa = new_node(graph, "call_function", target, (site.q, k, site.v), kwargs, site.softmax)
     site.pv.replace_all_uses_with(sdpa)
     replaced = _erase_dead(graph, [site.pv, *site.owned])
     return CanonicalizedSite(
         node=sdpa.name, spelling=site.spelling, mask=site.mask_kind,
         scale=scale.name if isinstance(scale, fx.Node) else scale,
         gqa_groups=site.gqa_groups, replaced=tuple(replaced),
-        stack_trace=site.softmax.meta.get("stack_trace"),
+        stack_trace=site.softmax.meta.get("stack_trace"), sinks=site.sinks.name if site.sinks is not None else None,
     )
 
 

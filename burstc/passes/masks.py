@@ -419,11 +419,14 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
         try:
             found = recognise(mask, q.shape[2], k.shape[2])
         except NotRecognised as e:
-            if _finite_fill(mask) and not isinstance(e, _AveragingRows):
+            # with sinks a row whose keys a finite fill hides gives its weight to the sink, not to an average
+            # of the values: exp(finfo.min - sink) is 0, as -inf gives (burstc.runtime.sinks)
+            averaging = args.get("sinks") is None
+            if averaging and _finite_fill(mask) and not isinstance(e, _AveragingRows):
                 # nothing says which rows it hides: one hidden whole would average every value under SDPA
                 e = _AveragingRows(f"{_AVERAGING_ROWS} (the construction is not recognised: {e})")
             record["materialised"].append((where, str(e)))
-            if isinstance(e, _AveragingRows):
+            if averaging and isinstance(e, _AveragingRows):
                 _as_additive_attention(gm, node, args)
                 continue
             _rows_form(gm, node, mask, q)
@@ -450,6 +453,8 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
                       window_left=found.left, window_right=None if causal and found.right == 0 else found.right,
                       scale=args.get("scale"), enable_gqa=args.get("enable_gqa", False), fill=found.fill,
                       proof=proof, proof_buffers=tuple(proof_buffers))
+        if args.get("sinks") is not None:
+            kwargs["sinks"] = args["sinks"]
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_sdpa, (args["query"], args["key"], args["value"]), kwargs)
         new.meta.update(node.meta)
@@ -521,7 +526,8 @@ def _as_additive_attention(gm: fx.GraphModule, node: fx.Node, args: dict) -> Non
     mark it to be left alone with the reason."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(additive_attention, (args["query"], args["key"], args["value"], args["attn_mask"]),
-                                     {"scale": args.get("scale"), "enable_gqa": args.get("enable_gqa", False)})
+                                     {"scale": args.get("scale"), "enable_gqa": args.get("enable_gqa", False),
+                                      **({"sinks": args["sinks"]} if args.get("sinks") is not None else {})})
     new.meta.update(node.meta)
     new.meta["burst_leave"] = _AVERAGING_ROWS
     node.replace_all_uses_with(new)

@@ -15,6 +15,7 @@ from burstc.config import BurstConfig
 from burstc.passes.find_attention import rebind
 from burstc.passes.higher_order import attention_in_bodies, describe, graphs
 from burstc.passes.plan import SitePlan
+from burstc.runtime.sinks import apply_sinks, sink_site_mask
 from burstc.schedule import predict
 
 log = logging.getLogger("burstc.passes")
@@ -44,12 +45,18 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
             every_call = cfg.verify or cfg.checks == "always"
             site_key = "" if every_call else f"{graph_id}/{site.name}/{plan.seq_len}"
             query, key, value = _broadcast(graph, site)
+            attn_mask = site.attn_mask
+            if site.sinks is not None and attn_mask is not None:
+                attn_mask = graph.call_function(sink_site_mask, (attn_mask,))
             call = graph.call_function(op, (
-                query, key, value, site.attn_mask, site.key_padding, site.document_ids,
+                query, key, value, attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers or site.proof_buffers), plan.causal, site.window_left, site.window_right,
                 site.mask_mod, site.proof, plan.scale, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, site_key, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
+            if site.sinks is not None:  # folded in once, from the global log-sum-exp
+                lse = graph.call_function(operator.getitem, (call, 1))
+                out = graph.call_function(apply_sinks, (out, lse, site.sinks))
         out.meta.update(site.node.meta)
         site.node.replace_all_uses_with(out)
         graph.erase_node(site.node)

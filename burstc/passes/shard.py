@@ -665,17 +665,19 @@ class _Sharder:
 class _AttentionRule:
     """A converted attention site: q, k, v, the output and a materialised mask's query rows are sharded
     along dim 2 ([B, H, N, d] / [B|1, H|1, N, N]); mask descriptors ([B, N] key padding, document ids)
-    stay replicated: they are read at global key positions."""
+    stay replicated: they are read at global key positions. Sink logits stay replicated too; every rank's
+    rows use them, so their gradient is summed over the ranks."""
 
     def __init__(self, site):
         self.inputs = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask is not None else [])
         self.read_globally = [t for t in (site.key_padding, site.document_ids, *site.mask_buffers, *site.proof_buffers)
                               if isinstance(t, fx.Node)]
+        self.replicated = [site.sinks] if isinstance(site.sinks, fx.Node) else []
 
     def inputs_for(self, out: SeqDim):
         if out != SeqDim(2):
             return None
-        return {**{a: None for a in self.read_globally}, **{a: SeqDim(2) for a in self.inputs}}
+        return {**{a: None for a in self.read_globally + self.replicated}, **{a: SeqDim(2) for a in self.inputs}}
 
     def output_for(self, a, spec: SeqDim):
         return SeqDim(2) if spec == SeqDim(2) else None

@@ -115,13 +115,14 @@ class RingRun:
         dtype = next(iter(qd.values())).dtype
         dd = self.to_ranks(dout.to(dtype))
         delta = None
-        if dlse is not None:
+        if dlse is not None:  # then the kernels must not derive D from out: they get D alone
             delta = {r: row_delta(dd[r], out[r]) - dlse[r].to(lse[r].dtype) for r in dd}
         if self.plan.schedule == ULYSSES_RING:
             grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device, delta=delta)
         else:
             grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
-                                  qd, kd, vd, out, dd, lse, self.scale, delta=delta, mask=self.mask)
+                                  qd, kd, vd, out if delta is None else None, dd, lse, self.scale, delta=delta,
+                                  mask=self.mask)
         return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
 
 

@@ -13,7 +13,7 @@ from burstc.schedule import layout as layouts
 from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens, window_is_bounded
 
 
-_AVERAGING_BIAS = -1e30  # an additive bias this negative swamps any score: a row of them is averaged
+AVERAGING_BIAS = -1e30  # an additive bias this negative swamps any score: a row of them is averaged
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class MaskArgs:
                 raise ValueError(f"attn_mask {tuple(dense.shape)} must hold {where} {want} query rows over all "
                                  f"{seq_len} keys: [B|1, H|1, {want}, {seq_len}]")
             row_max = dense.amax(dim=-1) if dense.dtype != torch.bool and want else None
-            if row_max is not None and bool(((row_max <= _AVERAGING_BIAS) & (row_max > float("-inf"))).any()):
+            if row_max is not None and bool(((row_max <= AVERAGING_BIAS) & (row_max > float("-inf"))).any()):
                 raise ValueError(
                     "attn_mask has rows whose every key carries a huge finite negative bias (<= -1e30, e.g. "
                     "finfo.min): single-device SDPA averages all values there, which the ring cannot reproduce "

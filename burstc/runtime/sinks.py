@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from burstc.runtime.mask_args import AVERAGING_BIAS
+
 
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """out [B, H, L, d] of attention without sinks, lse [B, H, L] its natural-log log-sum-exp, sinks one
@@ -27,6 +29,15 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> to
         raise ValueError(f"{sinks.numel()} sink logits for {heads} query heads: give one per query head")
     gate = torch.sigmoid(lse - sinks.reshape(1, heads, 1).to(lse.dtype))
     return (out * gate.unsqueeze(-1).to(out.dtype)).to(out.dtype)
+
+
+def sink_site_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A sink site's materialised mask for the ring: an additive bias at or below AVERAGING_BIAS (finfo.min
+    fills) becomes -inf. Exact with a sink: exp(bias - sink) is 0 either way, so a row whose every key
+    carries it gives 0 in eager as under the ring, instead of the average plain SDPA would give."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask.masked_fill(attn_mask <= AVERAGING_BIAS, float("-inf"))
 
 
 def sdpa_with_sinks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from burstc.passes import canonicalize_attention, canonicalize_result
 from burstc.passes.attention_spellings import einsum_form
 from burstc.passes.canonicalize import SDPA
+from burstc.runtime.sinks import sdpa_with_sinks
 
 B, T, C, H = 2, 8, 32, 4
 D = C // H
@@ -286,20 +287,39 @@ class MaskFromScoresAttention(QKVBlock):
 
 
 class SinkAttention(QKVBlock):
-    """GPT-OSS's eager attention: a learned per-head sink logit joins the softmax and is sliced off."""
+    """GPT-OSS's eager attention: a learned per-head sink logit joins the softmax and is sliced off;
+    optionally without the row-max shift, under a causal mask."""
 
-    def __init__(self):
+    def __init__(self, shift=True, causal=False):
         super().__init__()
         self.sinks = nn.Parameter(torch.randn(H))
+        self.shift, self.causal = shift, causal
 
     def forward(self, x):
         q, k, v = self.qkv(x)
         scores = q @ k.transpose(-1, -2) * D ** -0.5
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
         combined = torch.cat([scores, sinks], dim=-1)
-        combined = combined - combined.max(dim=-1, keepdim=True).values
+        if self.shift:
+            combined = combined - combined.max(dim=-1, keepdim=True).values
         probs = F.softmax(combined, dim=-1)[..., :-1]
         return self.merge(probs @ v)
+
+
+class PerQuerySinkAttention(QKVBlock):
+    """An extra softmax column that differs per query row: not a per-head sink, so not converted."""
+
+    def __init__(self):
+        super().__init__()
+        self.column = nn.Parameter(torch.randn(1, H, T, 1))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        scores = q @ k.transpose(-1, -2) * D ** -0.5
+        combined = torch.cat([scores, self.column.expand(q.shape[0], -1, -1, -1)], dim=-1)
+        return self.merge(F.softmax(combined, dim=-1)[..., :-1] @ v)
 
 
 class ReweightedAttention(QKVBlock):
@@ -436,6 +456,21 @@ def test_returned_attention_weights_stay():
     assert "test_canonicalize.py" in graph.result.skipped[0].location
 
 
+@pytest.mark.parametrize("shift,causal", [(True, False), (False, True)])
+def test_attention_sinks_become_sdpa_with_sinks(shift, causal):
+    """GPT-OSS's sinks: one sdpa_with_sinks call holding the [1, H, 1, 1] sink logits; exact, the sinks'
+    gradient included."""
+    model = SinkAttention(shift=shift, causal=causal)
+    compiled, captured = compile_with_pass(model)
+    assert_same_as_eager(model, compiled, x_input())
+    (graph,) = captured
+    nodes = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is sdpa_with_sinks]
+    assert len(nodes) == 1 and graph.softmax_nodes() == [] and graph.sdpa_nodes() == []
+    assert nodes[0].kwargs["is_causal"] is causal
+    assert tuple(nodes[0].kwargs["sinks"].meta["example_value"].shape) == (1, H, 1, 1)
+    assert graph.result.converted[0].sinks == nodes[0].kwargs["sinks"].name
+
+
 def test_dropout_in_training_stays():
     model = NanoGPTAttention(dropout=0.1).train()
     compiled, captured = compile_with_pass(model)
@@ -450,7 +485,7 @@ def test_dropout_in_training_stays():
     (MaskFromScoresAttention, (), "also used elsewhere"),
     (Bmm3DAttention, (), "not a 4-D tensor"),
     (AdditiveMaskAttention, (torch.randn(T),), "fewer than 2 dims"),
-    (SinkAttention, (), "attention sinks"),
+    (PerQuerySinkAttention, (), "not one logit per head"),
     (ReweightedAttention, (), "pass through sqrt before P @ V"),
 ], ids=["finite-fill", "scale-after-mask", "negative-scale-after-mask", "mask-from-scores", "bmm-3d",
         "1-d-mask", "sinks", "unknown-op-on-weights"])

@@ -66,11 +66,18 @@ def test_rows_that_see_no_key_give_their_weight_to_the_sink():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_float32_on_the_cpu_kernel():
+@pytest.mark.parametrize("backward", ["kv_ring", "query_ring"])
+def test_float32_on_the_cpu_kernel(backward):
+    """The CPU kernel derives D from the output it is handed: with an lse gradient it must get D - dlse alone."""
     q, k, v, sinks, dout = _inputs(3, dtype=torch.float32)
-    got = burst_attention(q, k, v, causal=True, enable_gqa=True, virtual_world_size=3, kernel="cpu", sinks=sinks)
-    want = _gpt_oss_formula(*(t.double() for t in (q, k, v, sinks)), _visible(q.shape[2], True, None))
+    got = burst_attention(q, k, v, causal=True, enable_gqa=True, virtual_world_size=3, kernel="cpu", sinks=sinks,
+                          backward=backward)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    want = _gpt_oss_formula(*leaves, _visible(q.shape[2], True, None))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got_grads = torch.autograd.grad(got, (q, k, v, sinks), dout)
+    for a, b in zip(got_grads, torch.autograd.grad(want, leaves, dout.double())):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 def test_the_canonical_form_is_the_eager_formula():
