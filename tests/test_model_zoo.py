@@ -128,8 +128,9 @@ def test_gpt_oss_sinks_convert_exactly_in_one_process():
 
 
 def test_gpt_oss_sinks_with_padding_on_two_ranks():
-    """Sequence mode with left padding: HF's finfo.min mask is materialised, and the rows it hides whole give
-    their weight to the sink (0, as eager gives), so the site converts; exact on both ranks."""
+    """Sequence mode with left padding: HF's finfo.min mask (causal, a window on the sliding layer, key
+    padding) is recognised although it hides whole rows, since with a sink such a row gives 0 in eager as
+    under the ring; both layers convert, exact on both ranks."""
     for rank_results in run_ranks(2, _compare, [("gpt_oss", "padded")], timeout_s=900):
         _check(rank_results, sequence=True)
 

@@ -350,8 +350,9 @@ def _root(p: _PositionIds) -> fx.Node:
     return n
 
 
-def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
-    """The descriptors of a mask node, or NotRecognised with the reason."""
+def recognise(mask: fx.Node, q_len, kv_len, sinks: bool = False) -> MaskDescriptor:
+    """The descriptors of a mask node, or NotRecognised with the reason. sinks: the site has attention
+    sinks, so a row a finite fill hides whole gives 0 in eager too (burstc.runtime.sinks)."""
     fill, node = None, mask
     if _calls(node, torch.where):
         cond, zero, hidden = node.args
@@ -382,7 +383,7 @@ def recognise(mask: fx.Node, q_len, kv_len) -> MaskDescriptor:
     if docs is not None and docs.positions.arange_c is not None:
         docs = None  # arange positions: one document per row, the atom is always true
     keeps_diagonal = p.lo <= 0 <= p.hi  # documents keep it too: a token shares its own document
-    if fill is not None and fill != -math.inf and (p.paddings or not keeps_diagonal):
+    if fill is not None and fill != -math.inf and (p.paddings or not keeps_diagonal) and not sinks:
         # a finite fill: a query whose keys are all hidden attends uniformly to all keys (SDPA on the
         # additive mask); the descriptors would give it 0. Keep the mask: exact through its rows.
         raise _AveragingRows(_AVERAGING_ROWS)
@@ -417,7 +418,7 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         where = source_line(node) or node.name
         try:
-            found = recognise(mask, q.shape[2], k.shape[2])
+            found = recognise(mask, q.shape[2], k.shape[2], sinks=args.get("sinks") is not None)
         except NotRecognised as e:
             # with sinks a row whose keys a finite fill hides gives its weight to the sink, not to an average
             # of the values: exp(finfo.min - sink) is 0, as -inf gives (burstc.runtime.sinks)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from burstc.runtime.attention import burst_attention
-from burstc.runtime.sinks import apply_sinks, sdpa_with_sinks
+from burstc.runtime.sinks import apply_sinks, sdpa_with_sinks, sink_site_mask
 
 
 def _gpt_oss_formula(q, k, v, sinks, visible):
@@ -89,3 +89,19 @@ def test_the_canonical_form_is_the_eager_formula():
     torch.testing.assert_close(got, _gpt_oss_formula(q, k, v, sinks, visible), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one per query head"):
         apply_sinks(got, torch.zeros(got.shape[:-1], dtype=got.dtype), sinks[:3])
+
+
+def test_a_finfo_min_mask_that_hides_whole_rows_is_exact_with_a_sink():
+    """HF's eager additive mask (finfo.min where hidden) with rows hidden whole: eager gives those rows 0 (the
+    sink takes all the weight), and so does the ring on sink_site_mask's -inf form."""
+    q, k, v, sinks, dout = _inputs(5, n=20)
+    visible = _visible(20, True, None).expand(2, 1, 20, 20).clone()
+    visible[1, :, :4] = False  # four whole rows of batch row 1
+    bias = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    want = sdpa_with_sinks(q, k, v, attn_mask=bias, enable_gqa=True, sinks=sinks)
+    got = burst_attention(q, k, v, attn_mask=sink_site_mask(bias), enable_gqa=True, virtual_world_size=2,
+                          kernel="reference", sinks=sinks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert bool((want[1, :, :4] == 0).all())
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, sinks), dout), torch.autograd.grad(want, (q, k, v, sinks), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
