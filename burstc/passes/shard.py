@@ -23,8 +23,8 @@ import logging
 import math
 import operator
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -33,9 +33,9 @@ from torch._dynamo.utils import counters
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import find_attention_sites, rebind, source_line
 from burstc.passes.plan import SitePlan, plan_sites
-from burstc.passes.shard_rules import (RESIZED, Factory, SeqDim, WindowMap, arg, factory_source, is_tensor,
-                                       mutated_input, op_name, reduced_dims, rule_for, set_local_size, shape,
-                                       tensor_inputs, value)
+from burstc.passes.shard_rules import (RESIZED, Factory, LocalGroups, LocalRows, SeqDim, WindowMap, arg,
+                                       factory_source, is_tensor, mutated_input, op_name, reduced_dims, rule_for,
+                                       fixed_bins, set_local_size, shape, tensor_index, tensor_inputs, value)
 from burstc.passes.windows import fuse_windows
 from burstc.runtime import halo, sequence_ops
 from burstc.runtime.fsdp import FsdpScales
@@ -209,7 +209,8 @@ class _Sharder:
         self.local_len = local_length(seq_len, layout, world_size, rank)
         self.sites = {p.site.node: p for p in plans if p.converts}
         self.want: dict[fx.Node, SeqDim] = {}
-        self.place: dict[fx.Node, Optional[SeqDim]] = {}
+        self.place: dict[fx.Node, Optional[SeqDim]] = {}  # or, inside a proven private region, LocalRows/LocalGroups
+        self.private: dict[fx.Node, "_Private"] = {}  # the nodes of accepted private regions (and their exits)
         self.entered: dict[tuple, fx.Node] = {}
         self.grad_sums: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (consumer, replicated input, anchor)
         # in-place writes: a boundary must read a tensor after the writes its consumer sees (never the
@@ -314,10 +315,24 @@ class _Sharder:
         self.place[entered] = spec
 
     def _visit(self, node: fx.Node) -> None:
+        if node in self.private:
+            return self._visit_private(node)
         inputs = tensor_inputs(node)
         sharded = [(a, self.place[a]) for a in inputs if self.place.get(a)]
+        if any(not isinstance(spec, SeqDim) for _, spec in sharded):
+            raise ShardingError(f"{node.name} ({op_name(node)}) reads a rank-private tensor outside its region")
         if sharded and self._is_seq_reduction(node, sharded[0][1]) and node.args[0] is sharded[0][0]:
             return self._reduce(node, sharded)
+        if sharded and op_name(node) == "histc" and fixed_bins(node):
+            return self._count(node)
+        if self._sorts_slots(node, sharded):
+            region = _PrivateRegion(self, node).analyse()
+            if isinstance(region, str):
+                self.place[node] = None
+                return self._gather_inputs(node, sharded, f"{op_name(node)} orders tokens of all ranks: its result "
+                                           f"cannot stay this rank's ({region})")
+            self._adopt(region)
+            return self._visit_private(node)
         rule = self.rule(node)
         if isinstance(rule, Factory):
             return self._factory(node, rule)
@@ -364,6 +379,65 @@ class _Sharder:
         if isinstance(rule, WindowMap) and out.dim == rule.window_dim:
             self._halo(node)
 
+    # -- private regions: a local sort of this rank's slots (an MoE dispatch) ------------------------
+    def _sorts_slots(self, node: fx.Node, sharded) -> bool:
+        """Whether node sorts a 1-D sharded tensor along its sequence (the flattened expert ids of a
+        dispatch): each rank can sort its own slots instead, if the region after it proves exact."""
+        if op_name(node) not in ("sort", "argsort") or len(sharded) != 1 or sharded[0][0] is not node.args[0]:
+            return False
+        dim = arg(node, 1, "dim", -1)
+        return len(shape(node.args[0])) == 1 and dim in (0, -1)
+
+    def _adopt(self, region: "_PrivateRegion") -> None:
+        self.private.update(region.nodes)
+        self.want.update(region.wants)
+        exits = [f"{n.name} ({op_name(n)})" for n, p in region.nodes.items()
+                 if not isinstance(p.placement, (LocalRows, LocalGroups)) and p.how != "arange"]
+        self._record("private", region.seed, self.place[region.seed.args[0]], 0,
+                     f"{op_name(region.seed)} of this rank's slots: {len(region.nodes) - len(exits)} rank-private "
+                     f"tensors, back to sharded/replicated at {', '.join(exits)}", source_line(region.seed))
+        counters["burst"]["seq_private_regions"] += 1
+
+    def _visit_private(self, node: fx.Node) -> None:
+        """A node of an accepted private region: placed as the region proved, after checking that its
+        inputs from outside are placed as the proof assumed."""
+        entry = self.private[node]
+        for a, assumed in entry.outside.items():
+            if self.place.get(a) != assumed:
+                raise ShardingError(f"{node.name}: {a.name} is {self.place.get(a) or 'replicated'}, its private "
+                                    f"region assumed {assumed or 'replicated'}")
+            if assumed is None and a in self.needs_grad:  # shared by every rank's rows: gradients summed
+                self.grad_sums.append((node, a, self._anchor(a, node)))
+        if entry.how == "reduce":
+            return self._reduce(node, [(node.args[0], self.place[node.args[0]])])
+        if entry.how == "count":
+            return self._count(node)
+        if entry.how == "arange":
+            self._local_arange(node)
+        spec = entry.placement
+        if isinstance(spec, LocalRows) and op_name(node) in RESIZED and \
+                not set_local_size(node, spec.rows(), self._global(spec), self.local_size(spec)):
+            raise ShardingError(f"{node.name} ({op_name(node)}): its size argument is not a literal")
+        self.place[node] = spec
+
+    def _local_arange(self, node: fx.Node) -> None:
+        """buf[perm] = arange(n): n counts this rank's slots, not all ranks'."""
+        buf, perm, full = node.args
+        with self.graph.inserting_before(node):
+            mine = self.graph.call_function(torch.arange, (self.local_size(self.place[perm]),), dict(full.kwargs))
+        _same_value(mine, full)
+        node.args = (buf, perm, mine)
+
+    def _count(self, node: fx.Node) -> None:
+        """torch.histc of a sharded or rank-private tensor: each element lies on one rank, so the global
+        histogram is the sum over the ranks of the local ones (local histc + all-reduce)."""
+        with self.graph.inserting_after(node):
+            total = self.graph.call_function(torch.ops.burst.all_reduce.default, (node, self.group_name))
+        node.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
+        _same_value(total, node)
+        self.place[node] = self.place[total] = None
+        self._record("reduce", node, None, 0, "histc of this rank's elements: local histc + all-reduce")
+
     def _halo(self, node: fx.Node) -> None:
         """A window op along the sequence runs on this rank's shard, its window's edge rows exchanged with
         the ranks that hold them (burstc.runtime.halo)."""
@@ -392,7 +466,7 @@ class _Sharder:
     def _factory(self, node: fx.Node, rule: Factory) -> None:
         """x.new_zeros(size), torch.zeros_like(x) and kin: sharded where wanted, else replicated (see
         Factory); a *_like whose source is placed otherwise gets the size it must have from a new_empty."""
-        out = self.want.get(node)
+        out = self.want.get(node) or self._written_placement(node, rule)
         if out is not None and not rule.fits(out, self._global(out)):
             out = None
         if rule.like:
@@ -404,6 +478,20 @@ class _Sharder:
         elif out is not None and not set_local_size(node, out, self._global(out), self.local_size(out)):
             out = None
         self.place[node] = out
+
+    def _written_placement(self, node: fx.Node, rule: Factory) -> Optional[SeqDim]:
+        """The placement the first in-place write into a factory's result gives it, from the writer's sharded
+        inputs placed by now (DeepSeek-V3's `zeros_like(scores).scatter_(1, group_idx, 1)`)."""
+        writes = self.writes.get(self.storage.get(node), ())
+        writer = self.rule(writes[0]) if writes and mutated_input(writes[0]) is node else None
+        if writer is None or isinstance(writer, Factory):
+            return None
+        for a in tensor_inputs(writes[0]):
+            spec = self.place.get(a)
+            out = writer.output_for(a, spec) if a is not node and isinstance(spec, SeqDim) else None
+            if out is not None and rule.fits(out, self._global(out)):
+                return out
+        return None
 
     def _anchor(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
         """Where a boundary that reads `a` for `consumer` goes: after `a` (after the graph inputs), or after
@@ -492,14 +580,17 @@ class _Sharder:
         _same_value(new, node)
         return new
 
-    def _is_plain_arange(self, node: fx.Node) -> bool:
+    def _is_plain_arange(self, node: fx.Node, length: Optional[int] = None) -> bool:
+        """node is arange(start, start + length) (length: the sequence's by default)."""
         ends = [a for a in node.args if not isinstance(a, fx.Node)]
         if len(ends) != len(node.args) or not 1 <= len(ends) <= 2 or node.kwargs.get("step", 1) != 1:
             return False
         start = ends[0] if len(ends) == 2 else 0
-        return ends[-1] - start == self.seq_len
+        return ends[-1] - start == (self.seq_len if length is None else length)
 
     def _gather(self, a: fx.Node, spec: SeqDim, reason: str, consumer: fx.Node) -> fx.Node:
+        if not isinstance(spec, SeqDim):  # its rows are no rank's positions: a gather would be silently wrong
+            raise ShardingError(f"the rank-private {a.name} would be gathered for {consumer.name}")
         anchor = self._anchor(a, consumer)
         key = ("gathered", a, anchor)
         if key not in self.entered:
@@ -580,6 +671,8 @@ class _Sharder:
             spec = self.place.get(a) if isinstance(a, fx.Node) else None
             if spec is None:
                 return a
+            if not isinstance(spec, SeqDim):
+                raise ShardingError(f"the graph output {a.name} is rank-private ({spec})")
             full = _nbytes(a)
             if self.outputs in ("lazy", "local") and position is not None:
                 self.plan.sharded_outputs[position] = spec
@@ -683,6 +776,247 @@ class _AttentionRule:
         return SeqDim(2) if spec == SeqDim(2) else None
 
 
+@dataclass
+class _Private:
+    """A node of a private region: its placement (LocalRows, LocalGroups; a SeqDim or None where the
+    region ends sharded or replicated), how it is rewritten, and the placements it assumed for its inputs
+    from outside the region (checked when it is visited)."""
+
+    placement: object
+    how: str = ""  # '', 'reduce' (local + all-reduce), 'count' (histc + all-reduce), 'arange' (made local)
+    outside: dict = field(default_factory=dict)
+
+
+_UNKNOWN = "not known to be replicated"
+_ROW_EXITS = ("sum", "mean")
+_ADD_AT = {"index_add", "index_add_", "scatter_add", "scatter_add_"}
+_GROUPED_MM = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
+_KEEPS_VALUES = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous", "clone",
+                 "detach", "to", "long", "int", "float", "double"}
+_INDICES_OF = {"topk", "sort", "argsort", "max", "min", "argmax", "argmin", "cummax", "cummin"}
+
+
+class _PrivateRegion:
+    """The forward closure of a sort of this rank's slots (sort/argsort along the sequence of a 1-D sharded
+    tensor: the flattened expert ids of an MoE dispatch), as a proof that sorting each rank's own slots
+    instead of all of them is exact. Every node reading a rank-private tensor must be row-wise work on
+    rows of one order (the token-wise rules, rows standing for tokens; replicated weights shared by all
+    rows), a lookup (`x[perm // k]`: sharded rows picked by this rank's slot numbers; `W[ids]`), a grouped
+    matmul over the sort's own group offsets (histc of its ascending values, cumsum), or an exit: rows
+    put back in slot order by the inverse permutation (`inv[perm] = arange(n)`, `rows[inv]`), added into
+    a sharded tensor at their tokens (index_add/scatter_add), summed or averaged over (all-reduced), or
+    counted (histc, all-reduced). Each row then holds the value its slot has in the whole-sequence program,
+    so every exit is that program's value on this rank. Anything else refuses the region with a reason."""
+
+    def __init__(self, sharder: _Sharder, seed: fx.Node):
+        self.s, self.seed = sharder, seed
+        self.nodes: dict[fx.Node, _Private] = {}
+        self.wants: dict[fx.Node, SeqDim] = {}  # factories the exits add into: made sharded
+
+    def analyse(self):
+        """self, or why the region is refused."""
+        spec = self.s.place[self.seed.args[0]]
+        self.nodes[self.seed] = _Private(self._sort_output(0 if op_name(self.seed) == "sort" else 1, spec))
+        for node in list(self.s.graph.nodes)[self.s.order[self.seed] + 1:]:
+            if not any(self._private(a) for a in node.all_input_nodes):
+                continue
+            if node.op == "output":
+                return f"the graph output would be rank-private rows ({', '.join(a.name for a in node.all_input_nodes if self._private(a))})"
+            found = self._step(node)
+            if isinstance(found, str):
+                return f"{node.name} ({op_name(node)}) {found}"
+            self.nodes[node] = found
+        return self
+
+    def _private(self, a: fx.Node):
+        """a's rank-private placement, or None."""
+        entry = self.nodes.get(a)
+        return entry.placement if entry is not None and isinstance(entry.placement, (LocalRows, LocalGroups)) else None
+
+    def _sort_output(self, which: int, spec: SeqDim) -> LocalRows:
+        """The seed's values (0) or indices (1): rows in the seed's order; the indices are slot numbers."""
+        if which == 1:
+            return LocalRows(0, spec, self.seed.name, "slots", spec)
+        descending = arg(self.seed, 2, "descending", False)
+        return LocalRows(0, spec, self.seed.name, "" if descending else "sorted")
+
+    def _outside(self, a: fx.Node, want: Optional[SeqDim] = None):
+        """The placement a node from outside the region has or will have: None (replicated), a SeqDim, or
+        _UNKNOWN. A factory not placed yet takes `want` (any placement of a constant is exact)."""
+        if a in self.s.place:
+            return self.s.place[a]
+        if want is not None and isinstance(self.s.rule(a), Factory):
+            self.wants[a] = want
+            return want
+        return None if self._replicated_ahead(a) else _UNKNOWN
+
+    def _replicated_ahead(self, a: fx.Node) -> bool:
+        """a, not placed yet, will be replicated: nothing wants it sharded and all its inputs are replicated."""
+        if a in self.s.place:
+            return self.s.place[a] is None
+        if a in self.s.want or a in self.nodes or self.s.writes.get(self.s.storage.get(a)):
+            return False  # wanted sharded, or written in place (a factory then follows its writer)
+        return all(self._replicated_ahead(b) for b in a.all_input_nodes)
+
+    def _step(self, node: fx.Node):
+        """node's _Private, or why it refuses the region."""
+        name, src = op_name(node), node.args[0] if node.args else None
+        if node.target is operator.getitem and src is self.seed:
+            return _Private(self._sort_output(node.args[1], self.s.place[self.seed.args[0]]))
+        if node.target is operator.getitem and tensor_index(node.args[1]) is not None:
+            return self._lookup(src, tensor_index(node.args[1]))
+        if name == "index_select" and arg(node, 1, "dim") in (0, -len(shape(src))):
+            return self._lookup(src, arg(node, 2, "index"))
+        if node.target is operator.setitem:
+            return self._inverse(node)
+        if name in _ADD_AT:
+            return self._add_at(node)
+        if name == "histc":
+            return self._histc(node)
+        counts = self._private(src) if isinstance(src, fx.Node) else None
+        if name == "cumsum" and isinstance(counts, LocalGroups) and counts.kind == "counts" and arg(node, 1, "dim") in (0, -1):
+            return _Private(LocalGroups(counts.order, "offsets"))
+        if name in _GROUPED_MM:
+            return self._grouped_mm(node)
+        if any(isinstance(self._private(a), LocalGroups) for a in node.all_input_nodes):
+            return "reads rank-private group counts"
+        rows = self._private(src) if isinstance(src, fx.Node) else None
+        if name in _ROW_EXITS and rows is not None and rows.dim in (reduced_dims(node) or ()) \
+                and not set(node.kwargs) - {"dim", "keepdim"}:
+            return _Private(None, "reduce")
+        return self._rowwise(node)
+
+    def _rowwise(self, node: fx.Node):
+        """A token-wise op (shard_rules), applied to rows of one order and replicated operands."""
+        rule = self.s.rule(node)
+        rows = {a: self._private(a) for a in tensor_inputs(node) if self._private(a)}
+        if rule is None:
+            return "is not known to work row by row"
+        if isinstance(rule, Factory):
+            made = rows.get(rule.src)
+            return _Private(replace(made, index="")) if rule.like and made else "is a factory sized by private rows"
+        first = next(iter(rows.values()))
+        out = None
+        for a, r in rows.items():
+            o = rule.output_for(a, r.rows())
+            if (r.order, r.outer, r.inner) != (first.order, first.outer, first.inner) or o is None or out not in (None, o):
+                return "combines rows of different orders, or mixes rows"
+            out = o
+        need = rule.inputs_for(out)
+        target = mutated_input(node)
+        if need is None or (out.outer, out.inner) != (first.outer, first.inner) or target is not None and target not in rows:
+            return "has no row-wise form here (it regroups rows, or writes a tensor from outside)"
+        outside = {}
+        for a in tensor_inputs(node):
+            if a in rows and need.get(a) != rows[a].rows():
+                return f"reads {a.name} along another dim than its rows"
+            if a in rows or a not in need:
+                continue
+            placed = self._outside(a)
+            if need[a] is not None or placed is not None:
+                return f"meets {a.name}, which is {placed or 'aligned to sequence positions'}"
+            outside[a] = None
+        index, of = self._index_after(node, first)
+        return _Private(LocalRows(out.dim, first.space, first.order, index, of), outside=outside)
+
+    def _index_after(self, node: fx.Node, rows: LocalRows) -> tuple[str, Any]:
+        """What the values of node's result index: kept by views and conversions (slot and row numbers
+        only in integer dtypes), slot numbers of a merged dim divided down to the outer slots (perm // k)."""
+        v = value(node)
+        name, dtype = op_name(node), (v[0] if isinstance(v, (tuple, list)) else v).dtype
+        whole = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        if name in _KEEPS_VALUES and (rows.index == "sorted" or whole):
+            return rows.index, rows.of
+        k = node.args[1] if len(node.args) > 1 else None
+        if name == "floordiv" and rows.index == "slots" and self._private(node.args[0]) is rows and \
+                isinstance(k, int) and k > 0 and rows.of.inner % k == 0:
+            return "slots", replace(rows.of, inner=rows.of.inner // k)
+        return "", None
+
+    def _lookup(self, table: fx.Node, ids: fx.Node):
+        """table[ids] along dim 0 with 1-D ids."""
+        rows, picked = self._private(ids), self._private(table)
+        if not isinstance(rows, LocalRows) or len(shape(ids)) != 1:
+            return f"picks rank-private rows by {ids.name}, which is not this rank's index"
+        if picked is None:
+            placed = self._outside(table)
+            if placed is None:  # W[expert_ids]: a replicated table row per private row
+                return _Private(LocalRows(0, rows.space, rows.order), outside={table: None})
+            if isinstance(placed, SeqDim) and placed.dim == 0 and rows.index == "slots" and \
+                    (placed.outer, placed.inner) == (rows.of.outer, rows.of.inner):  # x[perm // k]
+                return _Private(LocalRows(0, rows.space, rows.order), outside={table: placed})
+            return f"picks rows of {table.name} ({placed}) by {ids.name}, which does not number them"
+        if picked.dim == 0 and rows.index == "rows" and rows.of == picked.order and rows.order == "" and \
+                (picked.outer, picked.inner) == (rows.outer, rows.inner):  # back in slot order: sharded again
+            return _Private(SeqDim(0, rows.outer, rows.inner))
+        return f"reorders rank-private rows by {ids.name}, which is not the inverse of their order"
+
+    def _inverse(self, node: fx.Node):
+        """inv[perm] = arange(n): the inverse permutation of the seed's order, in slot order."""
+        buf, perm, full = node.args
+        made, rows = self._private(buf), self._private(perm)
+        store = self.s.writes.get(self.s.storage.get(buf), [])
+        if not (isinstance(made, LocalRows) and isinstance(rows, LocalRows) and rows.index == "slots" and rows.order
+                and (rows.of.outer, rows.of.inner) == (rows.outer, rows.inner) and len(shape(perm)) == 1):
+            return "writes rank-private rows other than an inverse permutation (inv[perm] = arange(n))"
+        if not (isinstance(full, fx.Node) and op_name(full) == "arange" and len(full.args) == 1
+                and self.s._is_plain_arange(full, self.s._global(rows))):
+            return f"writes {getattr(full, 'name', full)}, not arange over the slots"
+        if store != [node] or min(buf.users, key=self.s.order.get) is not node:
+            return f"{buf.name} is read or written elsewhere around the inverse permutation"
+        self.nodes[buf].placement = LocalRows(0, rows.space, "", "rows", rows.order)
+        return _Private(None, "arange")
+
+    def _add_at(self, node: fx.Node):
+        """target.index_add_(0, slots, rows) / scatter_add_: rows added at the tokens they came from."""
+        target, dim, ids, rows = node.args[0], arg(node, 1, "dim"), arg(node, 2, "index"), node.args[3] \
+            if len(node.args) > 3 else node.kwargs.get("source", node.kwargs.get("src"))
+        at, added = self._private(ids), self._private(rows) if isinstance(rows, fx.Node) else None
+        scatter = op_name(node).startswith("scatter")
+        if self._private(target) or dim not in (0, -len(shape(target))) or not (
+                isinstance(at, LocalRows) and at.index == "slots" and isinstance(added, LocalRows)
+                and (at.order, at.dim, added.dim) == (added.order, 0, 0)
+                and (shape(ids) == shape(rows) if scatter else len(shape(ids)) == 1)):
+            return "does not add rank-private rows at the slots they came from"
+        want = SeqDim(0, at.of.outer, at.of.inner)
+        placed = self._outside(target, want)
+        if placed != want:
+            return f"adds into {target.name}, which is {placed or 'replicated'}, not sharded as {want}"
+        return _Private(want, outside={target: want})
+
+    def _histc(self, node: fx.Node):
+        """The seed's ascending values counted per group feed a grouped matmul (rank-private counts); any
+        other histogram of private rows is a global count (local + all-reduce)."""
+        rows = self._private(node.args[0])
+        if not isinstance(rows, LocalRows) or not fixed_bins(node):
+            return "counts rank-private counts, or bins read from the data's range (min == max)"
+        if rows.index == "sorted":
+            if not (arg(node, 2, "min", 0) <= 0 and _nonnegative(self.seed.args[0])):
+                return "counts sorted values it cannot bound from below"
+            return _Private(LocalGroups(rows.order, "counts"))
+        return _Private(None, "count")
+
+    def _grouped_mm(self, node: fx.Node):
+        """grouped_mm(rows, weights, offs): each row times its group's weight, the groups being the sort's."""
+        x, weight, offs = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "offs")
+        rows, groups = self._private(x), self._private(offs) if isinstance(offs, fx.Node) else None
+        if not (isinstance(rows, LocalRows) and rows.dim == 0 and isinstance(groups, LocalGroups)
+                and groups == LocalGroups(rows.order, "offsets")) or set(tensor_inputs(node)) - {x, weight, offs}:
+            return "groups rows by offsets that are not their own sort's"
+        if self._outside(weight) is not None:
+            return f"multiplies by {weight.name}, which is not replicated"
+        return _Private(replace(rows, index=""), outside={weight: None})
+
+
+def _nonnegative(node: fx.Node) -> bool:
+    """node's values are indices (of topk/sort/argsort/max/...), through views and conversions."""
+    while op_name(node) in _KEEPS_VALUES:
+        node = node.args[0]
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return op_name(node.args[0]) in _INDICES_OF and node.args[1] == 1
+    return op_name(node) in ("argsort", "argmax", "argmin")
+
+
 def _local_attention(query, key, value, *args, **kwargs):
     """The shape of a converted site's result on this rank's shards (its mask rows span all keys, which
     SDPA itself would reject on local shapes; the ring op takes them)."""
@@ -724,7 +1058,8 @@ def _check_local_shapes(gm: fx.GraphModule, example_inputs, place: dict, local_s
     for node in gm.graph.nodes:
         spec = place.get(node)
         val = node.meta.get("val")
-        if spec is not None and isinstance(val, torch.Tensor) and int(val.shape[spec.dim]) != local_size(spec):
+        if isinstance(spec, (SeqDim, LocalRows)) and isinstance(val, torch.Tensor) and \
+                int(val.shape[spec.dim]) != local_size(spec):
             raise ShardingError(f"{node.name} has {val.shape[spec.dim]} rows on its sequence dim, expected "
                                 f"{local_size(spec)}")
 

@@ -32,6 +32,53 @@ class SeqDim:
         return f"seq@{self.dim}{merged}"
 
 
+@dataclass(frozen=True)
+class LocalRows:
+    """A rank-private tensor: dim `dim` holds rows that are this rank's slots (the rows of a sharded
+    tensor placed as `space`) in the order a local sort made (`order`: that sort node's name; '' for
+    the slots' own order), not sequence positions. No global tensor has these values (each rank sorted
+    its own slots), so such a tensor is never gathered: it stays inside one proven region of local work
+    that ends sharded again (burstc.passes.shard). `index` says what the values of an integer tensor
+    are: 'slots' (slot numbers of `space` along dim `of`), 'rows' (row numbers in the order `of`),
+    'sorted' (the ascending values of the sort `order` itself), or '' (data)."""
+
+    dim: int
+    space: SeqDim
+    order: str
+    index: str = ""
+    of: Any = None
+
+    @property
+    def outer(self) -> int:
+        return self.space.outer
+
+    @property
+    def inner(self) -> int:
+        return self.space.inner
+
+    def rows(self) -> SeqDim:
+        """The row dim as a SeqDim, for the token-wise rules (rows are independent like tokens)."""
+        return SeqDim(self.dim, self.space.outer, self.space.inner)
+
+    def __str__(self) -> str:
+        order = f"sorted by {self.order}" if self.order else "in slot order"
+        index = f", {self.index} index" if self.index else ""
+        return f"local rows@{self.dim} ({order}{index}; rank-private)"
+
+
+@dataclass(frozen=True)
+class LocalGroups:
+    """A rank-private [groups] tensor: the counts ('counts') or their running sum ('offsets') of this
+    rank's rows of the sort `order` per group (histc of its ascending values): what a grouped matmul
+    over those rows needs, never a global value."""
+
+    order: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"local group {self.kind} of {self.order} (rank-private)"
+
+
 # ---- what a node is -------------------------------------------------------------------------------
 
 def op_name(node: fx.Node) -> str:
@@ -195,6 +242,14 @@ def _broadcast(out_shape, inputs: list[fx.Node], skip_out=()) -> DimMap:
     return DimMap(maps)
 
 
+def _batch_dims(in_shape, out_shape) -> dict[int, int]:
+    """{out dim: in dim} for the batch dims (all but the last two) of a matmul operand, aligned to the
+    output's from the right; a broadcast (size-1 or missing) batch dim carries no sequence."""
+    batch_in, batch_out = in_shape[:-2], out_shape[:-2]
+    offset = len(batch_out) - len(batch_in)
+    return {d: d - offset for d in range(offset, len(batch_out)) if batch_in[d - offset] == batch_out[d]}
+
+
 def _same_order(src: fx.Node, out_shape) -> DimMap:
     """Output dims are the input's dims in the same order, less size-1 dims added or removed
     (unsqueeze, squeeze)."""
@@ -218,6 +273,97 @@ SOFTMAX = {"softmax", "log_softmax"}
 REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm", "prod", "any", "all"}
 SAME_ORDER = {"unsqueeze", "squeeze"}
 VIEWS = {"view", "reshape", "flatten", "unflatten"}
+
+
+ALONG_DIM = {"topk": (2, -1), "sort": (1, -1), "argsort": (1, -1), "cumsum": (1, None), "cumprod": (1, None),
+             "cummax": (1, None), "cummin": (1, None), "logcumsumexp": (1, None)}  # name: (dim position, default)
+MAX_MIN = {"max", "min", "argmax", "argmin"}
+SCATTERS = {"scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_"}
+
+
+def _all_but(dim: int, n: int) -> dict[int, int]:
+    return {d: d for d in range(n) if d != dim}
+
+
+def _along(src: fx.Node, dim, out_shape) -> Optional[DimMap]:
+    """An op that works along one dim of src (topk, sort, cumsum, ...): each output row of the other dims
+    reads only the same row of src, so those dims keep their placement; the dim itself has none."""
+    if not isinstance(dim, int) or len(shape(src)) != len(out_shape):
+        return None
+    return DimMap({src: _all_but(_dim(dim, len(out_shape)), len(out_shape))})
+
+
+def _max_min(node: fx.Node, src: fx.Node, out_shape, inputs) -> Optional[DimMap]:
+    """max/min(x, dim[, keepdim]) and argmax/argmin along a dim: a reduction over that dim; max/min(x, y):
+    elementwise; over everything: not ours (it would need an all-reduce of the maximum)."""
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, fx.Node):
+        return _broadcast(out_shape, inputs)
+    if not isinstance(dim, int):
+        return None
+    n = len(shape(src))
+    dim = _dim(dim, n)
+    keep = [d for d in range(n) if d != dim]
+    return DimMap({src: ({d: d for d in keep} if arg(node, 2, "keepdim", False) else dict(enumerate(keep)))})
+
+
+def _aligned(a: fx.Node, out_shape, dim: int) -> bool:
+    """a has the output's size on every dim but `dim` (gather/scatter read row for row there)."""
+    s = shape(a)
+    return s is not None and len(s) == len(out_shape) and all(s[d] == out_shape[d] for d in _all_but(dim, len(s)))
+
+
+def _gather_along(node: fx.Node, src: fx.Node, out_shape) -> Optional[DimMap]:
+    """torch.gather(x, dim, index): out[..i..] = x[..index[..i..]..] along dim, row for row elsewhere."""
+    dim, index = arg(node, 1, "dim"), arg(node, 2, "index")
+    if not isinstance(dim, int) or not is_tensor(index):
+        return None
+    dim = _dim(dim, len(out_shape))
+    if not (_aligned(src, out_shape, dim) and shape(index) == out_shape):
+        return None
+    return DimMap({src: _all_but(dim, len(out_shape)), index: {d: d for d in range(len(out_shape))}})
+
+
+def _scatter_along(node: fx.Node, src: fx.Node, out_shape) -> Optional[DimMap]:
+    """x.scatter(dim, index, src|value) and kin: writes along dim, row for row elsewhere (index and src
+    must span the rows of x, else rows of x are left out and the dims do not align)."""
+    dim = arg(node, 1, "dim")
+    others = [a for a in tensor_inputs(node) if a is not src]
+    if not isinstance(dim, int) or not all(_aligned(a, out_shape, _dim(dim, len(out_shape))) for a in others):
+        return None
+    return DimMap({a: _all_but(_dim(dim, len(out_shape)), len(out_shape)) for a in [src, *others]})
+
+
+def _one_hot(node: fx.Node, src: fx.Node, out_shape) -> Optional[DimMap]:
+    """F.one_hot(ids, num_classes): one more dim per token; num_classes=-1 (read from the data's
+    maximum, which differs per rank) has no sharded form."""
+    classes = arg(node, 1, "num_classes", -1)
+    if not isinstance(classes, int) or classes <= 0:
+        return None
+    return DimMap({src: {d: d for d in range(len(out_shape) - 1)}})
+
+
+class TableLookup(DimMap):
+    """table[ids] with one tensor index (an embedding by indexing: W[expert_ids]): each output row is the
+    table row its id names, so the output follows the ids; the table is read at any row, so a sharded
+    table is gathered first (`read_globally`)."""
+
+    def __init__(self, table: fx.Node, ids: fx.Node):
+        super().__init__({ids: {d: d for d in range(len(shape(ids)))}, table: {}})
+        self.read_globally = [table]
+
+
+def fixed_bins(node: fx.Node) -> bool:
+    """torch.histc with literal bounds min < max: its bins do not depend on the data (min == max takes
+    them from the data's range, which differs per rank)."""
+    low, high = arg(node, 2, "min", 0), arg(node, 3, "max", 0)
+    return all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in (low, high)) and low < high
+
+
+def tensor_index(index) -> Optional[fx.Node]:
+    """The index tensor of x[idx] / x[(idx,)] (one tensor index on dim 0, nothing else), or None."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return parts[0] if len(parts) == 1 and is_tensor(parts[0]) else None
 
 
 def reduced_dims(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -265,6 +411,9 @@ def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
     src, index = node.args
     if isinstance(value(src), (tuple, list)):  # an element of a split/unbind: same dims as the tuple
         return DimMap({src: {d: d for d in range(len(out_shape))}})
+    ids = tensor_index(index)
+    if ids is not None and ids is not src and value(ids).dtype not in (torch.bool, torch.uint8):
+        return TableLookup(src, ids)
     m = _index_map(shape(src), index, out_shape)
     return None if m is None else DimMap({src: m})
 
@@ -382,6 +531,17 @@ def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
         return _broadcast(out_shape, [src] if "dropout" in name else inputs)
     if name in SOFTMAX:
         return _broadcast(out_shape, [src], skip_out={_dim(arg(node, 1, "dim"), len(out_shape))})
+    if name in ALONG_DIM:
+        position, default = ALONG_DIM[name]
+        return _along(src, arg(node, position, "dim", default), out_shape)
+    if name in MAX_MIN:
+        return _max_min(node, src, out_shape, inputs)
+    if name == "gather":
+        return _gather_along(node, src, out_shape)
+    if name in SCATTERS:
+        return _scatter_along(node, src, out_shape)
+    if name == "one_hot":
+        return _one_hot(node, src, out_shape)
     if name in REDUCE:
         dims = reduced_dims(node)
         if dims is None:
@@ -396,9 +556,7 @@ def rule_for(node: fx.Node, seq_len: int) -> Optional[Any]:
         sa, sb, n = shape(a), shape(b), len(out_shape)
         if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
             return None
-        batch = _broadcast(out_shape[:-2], [a, b]).maps if n > 2 else {a: {}, b: {}}
-        ma = {d: i for d, i in batch.get(a, {}).items() if i < len(sa) - 2}
-        mb = {d: i for d, i in batch.get(b, {}).items() if i < len(sb) - 2}
+        ma, mb = _batch_dims(sa, out_shape), _batch_dims(sb, out_shape)
         ma[n - 2] = len(sa) - 2
         mb[n - 1] = len(sb) - 1
         return DimMap({a: ma, b: mb} if a is not b else {a: ma})

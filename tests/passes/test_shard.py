@@ -235,3 +235,103 @@ def test_a_view_across_a_boundary_of_a_tensor_written_later(fake_world):
     plan, _ = sharding(used_before, torch.randn(1, 2, 16, 4))
     (gather,) = boundaries(plan, "gather")
     assert gather.tensor == "k"
+
+
+# ---- MoE dispatch: ops along other dims, and rank-private rows ----------------------------------------
+
+def routed_moe(x, router, w_up, w_down, k=2):
+    """A top-k routed MoE block over [B, N, H] as MoE libraries write it under torch.compile: flattened
+    expert ids sorted (argsort), each slot's token picked (perm // k), an expert weight per slot (bmm
+    over W[expert]), the rows added back at their tokens (index_add_); and the load-balancing loss (a
+    histogram of the ids, the mean router probability over all tokens)."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = F.linear(flat, router).softmax(dim=-1)
+    top, ids = torch.topk(probs, k, dim=-1)
+    weights = (top / top.sum(dim=-1, keepdim=True)).reshape(-1)
+    ids = ids.reshape(-1)
+    perm = torch.argsort(ids)
+    tokens = perm // k
+    expert = ids[perm]
+    up = F.silu(torch.bmm(w_up[expert], flat[tokens].unsqueeze(-1)).squeeze(-1))
+    down = torch.bmm(w_down[expert], up.unsqueeze(-1)).squeeze(-1) * weights[perm].unsqueeze(-1)
+    out = torch.zeros_like(flat).index_add_(0, tokens, down)
+    experts = router.shape[0]
+    counts = torch.histc(ids.float(), bins=experts, min=0, max=experts - 1) / ids.numel()
+    aux = (counts * probs.mean(dim=0)).sum() * experts
+    return out.view(x.shape), aux
+
+
+def moe_block(q, router, w_up, w_down):
+    """Attention, then the routed MoE on its output; the loss: mean square plus the aux loss."""
+    y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    h = y.transpose(1, 2).flatten(2)
+    moe, aux = routed_moe(h, router, w_up, w_down)
+    return (h + moe).pow(2).mean() + 0.1 * aux
+
+
+def moe_weights(hidden=8, experts=4, inner=6):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(experts, hidden, generator=g), torch.randn(experts, inner, hidden, generator=g) / 3,
+            torch.randn(experts, hidden, inner, generator=g) / 3)
+
+
+def test_a_sorted_moe_dispatch_stays_on_its_rank(fake_world):
+    q = torch.randn(2, 2, 16, 4)
+    plan, gm = sharding(moe_block, q, *moe_weights())
+    assert not boundaries(plan, "gather")
+    (private,) = boundaries(plan, "private")
+    assert private.spec == "seq@0 (outer 2, inner 2)" and private.reason.endswith("at out (index_add_)")
+    placed = {t.name: t.placement for t in plan.tensors}
+    assert placed["top"] == placed["ids"] == "seq@0 (outer 2, inner 1)"  # topk over the experts' dim: token-wise
+    assert placed["perm"] == placed["tokens"] == "local rows@0 (sorted by perm, slots index; rank-private)"
+    assert _placements(plan, "bmm") == ["local rows@0 (sorted by perm; rank-private)"] * 2
+    assert _placements(plan, "index_add_") == ["seq@0 (outer 2, inner 1)"]  # back at this rank's tokens
+    reduced = [(b.tensor, b.reason.split(":")[0]) for b in boundaries(plan, "reduce")]
+    assert reduced == [("histc", "histc of this rank's elements"), ("probs", "mean over the sequence"),
+                       ("pow_1", "mean over the sequence")]
+    assert _placements(plan, "zeros_like") == ["seq@0 (outer 2, inner 1)"]  # made for the rows added into it
+
+
+def test_a_dispatch_the_pass_cannot_prove_gathers_with_the_reason(fake_world, caplog):
+    def rows_mixed(q, router):  # a running sum over the sorted rows mixes rows of many tokens
+        flat = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).flatten(2).flatten(0, 1)
+        ids = torch.topk(F.linear(flat, router), 2, dim=-1)[1].reshape(-1)
+        perm = torch.argsort(ids)
+        return flat[perm // 2].cumsum(0).sum()
+
+    with caplog.at_level(logging.WARNING, logger="burstc.passes"):
+        plan, _ = sharding(rows_mixed, torch.randn(1, 2, 16, 4), torch.randn(4, 8))
+    ids, rows = boundaries(plan, "gather")  # the ids before the sort, the rows it picks from
+    assert ids.tensor == "ids" and ids.reason.startswith("argsort orders tokens of all ranks")
+    assert ids.reason.endswith("(cumsum (cumsum) combines rows of different orders, or mixes rows)")
+    assert (rows.tensor, rows.reason) == ("flat", "getitem mixes tokens along the sequence")
+    assert not boundaries(plan, "private") and "cumsum" in caplog.text
+
+
+def test_an_index_from_a_replicated_tensor_gathers_what_it_picks(fake_world):
+    def picked(q, ids):  # ids: the whole sequence's expert ids, given replicated: not this rank's
+        flat = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).flatten(2).flatten(0, 1)
+        return flat[torch.argsort(ids) // 2].sum()
+
+    plan, _ = sharding(picked, torch.randn(1, 2, 16, 4), torch.randint(0, 4, (32,)))
+    (gather,) = boundaries(plan, "gather")
+    assert gather.reason == "getitem mixes tokens along the sequence"
+
+
+def test_topk_over_the_sequence_gathers_and_over_other_dims_does_not(fake_world):
+    def f(q):
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        best = torch.topk(y, 2, dim=-1).values  # over the head dim: token-wise
+        ranked = y.sort(dim=-1).values.cumsum(-1)
+        chosen = torch.topk(y, 1, dim=-1).indices
+        mask = torch.zeros_like(y)  # DeepSeek-V3's group mask: sharded like the index written into it
+        mask.scatter_(-1, chosen, 1)
+        return (best.sum(dim=2), torch.topk(y, 3, dim=2).values, ranked.amax(-1), F.one_hot(y.argmax(-1), 4),
+                y.gather(-1, y.argsort(-1)) * mask, torch.histc(y, bins=4), torch.histc(y, bins=4, min=-1, max=1))
+
+    plan, _ = sharding(f, torch.randn(1, 2, 16, 4))
+    (gather,) = boundaries(plan, "gather")  # y, for the topk, and for the histc whose bins follow the data
+    assert gather.reason == "topk mixes tokens along the sequence"  # (min == max: each rank's data range)
+    assert [b.tensor for b in boundaries(plan, "reduce")] == ["best", "histc_1"]  # sum over seq; fixed bins
+    for op in ("cumsum", "amax", "one_hot", "zeros_like", "scatter_", "gather", "argsort"):
+        assert _placements(plan, op) == ["seq@2"], op
