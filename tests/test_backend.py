@@ -38,11 +38,12 @@ def test_custom_ops_pass_opcheck():
              "", "")
     for mask_args in (no_masks, masks):
         torch.library.opcheck(torch.ops.burst.attention.default,
-                              (q, k, v, *mask_args, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
-        out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", "", "")
+                              (q, k, v, *mask_args, None, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
+        out, lse = torch.ops.burst.attention(q, k, v, *mask_args, 0.3, None, True, "zigzag", "auto", "auto", "auto", 0, "",
+                                             "", "")
         torch.library.opcheck(torch.ops.burst.attention_backward.default,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                               *mask_args, 0.3, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
+                               None, *mask_args, 0.3, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
@@ -189,11 +190,16 @@ def test_ranks_with_different_inputs_get_an_error_not_a_wrong_answer():
 
 
 class _SoftCapped(torch.nn.Module):
-    """Gemma-2-style soft-capped scores: softmax attention SDPA cannot express."""
+    """Gemma-2-style soft-capped scores, cap * tanh(S / cap); uncapped: tanh(S) alone, which is no
+    soft-cap (nothing outside the tanh) and is left."""
+
+    def __init__(self, capped=True):
+        super().__init__()
+        self.capped = capped
 
     def forward(self, q, k, v):
         scores = torch.matmul(q, k.transpose(-1, -2)) * 0.25
-        scores = torch.tanh(scores / 30.0) * 30.0
+        scores = torch.tanh(scores / 30.0) * 30.0 if self.capped else torch.tanh(scores)
         return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
@@ -202,13 +208,26 @@ def test_unconverted_softmax_attention_is_reported(caplog):
     counters.clear()
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="burstc.passes"):
-        out = torch.compile(_SoftCapped(), backend="burst", options={"inner": "eager"})(q, q, q)
-    torch.testing.assert_close(out, _SoftCapped()(q, q, q))
+        out = torch.compile(_SoftCapped(capped=False), backend="burst", options={"inner": "eager"})(q, q, q)
+    torch.testing.assert_close(out, _SoftCapped(capped=False)(q, q, q))
     assert counters["burst"]["sites_left"] == 1 and not counters["burst"].get("sites_converted")
-    assert "soft-capped with tanh" in caplog.text and "test_backend.py" in caplog.text
+    assert "without a positive constant cap" in caplog.text and "test_backend.py" in caplog.text
     from burstc.debug.explain import explain
-    text = explain(_SoftCapped(), (q, q, q), world_size=2, seq_len=12, cfg=BurstConfig())
-    assert "soft-capped with tanh" in text and "1 softmax attention not converted" in text
+    text = explain(_SoftCapped(capped=False), (q, q, q), world_size=2, seq_len=12, cfg=BurstConfig())
+    assert "without a positive constant cap" in text and "1 softmax attention not converted" in text
+
+
+def test_softcapped_attention_converts_with_its_gradients():
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    counters.clear()
+    torch._dynamo.reset()
+    out = torch.compile(_SoftCapped(), backend="burst", options={"inner": "eager"})(q, k, v)
+    want = _SoftCapped()(q, k, v)
+    torch.testing.assert_close(out, want)
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b)
+    assert counters["burst"]["sites_converted"] == 1 and not counters["burst"].get("sites_left")
 
 
 def test_gpt2_eager_attention_converts():

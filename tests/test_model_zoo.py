@@ -1,6 +1,6 @@
 """Current models that once came out silently wrong, under the default options (no options at all, the
 path users run): Llama 4 (chunked attention, now recognised as document ids of fixed-length chunks; an MoE
-that adds its experts in place), GPT-OSS (attention sinks), GPT-2 with a padded
+that adds its experts in place), GPT-OSS (attention sinks), Gemma 2 (soft-capped scores), GPT-2 with a padded
 batch (compiled twice, the second time from Inductor's warm caches), DeepSeek-V3 (MLA, MoE) with and
 without masks. Each against single-device eager on the same weights and batch: the loss, the logits and
 every parameter gradient."""
@@ -63,7 +63,17 @@ def _gpt_oss():
     return GptOssForCausalLM(config)
 
 
-_MODELS = {"llama4": _llama4, "gpt2": _gpt2, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss}
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                          max_position_embeddings=128, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    config._attn_implementation = "eager"  # soft-caps: HF's eager path
+    return Gemma2ForCausalLM(config)
+
+
+_MODELS = {"llama4": _llama4, "gpt2": _gpt2, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss, "gemma2": _gemma2}
 
 
 def _case(name, mask):
@@ -127,11 +137,12 @@ def test_gpt_oss_sinks_convert_exactly_in_one_process():
     _check(_compare(0, 1, [("gpt_oss", "none")]), sequence=False)
 
 
-def test_gpt_oss_sinks_with_padding_on_two_ranks():
-    """Sequence mode with left padding: HF's finfo.min mask (causal, a window on the sliding layer, key
-    padding) is recognised although it hides whole rows, since with a sink such a row gives 0 in eager as
-    under the ring; both layers convert, exact on both ranks."""
-    for rank_results in run_ranks(2, _compare, [("gpt_oss", "padded")], timeout_s=900):
+def test_sinks_and_softcaps_on_two_ranks():
+    """Sequence mode. GPT-OSS with left padding: HF's finfo.min mask (causal, a window on the sliding layer,
+    key padding) is recognised although it hides whole rows, since with a sink such a row gives 0 in eager
+    as under the ring. Gemma 2: soft-capped scores (cap * tanh(S / cap)) on a sliding and a full layer.
+    Both layers of each convert, exact on both ranks."""
+    for rank_results in run_ranks(2, _compare, [("gpt_oss", "padded"), ("gemma2", "none")], timeout_s=900):
         _check(rank_results, sequence=True)
 
 

@@ -4,6 +4,7 @@ mask op (masked_fill, where, an additive mask), each accepted only where SDPA co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class Scores:
     mask_op: str | None = None    # "masked_fill" | "add" | "where"
     mask: fx.Node | None = None
     finite_fill: bool = False     # the masked value is a huge finite negative, not -inf
+    softcap: Scale | None = None  # cap of a soft-capped chain cap * tanh(...); factors then count below tanh
     qk: QK | None = None
 
 
@@ -70,6 +72,8 @@ def walk_scores(node: fx.Node, acc: Scores) -> Scores:
                 acc, nodes=acc.nodes + (node,), mask_op=op, mask=bool_mask, finite_fill=finite))
     if is_call(node, ADD_FNS, ("add",)):
         return walk_additive_mask(node, acc)
+    if is_call(node, (torch.tanh,), ("tanh",)) and len(node.args) == 1 and not node.kwargs:
+        return walk_softcap(node, acc)
     qk = match_qk(node)
     if qk is None:
         if is_call(node, (torch.tanh,), ("tanh",)) or is_call(node, MUL_FNS, ("mul",)) and any(
@@ -77,6 +81,18 @@ def walk_scores(node: fx.Node, acc: Scores) -> Scores:
             raise Skip("the scores are soft-capped with tanh (cap * tanh(S / cap)), which SDPA cannot express")
         raise Skip(f"the softmax input does not come from a Q·Kᵀ product (stops at {node.name})")
     return dataclasses.replace(acc, qk=qk)
+
+
+def walk_softcap(node: fx.Node, acc: Scores) -> Scores:
+    """cap * tanh(S / cap) (Gemma 2): the positive constant factors met between tanh and the softmax are the
+    cap; the walk goes on below tanh with fresh factors (what multiplies Q·Kᵀ inside). A mask must lie
+    outside: tanh(-inf) is -1, which hides nothing."""
+    if acc.softcap is not None:
+        raise Skip("more than one tanh on the scores")
+    cap = functools.reduce(Scale.times, acc.factors, Scale())
+    if not cap.known_positive() or not acc.factors:
+        raise Skip("tanh on the scores without a positive constant cap outside it (cap * tanh(S / cap))")
+    return walk_scores(node.args[0], dataclasses.replace(acc, nodes=acc.nodes + (node,), factors=(), softcap=cap))
 
 
 def walk_additive_mask(node: fx.Node, acc: Scores) -> Scores:
@@ -100,6 +116,8 @@ def walk_additive_mask(node: fx.Node, acc: Scores) -> Scores:
 def check_mask_position(acc: Scores, op: str) -> None:
     if acc.mask_op is not None:
         raise Skip("more than one mask on the scores")
+    if acc.softcap is not None:
+        raise Skip("a mask inside the soft-cap's tanh (tanh(-inf) = -1 hides nothing)")
     if op == "add" and acc.factors:
         raise Skip("a scale is applied after the additive mask")
     if op == "masked_fill" and not all(c.known_positive() for c in acc.factors):

@@ -116,7 +116,7 @@ from burstc.passes.attention_spellings import (
 )
 from burstc.passes.dead_code import mutates
 from burstc.passes.nodes import new_node
-from burstc.runtime.sinks import sdpa_with_sinks
+from burstc.runtime.modified_sdpa import modified_sdpa
 
 __all__ = [
     "RESULT_KEY", "SDPA", "CanonicalizeResult", "CanonicalizedSite", "SkippedSite",
@@ -144,7 +144,8 @@ class CanonicalizedSite:
     gqa_groups: int               # query heads per K/V head given to SDPA (1: enable_gqa=False)
     replaced: tuple[str, ...]     # names of the nodes the rewrite removed
     stack_trace: str | None       # the softmax node's stack trace (user source)
-    sinks: str | None = None      # the sink logits' node (then the call is sdpa_with_sinks), or None
+    sinks: str | None = None      # the sink logits' node (then the call is modified_sdpa), or None
+    softcap: float | None = None  # the soft-cap (then the call is modified_sdpa), or None
 
     @property
     def location(self) -> str:
@@ -242,6 +243,7 @@ class _Site:
     spelling: str
     owned: list[fx.Node]          # nodes the site consumes; erased if dead after the rewrite
     sinks: fx.Node | None = None  # [1, H, 1, 1] per-head sink logits (attention_sinks), or None
+    softcap: float | None = None  # scores soft-capped as softcap * tanh(S / softcap), or None
 
 
 def _match_site(softmax: fx.Node, ctx: _Context) -> _Site:
@@ -267,9 +269,12 @@ def _match_site(softmax: fx.Node, ctx: _Context) -> _Site:
     owned = [pv, *prob_nodes, *sink_nodes, *scores.nodes, *qk.nodes, *lookthrough, *repeat_nodes, *mask_nodes]
     owned += [a for n in owned for a in n.all_input_nodes if is_call(a, (), ("item",))]
     scale = functools.reduce(Scale.times, scores.factors, factor)
+    if scores.softcap is not None:  # cap * tanh(inner * QKᵀ) = cap * tanh(S / cap) with S = cap * inner * QKᵀ
+        scale = scores.softcap.times(scale)
     return _Site(
         softmax=softmax, pv=pv, q=q, k=k, kt=kt, v=v_heads, scale=scale, mask_kind=mask_kind,
         mask=mask, negate_mask=negate, gqa_groups=groups, spelling=qk.spelling, owned=owned, sinks=sinks,
+        softcap=scores.softcap.const if scores.softcap is not None else None,
     )
 
 
@@ -381,8 +386,11 @@ def _rewrite(graph: fx.Graph, site: _Site) -> CanonicalizedSite:
         kwargs = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": site.mask_kind == "causal",
                   "scale": scale, "enable_gqa": site.gqa_groups > 1}
         target = SDPA
-        if site.sinks is not None:
-            target, kwargs["sinks"] = sdpa_with_sinks, site.sinks
+        modifiers = {name: value for name, value in (("sinks", site.sinks), ("softcap", site.softcap))
+                     if value is not None}
+        if modifiers:
+            target = modified_sdpa
+            kwargs.update(modifiers)
         sdpa = new_node(graph, "call_function", target, (site.q, k, site.v), kwargs, site.softmax)
     site.pv.replace_all_uses_with(sdpa)
     replaced = _erase_dead(graph, [site.pv, *site.owned])
@@ -391,6 +399,7 @@ def _rewrite(graph: fx.Graph, site: _Site) -> CanonicalizedSite:
         scale=scale.name if isinstance(scale, fx.Node) else scale,
         gqa_groups=site.gqa_groups, replaced=tuple(replaced),
         stack_trace=site.softmax.meta.get("stack_trace"), sinks=site.sinks.name if site.sinks is not None else None,
+        softcap=site.softcap,
     )
 
 

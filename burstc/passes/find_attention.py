@@ -10,17 +10,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from burstc.runtime.masked_sdpa import additive_attention, masked_sdpa
-from burstc.runtime.sinks import sdpa_with_sinks
+from burstc.runtime.modified_sdpa import modified_sdpa
 
-# SDPA, and its form with attention sinks (F.scaled_dot_product_attention's arguments plus sinks=)
-SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention, sdpa_with_sinks)
+# SDPA, and its form with score modifiers (F.scaled_dot_product_attention's arguments plus sinks=, softcap=)
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention, modified_sdpa)
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # masked_sdpa: a recognised mask construction, as descriptors (burstc.passes.masks)
 _MASKED_PARAMS = ("query", "key", "value", "key_padding", "document_ids", "is_causal", "window_left",
                   "window_right", "scale", "enable_gqa", "fill", "mask_mod", "mask_buffers", "proof", "proof_buffers")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
              "key_padding": None, "document_ids": None, "window_left": None, "window_right": None, "fill": None,
-             "mask_mod": "", "mask_buffers": (), "proof": "", "proof_buffers": (), "sinks": None}
+             "mask_mod": "", "mask_buffers": (), "proof": "", "proof_buffers": (), "sinks": None,
+             "softcap": None}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class AttentionSite:
     proof: str = ""  # the model's own mask code the descriptors came from (burstc.passes.mask_code), registered
     proof_buffers: tuple = ()  # its leaves
     sinks: Any = None  # per-head sink logits (burstc.runtime.sinks), a node, or None
+    softcap: Optional[float] = None  # scores soft-capped as softcap * tanh(S / softcap) (modified_sdpa)
 
     @property
     def name(self) -> str:

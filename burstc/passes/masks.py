@@ -454,8 +454,7 @@ def recognize_masks(gm: fx.GraphModule) -> fx.GraphModule:
                       window_left=found.left, window_right=None if causal and found.right == 0 else found.right,
                       scale=args.get("scale"), enable_gqa=args.get("enable_gqa", False), fill=found.fill,
                       proof=proof, proof_buffers=tuple(proof_buffers))
-        if args.get("sinks") is not None:
-            kwargs["sinks"] = args["sinks"]
+        kwargs.update(_modifiers(args))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_sdpa, (args["query"], args["key"], args["value"]), kwargs)
         new.meta.update(node.meta)
@@ -528,11 +527,16 @@ def _as_additive_attention(gm: fx.GraphModule, node: fx.Node, args: dict) -> Non
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(additive_attention, (args["query"], args["key"], args["value"], args["attn_mask"]),
                                      {"scale": args.get("scale"), "enable_gqa": args.get("enable_gqa", False),
-                                      **({"sinks": args["sinks"]} if args.get("sinks") is not None else {})})
+                                      **_modifiers(args)})
     new.meta.update(node.meta)
     new.meta["burst_leave"] = _AVERAGING_ROWS
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+def _modifiers(args: dict) -> dict:
+    """The score modifiers of a modified_sdpa call (sinks, softcap) that a rewritten call keeps."""
+    return {name: args[name] for name in ("sinks", "softcap") if args.get(name) is not None}
 
 
 def _describe(found: MaskDescriptor, causal: bool) -> str:

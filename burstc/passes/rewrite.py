@@ -51,7 +51,7 @@ def rewrite_sites(gm: fx.GraphModule, plans: list[SitePlan], cfg: BurstConfig, g
             call = graph.call_function(op, (
                 query, key, value, attn_mask, site.key_padding, site.document_ids,
                 list(site.mask_buffers or site.proof_buffers), plan.causal, site.window_left, site.window_right,
-                site.mask_mod, site.proof, plan.scale, plan.enable_gqa, plan.layout,
+                site.mask_mod, site.proof, plan.scale, site.softcap, plan.enable_gqa, plan.layout,
                 plan.backward, cfg.kernel, plan.schedule, cfg.node_size or 0, group_name, site_key, verify_site))
             out = graph.call_function(operator.getitem, (call, 0))
             if site.sinks is not None:  # folded in once, from the global log-sum-exp

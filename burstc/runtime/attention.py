@@ -14,6 +14,7 @@ import torch.distributed as dist
 from burstc.config import BurstConfig
 from burstc.runtime import stats
 from burstc.runtime.kernels import LocalKernel, select_kernel
+from burstc.runtime.kernels.reference import ReferenceKernel
 from burstc.runtime.ring import ring_backward, ring_forward, row_delta
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
 from burstc.runtime.sinks import apply_sinks
@@ -210,7 +211,7 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     document_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                     window: Optional[tuple[Optional[int], Optional[int]]] = None,
                     mask_mod=None, schedule: Optional[str] = None, node_size: Optional[int] = None,
-                    sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """Exact attention over a sequence sharded across the ranks of `group` (BurstAttention).
 
     q, k, v: this rank's shard, [B, H, S_local, d] like `F.scaled_dot_product_attention`'s inputs
@@ -247,6 +248,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         and is dropped after it (GPT-OSS's attention sinks; burstc.runtime.sinks): applied once to the
         ring's result from the global log-sum-exp; differentiable, its gradient summed over this
         rank's rows (sum it over the ranks like any replicated parameter's).
+    softcap: the scores are soft-capped as softcap * tanh(S / softcap) before the mask (Gemma 2); runs
+        on the reference kernel for now (kernel='auto' or 'reference').
 
     schedule: how chunks travel when the group spans several nodes: 'ring' (one flat ring),
         'double_ring' (an inner ring per node, an outer ring across nodes: a chunk crosses the
@@ -262,14 +265,26 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     masks = MaskArgs(key_padding_mask=key_padding_mask, document_ids=document_ids, cu_seqlens=cu_seqlens,
                      window=window, mask_mod=mask_mod, attn_mask=attn_mask)
-    run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=group, layout=layout,
+    run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap, group=group,
+                      layout=layout,
                       backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
                       dropout_p=dropout_p, masks=masks, schedule=schedule, node_size=node_size)
     out, lse = _BurstAttention.apply(q, k, v, run)
     return out if sinks is None else apply_sinks(out, lse, sinks)
 
 
+def _softcap_kernel(name: str, softcap: float) -> LocalKernel:
+    """Soft-capped scores run on the reference kernel for now (torch math; each work item's scores are
+    materialised): the cpu and triton kernels have no soft-cap yet."""
+    if not softcap > 0:
+        raise ValueError(f"softcap={softcap!r}: a soft-cap is a positive number")
+    if name not in ("auto", "reference"):
+        raise ValueError(f"kernel={name!r} does not soft-cap scores yet: use kernel='auto' (the reference kernel)")
+    return ReferenceKernel(softcap=softcap)
+
+
 def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,
+                softcap: Optional[float] = None,
                 group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
                 kernel: Optional[str], virtual_world_size: Optional[int] = None,
                 dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True,
@@ -280,7 +295,8 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     check_replicas: fingerprint them to prove every rank holds the same (a pass over q, k, v).
     site_key: a compiled site's key (graph, site, global length; alike on every rank): the ranks then agree
     on the first call with each local shape only, and later calls make no collective and no host copy
-    here; '' agrees on every call (the eager API, checks='always', verify)."""
+    here; '' agrees on every call (the eager API, checks='always', verify). softcap: the scores are
+    soft-capped as softcap * tanh(S / softcap) before the mask."""
     cfg = BurstConfig.from_env()
     masks = masks or MaskArgs()
     layout = layout or cfg.layout
@@ -319,7 +335,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     local_kernel = None
     if problem is None:
         try:
-            local_kernel = select_kernel(kernel, q)
+            local_kernel = select_kernel(kernel, q) if softcap is None else _softcap_kernel(kernel, softcap)
         except ValueError as e:
             problem = str(e)
     meta = None
@@ -328,6 +344,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
                         local_len=q.shape[SEQ_DIM], dtype=q.dtype, causal=bool(causal), layout=layout,
                         backward=backward, scale=float(scale if scale is not None else 1.0 / math.sqrt(q.shape[3])),
                         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+                        softcap=softcap,
                         mask_code=masks.code(content=not site_key), schedule=schedule, node_size=topology.node_size,
                         cost_code=zlib.crc32(repr((_links_key(topology), cfg.tflops)).encode()))
     distributed = rank is not None and world_size > 1

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from burstc.runtime.mask_mods import BoundMaskMod
-from burstc.runtime.sinks import sdpa_with_sinks
+from burstc.runtime.modified_sdpa import modified_sdpa
 from burstc.schedule.masks import AttentionMask
 
 
@@ -19,14 +19,14 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 is_causal: bool = False, window_left: Optional[int] = None, window_right: Optional[int] = None,
                 scale: Optional[float] = None, enable_gqa: bool = False, fill: Optional[float] = None,
                 mask_mod: str = "", mask_buffers: tuple = (), proof: str = "", proof_buffers: tuple = (),
-                sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """F.scaled_dot_product_attention(query, key, value, attn_mask=M) with M the conjunction of causal,
     window [i - window_left, i + window_right], key_padding [B, N], same document_ids [B, N] and a
     registered FlexAttention mask_mod (burstc.runtime.mask_mods) with its captured tensors;
     fill: None for a boolean M, else the additive form where(M, 0, fill) (HF's eager path: finfo.min).
     proof: the registered mask code the descriptors were recognised from, with its leaves proof_buffers:
     run here (a site left unconverted), M is that code itself, exact whatever the descriptors say.
-    sinks: per-head sink logits in the softmax (burstc.runtime.sinks), or None."""
+    sinks, softcap: the score modifiers of burstc.runtime.modified_sdpa, or None."""
     n = query.shape[2]
     positions = torch.arange(n, device=query.device)
     window = None if window_left is None and window_right is None else (window_left, window_right)
@@ -39,8 +39,9 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if fill is not None:
         mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
                            torch.full((), fill, dtype=query.dtype, device=query.device))
-    if sinks is not None:
-        return sdpa_with_sinks(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks)
+    if sinks is not None or softcap is not None:
+        return modified_sdpa(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks,
+                             softcap=softcap)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -53,13 +54,14 @@ def chunk_ids(offset: torch.Tensor, n: int, c: int, size: int) -> torch.Tensor:
 
 def additive_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
                        scale: Optional[float] = None, enable_gqa: bool = False,
-                       sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T * scale + attn_mask) v in plain ops, the softmax in float32, as hand-written eager
     attention computes it. Where every key of a row carries finfo.min the row averages all values; the
     fused SDPA kernels differ from this there in the backward, so a site the backend leaves alone for
-    that reason runs this. sinks: per-head sink logits in the softmax (burstc.runtime.sinks), or None."""
-    if sinks is not None:  # the same formula with the sink column
-        return sdpa_with_sinks(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks)
+    that reason runs this. sinks, softcap: the score modifiers of burstc.runtime.modified_sdpa, or None."""
+    if sinks is not None or softcap is not None:  # the same formula with the modifiers
+        return modified_sdpa(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks,
+                             softcap=softcap)
     if enable_gqa and key.shape[1] != query.shape[1]:
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)

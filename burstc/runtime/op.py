@@ -20,6 +20,7 @@ from burstc.runtime import stats
 from burstc.runtime.attention import prepare_run
 from burstc.runtime.mask_args import MaskArgs
 from burstc.runtime.mask_mods import BoundMaskMod
+from burstc.runtime.modified_sdpa import modified_sdpa, softcapped
 from burstc.runtime.ordering import program_order
 from burstc.runtime.kernels import accumulation_dtype
 from burstc.runtime.sharding import unshard_sequence
@@ -57,9 +58,10 @@ def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, wind
 
 
 def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-         mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key,
+         mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key,
          full_sequence: bool, check_replicas: bool = False):
-    return prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, group=resolve_group(group_name),
+    return prepare_run(q, k, v, causal=causal, scale=scale, softcap=softcap, enable_gqa=enable_gqa,
+                       group=resolve_group(group_name),
                        layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence, site_key=site_key,
                        check_replicas=check_replicas, schedule=schedule, node_size=node_size or None,
                        masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
@@ -71,17 +73,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
               key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
               mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
               window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
+              softcap: Optional[float],
               enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
               site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention over the full sequence q, k, v ([B, H, N, d]); lse [B, H, N].
     verify_site: '' or a site name whose first call is checked against F.scaled_dot_product_attention."""
     masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
              mask_proof)
-    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=True,
-               check_replicas=True)
+    run = _run(q, k, v, *masks, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group_name,
+               site_key, full_sequence=True, check_replicas=True)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
-        _verify(verify_site, q, k, v, out, run.plan.mask, causal, scale, enable_gqa)
+        _verify(verify_site, q, k, v, out, run.plan.mask, causal, scale, softcap, enable_gqa)
         _verified_sites.add(verify_site)
     return out, lse
 
@@ -118,7 +121,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        key_padding: Optional[torch.Tensor],
                        document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
-                       mask_proof: str, scale: Optional[float], enable_gqa: bool, layout: str,
+                       mask_proof: str, scale: Optional[float], softcap: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
                        site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) over the full sequence, given the forward's out and lse and the gradient of lse (None
@@ -126,10 +129,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     against SDPA's gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=True)
+               mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
+               group_name, site_key, full_sequence=True)
     grads = _grads(run, dout, q, k, v, out, lse, dlse)
     if verify_site and verify_site not in _verified_backward and dlse is None:  # SDPA knows no lse gradient
-        _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, enable_gqa)
+        _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, softcap, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
 
@@ -165,13 +169,18 @@ def _backward_through(backward_op):
 attention.register_autograd(_backward_through(attention_backward), setup_context=_setup_context)
 
 
-def _sdpa(q, k, v, mask, causal, scale, enable_gqa) -> torch.Tensor:
-    """Plain SDPA on the full sequence, the call's mask (an AttentionMask or None) materialised (N x N:
-    a debugging aid)."""
-    if mask is None:
+def _sdpa(q, k, v, mask, causal, scale, softcap, enable_gqa) -> torch.Tensor:
+    """Plain SDPA on the full sequence (modified_sdpa with a soft-cap), the call's mask (an AttentionMask or
+    None) materialised (N x N: a debugging aid)."""
+    dense = None
+    if mask is not None:
+        dense = _materialised(mask, q)
+        dense = dense if dense.dtype == torch.bool else dense.to(q.dtype)
+    if softcap is not None:
+        return modified_sdpa(q, k, v, attn_mask=dense, is_causal=causal and dense is None, scale=scale,
+                             enable_gqa=enable_gqa, softcap=softcap).to(q.dtype)
+    if dense is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-    dense = _materialised(mask, q)
-    dense = dense if dense.dtype == torch.bool else dense.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -181,28 +190,30 @@ def _materialised(mask, q: torch.Tensor) -> torch.Tensor:
     return mask.evaluate(positions, positions, q.shape[1]).to(q.device)
 
 
-def _verify(site, q, k, v, out, mask, causal, scale, enable_gqa) -> None:
+def _verify(site, q, k, v, out, mask, causal, scale, softcap, enable_gqa) -> None:
     """The first forward of a site against SDPA."""
-    _compare(site, "output", out, _sdpa(q, k, v, mask, causal, scale, enable_gqa))
+    _compare(site, "output", out, _sdpa(q, k, v, mask, causal, scale, softcap, enable_gqa))
 
 
-def _verify_grads(site, q, k, v, dout, grads, mask, causal, scale, enable_gqa) -> None:
+def _verify_grads(site, q, k, v, dout, grads, mask, causal, scale, softcap, enable_gqa) -> None:
     """The first backward of a site against SDPA's gradients on the same inputs, from the textbook
     formulas in float64 (autograd is not available inside an op's implementation)."""
-    want = _sdpa_grads(q, k, v, dout, mask, causal, scale)
+    want = _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap)
     for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
         _compare(site, name, got, expected.to(got.dtype))
 
 
-def _sdpa_grads(q, k, v, dout, mask, causal, scale) -> tuple[torch.Tensor, ...]:
+def _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap=None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of softmax(q k^T * scale [+ mask]) v: P = softmax(S), dV = P^T dO, dP = dO V^T,
     dS = P * (dP - rowsum(dP * P)), dQ = dS K * scale, dK = dS^T Q * scale; K/V heads repeated for
-    grouped-query attention and their gradients summed back."""
+    grouped-query attention and their gradients summed back. A soft-cap c scores c * tanh(S / c) and
+    multiplies dS by 1 - tanh(S / c)^2."""
     n, group = q.shape[2], q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qd, kd, vd, do = (t.double() for t in (q, k, v, dout))
     kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
-    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    raw = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    s = softcapped(raw, softcap)
     if mask is not None:
         dense = _materialised(mask, q)
         s = s.masked_fill(~dense, float("-inf")) if dense.dtype == torch.bool else s + dense.double()
@@ -212,6 +223,8 @@ def _sdpa_grads(q, k, v, dout, mask, causal, scale) -> tuple[torch.Tensor, ...]:
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))  # rows with no key: 0
     dp = torch.matmul(do, vd.transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    if softcap is not None:
+        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = torch.matmul(ds, kd) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qd) * scale
     dv = torch.matmul(p.transpose(-1, -2), do)
@@ -236,6 +249,7 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
                     key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                     mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                     window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
+                    softcap: Optional[float],
                     enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
                     site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's shard of exact attention; q, k, v ([B, H, S_local, d]) are this rank's
@@ -243,13 +257,14 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     gather: the output stays sharded."""
     masks = (attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
              mask_proof)
-    run = _run(q, k, v, *masks, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=False)
+    run = _run(q, k, v, *masks, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group_name,
+               site_key, full_sequence=False)
     out, lse = _forward(run, q, k, v)
     if verify_site and verify_site not in _verified_sites:
         full = [unshard_sequence(t, dim=2, layout=layout, group=run.group) for t in (q, k, v, out)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                           mask_mod, mask_proof, run, full[0], layout)
-        _verify(verify_site, *full, mask, causal, scale, enable_gqa)
+        _verify(verify_site, *full, mask, causal, scale, softcap, enable_gqa)
         _verified_sites.add(verify_site)
     return out, lse
 
@@ -273,18 +288,20 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                              window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
+                             softcap: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str,
                              node_size: int, group_name: str, site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shards, given the forward's out and lse shards and the gradient of lse (or None)."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
-               mask_mod, mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key, full_sequence=False)
+               mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
+               group_name, site_key, full_sequence=False)
     grads = _grads(run, dout, q, k, v, out, lse, dlse)
     if verify_site and verify_site not in _verified_backward and dlse is None:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
         full = [gather(t) for t in (q, k, v, dout)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                           mask_mod, mask_proof, run, full[0], layout)
-        _verify_grads(verify_site, *full, [gather(g) for g in grads], mask, causal, scale, enable_gqa)
+        _verify_grads(verify_site, *full, [gather(g) for g in grads], mask, causal, scale, softcap, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
 

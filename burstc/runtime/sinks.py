@@ -8,13 +8,10 @@ exp(lse - logaddexp(lse, s)) = sigmoid(lse - s). So the ring computes attention 
 lse (the ring's backward takes the lse gradient as D - dlse) and the sinks through autograd. A row that
 sees no key (lse = -inf) gets 0, as the softmax with a sink gives it.
 
-`sdpa_with_sinks` is the graph's canonical form of such an attention (F.scaled_dot_product_attention's
-arguments plus `sinks=`): the backend converts it to the ring and `apply_sinks`; a site left alone runs
-it as eager math.
+In a graph such an attention is `modified_sdpa(..., sinks=)` (burstc.runtime.modified_sdpa): the backend
+converts it to the ring and `apply_sinks`; a site left alone runs it as eager math.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -38,29 +35,3 @@ def sink_site_mask(attn_mask: torch.Tensor) -> torch.Tensor:
     if attn_mask.dtype == torch.bool:
         return attn_mask
     return attn_mask.masked_fill(attn_mask <= AVERAGING_BIAS, float("-inf"))
-
-
-def sdpa_with_sinks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
-                    scale: Optional[float] = None, enable_gqa: bool = False, *,
-                    sinks: torch.Tensor) -> torch.Tensor:
-    """F.scaled_dot_product_attention's result with one sink logit per query head in every row's softmax
-    (eager math: the scores, the sink column, the softmax in at least float32, the column dropped)."""
-    if dropout_p:
-        raise ValueError("attention with sinks and dropout_p > 0 is not supported: pass dropout_p=0.0")
-    heads, n_q, n_k = query.shape[1], query.shape[-2], key.shape[-2]
-    if enable_gqa and key.shape[1] != heads:
-        group = heads // key.shape[1]
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    scale = 1.0 / query.shape[-1] ** 0.5 if scale is None else scale
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * scale
-    if is_causal:
-        hidden = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(hidden, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else scores + attn_mask.to(dtype)
-    column = sinks.reshape(1, heads, 1, 1).to(dtype).expand(*scores.shape[:-1], 1)
-    weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
-    return torch.matmul(weights.to(value.dtype), value)

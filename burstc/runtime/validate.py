@@ -43,24 +43,27 @@ class CallMeta:
     schedule: str = "auto"
     node_size: int = 0  # ranks per node (0: not given)
     cost_code: int = 0  # digest of the link figures and throughput the schedule choice uses
+    softcap: Optional[float] = None  # scores soft-capped as softcap * tanh(S / softcap)
 
     AGREED = ("batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "backward",
               "scale", "needs_grad", "mask_code", "schedule", "node_size",
-              "cost_code")
+              "cost_code", "softcap")
 
     def encode(self) -> list[int]:
-        floats = torch.tensor([self.scale, *self.checksum], dtype=torch.float64).view(torch.int64).tolist()
+        floats = torch.tensor([self.scale, *self.checksum, self.softcap or 0.0],
+                              dtype=torch.float64).view(torch.int64).tolist()
         return [self.batch, self.heads_q, self.heads_kv, self.head_dim, self.local_len,
                 _DTYPES.index(self.dtype), int(self.causal), layouts.LAYOUTS.index(self.layout),
-                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats, self.mask_code,
-                SCHEDULE_CHOICES.index(self.schedule), self.node_size, self.cost_code]
+                BACKWARD_SCHEMES.index(self.backward), int(self.needs_grad), *floats[:3], self.mask_code,
+                SCHEDULE_CHOICES.index(self.schedule), self.node_size, self.cost_code, floats[3]]
 
     @classmethod
     def decode(cls, v: list[int]) -> "CallMeta":
-        scale, fingerprint, magnitude = torch.tensor(v[10:13], dtype=torch.int64).view(torch.float64).tolist()
+        scale, fingerprint, magnitude, softcap = torch.tensor(v[10:13] + v[17:18], dtype=torch.int64).view(
+            torch.float64).tolist()
         return cls(v[0], v[1], v[2], v[3], v[4], _DTYPES[v[5]], bool(v[6]), layouts.LAYOUTS[v[7]],
                    BACKWARD_SCHEMES[v[8]], scale, bool(v[9]), (fingerprint, magnitude), v[13],
-                   SCHEDULE_CHOICES[v[14]], v[15], v[16])
+                   SCHEDULE_CHOICES[v[14]], v[15], v[16], softcap or None)
 
 
 def replicated_checksum(*tensors: torch.Tensor, dim: int = 2) -> tuple[float, float]:
@@ -140,7 +143,7 @@ def agree_across_ranks(meta: Optional[CallMeta], problem: Optional[str], group, 
     """Exchange every rank's CallMeta (or its problem) and raise the same error on every rank if any
     rank has a problem, the ranks disagree, or a local length is not the layout's share (with
     full_sequence: not the same full length everywhere)."""
-    width = 18
+    width = 1 + 18  # the problem flag, then CallMeta.encode()'s 18 numbers
     mine = torch.zeros(width, dtype=torch.int64)
     if problem is None:
         mine[1:] = torch.tensor(meta.encode(), dtype=torch.int64)

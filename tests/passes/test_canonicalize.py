@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from burstc.passes import canonicalize_attention, canonicalize_result
 from burstc.passes.attention_spellings import einsum_form
 from burstc.passes.canonicalize import SDPA
-from burstc.runtime.sinks import sdpa_with_sinks
+from burstc.runtime.modified_sdpa import modified_sdpa
 
 B, T, C, H = 2, 8, 32, 4
 D = C // H
@@ -308,6 +308,25 @@ class SinkAttention(QKVBlock):
         return self.merge(probs @ v)
 
 
+class SoftcapAttention(QKVBlock):
+    """Gemma 2's eager attention: the scores soft-capped as cap * tanh(S / cap), then the mask, softmax in
+    float32; `inside` puts the mask inside the tanh instead (tanh(-inf) = -1 hides nothing)."""
+
+    def __init__(self, cap=5.0, inside=False):
+        super().__init__()
+        self.cap, self.inside = cap, inside
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x)
+        scores = q @ k.transpose(2, 3) * D ** -0.5
+        if self.inside:
+            scores = scores + mask
+        scores = torch.tanh(scores / self.cap) * self.cap
+        if not self.inside:
+            scores = scores + mask
+        return self.merge(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v)
+
+
 class PerQuerySinkAttention(QKVBlock):
     """An extra softmax column that differs per query row: not a per-head sink, so not converted."""
 
@@ -457,18 +476,40 @@ def test_returned_attention_weights_stay():
 
 
 @pytest.mark.parametrize("shift,causal", [(True, False), (False, True)])
-def test_attention_sinks_become_sdpa_with_sinks(shift, causal):
-    """GPT-OSS's sinks: one sdpa_with_sinks call holding the [1, H, 1, 1] sink logits; exact, the sinks'
+def test_attention_sinks_become_modified_sdpa(shift, causal):
+    """GPT-OSS's sinks: one modified_sdpa call holding the [1, H, 1, 1] sink logits; exact, the sinks'
     gradient included."""
     model = SinkAttention(shift=shift, causal=causal)
     compiled, captured = compile_with_pass(model)
     assert_same_as_eager(model, compiled, x_input())
     (graph,) = captured
-    nodes = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is sdpa_with_sinks]
+    nodes = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is modified_sdpa]
     assert len(nodes) == 1 and graph.softmax_nodes() == [] and graph.sdpa_nodes() == []
     assert nodes[0].kwargs["is_causal"] is causal
     assert tuple(nodes[0].kwargs["sinks"].meta["example_value"].shape) == (1, H, 1, 1)
     assert graph.result.converted[0].sinks == nodes[0].kwargs["sinks"].name
+
+
+def _causal_bias():
+    return torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).expand(B, 1, T, T)
+
+
+def test_softcapped_scores_become_modified_sdpa():
+    """Gemma 2's soft-cap: modified_sdpa(softcap=cap) with scale = cap * (the factors inside the tanh); exact."""
+    model = SoftcapAttention(cap=5.0)
+    compiled, captured = compile_with_pass(model)
+    assert_same_as_eager(model, compiled, x_input() + (_causal_bias(),))
+    (graph,) = captured
+    (node,) = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is modified_sdpa]
+    assert node.kwargs["softcap"] == 5.0 and node.kwargs["scale"] == pytest.approx(5.0 * (D ** -0.5 / 5.0))
+    assert graph.result.converted[0].softcap == 5.0 and graph.softmax_nodes() == []
+
+
+def test_a_mask_inside_the_softcap_stays():
+    model = SoftcapAttention(inside=True)
+    compiled, captured = compile_with_pass(model)
+    compiled(*x_input(), _causal_bias())
+    assert_untouched(captured, reason="inside the soft-cap")
 
 
 def test_dropout_in_training_stays():

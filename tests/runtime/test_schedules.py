@@ -295,7 +295,7 @@ def _gloo_schedules(rank, world_size):
         q, k, v, dout = random_qkv(2, *GLOO_HEADS, GLOO_N, 8, torch.float64, seed=60 + i)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         no_masks = (None, None, None, [], True, None, None, "", "")
-        out, _ = torch.ops.burst.attention(*leaves, *no_masks, None, True, "zigzag", "auto", "reference", schedule,
+        out, _ = torch.ops.burst.attention(*leaves, *no_masks, None, None, True, "zigzag", "auto", "reference", schedule,
                                            0, "", "", "")
         out.backward(dout)
         want = sdpa_with_grads(q, k, v, dout, True)

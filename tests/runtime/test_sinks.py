@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from burstc.runtime.attention import burst_attention
-from burstc.runtime.sinks import apply_sinks, sdpa_with_sinks, sink_site_mask
+from burstc.runtime.modified_sdpa import modified_sdpa
+from burstc.runtime.sinks import apply_sinks, sink_site_mask
 
 
 def _gpt_oss_formula(q, k, v, sinks, visible):
@@ -81,11 +82,11 @@ def test_float32_on_the_cpu_kernel(backward):
 
 
 def test_the_canonical_form_is_the_eager_formula():
-    """sdpa_with_sinks (what a site left alone runs) against GPT-OSS's formula, with an additive mask."""
+    """modified_sdpa (what a site left alone runs) against GPT-OSS's formula, with an additive mask."""
     q, k, v, sinks, _ = _inputs(11)
     visible = _visible(q.shape[2], True, 4)
     bias = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
-    got = sdpa_with_sinks(q, k, v, attn_mask=bias, enable_gqa=True, sinks=sinks)
+    got = modified_sdpa(q, k, v, attn_mask=bias, enable_gqa=True, sinks=sinks)
     torch.testing.assert_close(got, _gpt_oss_formula(q, k, v, sinks, visible), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one per query head"):
         apply_sinks(got, torch.zeros(got.shape[:-1], dtype=got.dtype), sinks[:3])
@@ -98,7 +99,7 @@ def test_a_finfo_min_mask_that_hides_whole_rows_is_exact_with_a_sink():
     visible = _visible(20, True, None).expand(2, 1, 20, 20).clone()
     visible[1, :, :4] = False  # four whole rows of batch row 1
     bias = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
-    want = sdpa_with_sinks(q, k, v, attn_mask=bias, enable_gqa=True, sinks=sinks)
+    want = modified_sdpa(q, k, v, attn_mask=bias, enable_gqa=True, sinks=sinks)
     got = burst_attention(q, k, v, attn_mask=sink_site_mask(bias), enable_gqa=True, virtual_world_size=2,
                           kernel="reference", sinks=sinks)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ import torch
 
 from burstc.runtime.kernels import lse_state
 from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype, as_grad_sum, finite_lse
+from burstc.runtime.modified_sdpa import softcapped
 
 
 def _expand_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
@@ -22,10 +23,10 @@ def _reduce_heads(dx: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return dx if h == heads_kv else dx.view(b, heads_kv, h // heads_kv, n, d).sum(dim=2)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, item: WorkItem, scale: float, mask=None) -> torch.Tensor:
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+def _masked(s: torch.Tensor, item: WorkItem, mask=None) -> torch.Tensor:
+    """Scores with the item's causal cut and mask applied (-inf where hidden, or the additive bias)."""
     if item.causal:
-        visible = torch.ones(item.q_len, item.k_len, dtype=torch.bool, device=q.device).tril()
+        visible = torch.ones(item.q_len, item.k_len, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~visible, float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
@@ -33,7 +34,12 @@ def _scores(q: torch.Tensor, k: torch.Tensor, item: WorkItem, scale: float, mask
 
 
 class ReferenceKernel:
+    """softcap: the scores are soft-capped as softcap * tanh(S / softcap) before any mask (Gemma 2)."""
+
     name = "reference"
+
+    def __init__(self, softcap: Optional[float] = None):
+        self.softcap = softcap
 
     def supports(self, q: torch.Tensor) -> Optional[str]:
         return None
@@ -47,7 +53,7 @@ class ReferenceKernel:
         qs = q[:, :, item.q_start:item.q_stop].to(acc)
         ks = _expand_heads(k[:, :, item.k_start:item.k_stop], h).to(acc)
         vs = _expand_heads(v[:, :, item.k_start:item.k_stop], h).to(acc)
-        s = _scores(qs, ks, item, scale, mask)
+        s = _masked(softcapped(torch.matmul(qs, ks.transpose(-1, -2)) * scale, self.softcap), item, mask)
         lse_b = torch.logsumexp(s, dim=-1)
         o_b = torch.matmul(torch.exp(s - finite_lse(lse_b).unsqueeze(-1)), vs)
         lse_state.merge_block(state, item.q_start, item.q_stop, o_b, lse_b)
@@ -66,9 +72,12 @@ class ReferenceKernel:
         delta = bundle.delta[:, :, rows].to(acc).unsqueeze(-1)
         ks = _expand_heads(k[:, :, cols], h).to(acc)
         vs = _expand_heads(v[:, :, cols], h).to(acc)
-        p = torch.exp(_scores(q, ks, item, scale, mask) - lse)
+        raw = torch.matmul(q, ks.transpose(-1, -2)) * scale
+        p = torch.exp(_masked(softcapped(raw, self.softcap), item, mask) - lse)
         dp = torch.matmul(do, vs.transpose(-1, -2))
         ds = p * (dp - delta) * scale
+        if self.softcap is not None:  # d(c tanh(S / c)) / dS = 1 - tanh(S / c)^2
+            ds = ds * (1 - torch.tanh(raw / self.softcap) ** 2)
         dq.add_(item.q_start, item.q_stop, torch.matmul(ds, ks))
         dk.add_(item.k_start, item.k_stop, _reduce_heads(torch.matmul(ds.transpose(-1, -2), q), h_kv).contiguous())
         dv.add_(item.k_start, item.k_stop, _reduce_heads(torch.matmul(p.transpose(-1, -2), do), h_kv).contiguous())
