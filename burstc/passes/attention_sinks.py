@@ -1,6 +1,6 @@
 """Attention sinks in a hand-written attention (GPT-OSS): a per-head logit concatenated to the scores as
 one last column, the softmax over both (optionally shifted by its row maximum), the column dropped
-before P @ V. Matched exactly or not at all; the canonical form is burstc.runtime.sinks.sdpa_with_sinks.
+before P @ V. Matched exactly or not at all; the canonical form is burstc.runtime.modified_sdpa.modified_sdpa(sinks=).
 
     column = sinks.reshape(1, H, 1, 1).expand(B, H, Tq, 1)      # any spelling whose shapes prove it
     c = torch.cat([scores, column], dim=-1)
