@@ -266,8 +266,7 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     masks = MaskArgs(key_padding_mask=key_padding_mask, document_ids=document_ids, cu_seqlens=cu_seqlens,
                      window=window, mask_mod=mask_mod, attn_mask=attn_mask)
     run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap, group=group,
-                      layout=layout,
-                      backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
+                      layout=layout, backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
                       dropout_p=dropout_p, masks=masks, schedule=schedule, node_size=node_size)
     out, lse = _BurstAttention.apply(q, k, v, run)
     return out if sinks is None else apply_sinks(out, lse, sinks)
@@ -280,6 +279,10 @@ def _softcap_kernel(name: str, softcap: float) -> LocalKernel:
         raise ValueError(f"softcap={softcap!r}: a soft-cap is a positive number")
     if name not in ("auto", "reference"):
         raise ValueError(f"kernel={name!r} does not soft-cap scores yet: use kernel='auto' (the reference kernel)")
+    if name == "auto" and "softcap" not in _logged_choices:
+        _logged_choices.add("softcap")
+        log.warning("burst: soft-capped scores run on the reference kernel (torch math, each work item's scores "
+                    "materialised); the cpu and triton kernels have no soft-cap yet")
     return ReferenceKernel(softcap=softcap)
 
 

@@ -52,9 +52,10 @@ def test_gpt_sites_become_burst_ops(fake_world):
     assert counters["burst"]["sites_converted"] == 3 and counters["burst"]["sites_left"] == 0
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
     # (q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
-    #  mask_proof, scale, enable_gqa, layout, backward, kernel, schedule, node_size, group, site_key, verify_site)
+    #  mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group, site_key,
+    #  verify_site)
     assert call.args[3:7] == (None, None, None, [])
-    assert call.args[7:16] == (True, None, None, "", "", None, True, "zigzag", "kv_ring")
+    assert call.args[7:17] == (True, None, None, "", "", None, None, True, "zigzag", "kv_ring")
 
 
 def test_the_schedule_option_reaches_the_op_or_falls_back_per_site(fake_world, caplog):
@@ -63,12 +64,12 @@ def test_the_schedule_option_reaches_the_op_or_falls_back_per_site(fake_world, c
     idx = torch.randint(0, 50, (1, 16))
     gm = rewritten_graph(TinyGPT(layers=1, heads=2, kv_heads=2).eval(), idx, schedule="ulysses_ring", node_size=2)
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
-    assert call.args[17:19] == ("ulysses_ring", 2)
+    assert call.args[18:20] == ("ulysses_ring", 2)
     with caplog.at_level("WARNING", logger="burstc.passes"):
         gm = rewritten_graph(TinyGPT(layers=1, heads=2, kv_heads=2).eval(), idx, schedule="ulysses_ring",
                              node_size=4)
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
-    assert call.args[17:19] == ("auto", 4)
+    assert call.args[18:20] == ("auto", 4)
     assert "schedule 'ulysses_ring' cannot run here" in caplog.text and "2 query heads" in caplog.text
 
 
@@ -76,8 +77,8 @@ def test_mha_picks_the_query_ring_and_options_apply(fake_world):
     model = TinyGPT(layers=1, heads=4, kv_heads=4).eval()
     gm = rewritten_graph(model, torch.randint(0, 50, (1, 16)), layout="striped", verify=True)
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
-    assert call.args[14:16] == ("striped", "query_ring")
-    assert re.fullmatch(r"g\d+/y", call.args[21])  # verify is on: the site is named <graph id>/<node name>
+    assert call.args[15:17] == ("striped", "query_ring")
+    assert re.fullmatch(r"g\d+/y", call.args[22])  # verify is on: the site is named <graph id>/<node name>
 
 
 def test_unsupported_sites_stay_sdpa_with_a_logged_reason(fake_world, caplog):
