@@ -13,23 +13,34 @@ kernels take the natural-log global lse and convert it on load.
 Head dims that are not a power of two (80, 96) run in a BLOCK_D = next power of two tile with the
 extra columns masked on every load and store.
 
-MASK (forward_step, backward_dkdv, backward_dq) is the item's generic tile mask: "none" (the item is
-full or CAUSAL), "bool" (a uint8 view of a boolean mask, nonzero = visible) or "bias" (a floating
-additive bias on the scaled scores, -inf = hidden). The mask covers exactly the item's rectangle and
-is read through its own strides (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk; 0 strides for
-broadcast batch/head dims); with MASK == "none" these arguments are None and the kernels compile to
-the code they had before masks existed. Each program first scans its strip of the mask for the first
-and last tile with a visible entry and runs its loops over that range only: leading and trailing
-tiles the mask hides entirely (windows, padding, documents) cost one mask read and no dot product,
-and the loops stay free of branches (which would keep Triton from pipelining their K/V loads). A
-query row that sees no visible key of an item leaves its running state as it was (m = -inf and
-l = 0 while empty); its backward lse is -inf and it gets zero gradients.
+MASK (forward_step, backward_dkdv, backward_dq) is the item's generic mask: "none" (the item is
+full or CAUSAL), "bool" (a uint8 view of a boolean mask, nonzero = visible), "bias" (a floating
+additive bias on the scaled scores, -inf = hidden) or "positions" (no tile: visibility computed from
+the item's global positions, see runtime/kernels/tile_mask.py). A tile mask covers exactly the item's
+rectangle and is read through its own strides (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk;
+0 strides for broadcast batch/head dims). A positions mask reads int32 positions q_pos_ptr [q_len]
+and k_pos_ptr [k_len] and the window (key k visible from query q iff
+q - window_left <= k <= q + window_right); with DOCS, int32 document ids (q_doc_ptr, k_doc_ptr; batch strides
+stride_qdocb, stride_kdocb) that must be equal; with PAD, uint8 key validity (k_valid_ptr,
+stride_kvb). Arguments a variant does not read are None, so with MASK == "none" the kernels compile
+to the code they had before masks existed. Mask kinds differ only in how a tile's visibility (bool,
+positions) or bias is produced (`_mask_tile`) and how a tile is found hidden (`_visible_range`); the
+loops are one code path. Each program first scans its strip for the first and last tile where the mask may show
+something (`_visible_range`: a tile mask's entries, or for positions a proof from the min/max of the
+tile's positions and document ids and whether it holds a real key, valid for positions in any
+order) and runs its loops over that range only: leading and trailing tiles the mask hides entirely
+(windows, padding, documents) cost one cheap read and no dot product, and the loops stay free of
+branches (which would keep Triton from pipelining their K/V loads); a hidden tile inside the range
+is computed with P = 0. A query row that sees no visible key of an item leaves its running state as
+it was (m = -inf and l = 0 while empty); its backward lse is -inf and it gets zero gradients.
 """
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+UNBOUNDED = tl.constexpr(2 ** 30)  # tile_mask.UNBOUNDED: above every position
+INT32_MAX = tl.constexpr(2 ** 31 - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,36 +102,153 @@ def _base2_lse(lse_base, rows, n_rows, stride_l):
 
 
 @triton.jit
-def _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, cols, n_rows, n_cols, stride_r, stride_c,
-               MASK: tl.constexpr):
-    """The item mask of batch b, query head h on a [rows, cols] tile (query x key, or key x query with the
-    strides swapped): MASK "bool" gives visible (bool), "bias" the bias as stored (natural-log units, its
-    own dtype until it is added: fewer registers). Entries outside the item's rectangle are hidden
-    (False / -inf)."""
-    base = mask_ptr + b * stride_mb + h * stride_mh
-    ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
-    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    if MASK == "bool":
-        tile = tl.load(ptrs, mask=inside, other=0) != 0
+def _offset(ptr, index, stride, PRESENT: tl.constexpr):
+    """ptr + index * stride, or ptr (None) where the tensor is absent."""
+    if PRESENT:
+        return ptr + index * stride
     else:
-        tile = tl.load(ptrs, mask=inside, other=float("-inf"))
+        return ptr
+
+
+@triton.jit
+def _item_mask(b, h, tile_args, position_args, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr):
+    """The item mask of batch b, query head h, as the tuple _mask_tile and _visible_range read. MASK "bool" /
+    "bias": (its [q_len, k_len] plane, row stride, key stride) from tile_args (mask_ptr, stride_mb, stride_mh,
+    stride_mq, stride_mk). "positions": (q_pos_ptr, k_pos_ptr, window_left, window_right, batch b's row of
+    q_doc, k_doc and k_valid) from position_args (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr,
+    k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb); a row is None where DOCS / PAD are off."""
+    if MASK == "positions":
+        mask = (position_args[0], position_args[1], position_args[2], position_args[3],
+                _offset(position_args[4], b, position_args[6], DOCS),
+                _offset(position_args[5], b, position_args[7], DOCS),
+                _offset(position_args[8], b, position_args[9], PAD))
+    else:  # (built in one expression: a None local would not compile)
+        mask = (_offset(_offset(tile_args[0], b, tile_args[1], MASK != "none"), h, tile_args[2], MASK != "none"),
+                tile_args[3], tile_args[4])
+    return mask
+
+
+@triton.jit
+def _oriented(of_queries, of_keys, KEYS_FIRST: tl.constexpr):
+    """Per-query and per-key vectors broadcast to a [queries, keys] tile, or [keys, queries] if KEYS_FIRST."""
+    if KEYS_FIRST:
+        along_queries = of_queries[None, :]
+        along_keys = of_keys[:, None]
+    else:
+        along_queries = of_queries[:, None]
+        along_keys = of_keys[None, :]
+    return along_queries, along_keys
+
+
+@triton.jit
+def _position_tile(mask, queries, keys, q_len, k_len, DOCS: tl.constexpr, PAD: tl.constexpr,
+                   KEYS_FIRST: tl.constexpr):
+    """visible (bool) of a MASK "positions" item on queries x keys: inside the item, within the window
+    (q - left <= k <= q + right), same document (DOCS) and a real key (PAD)."""
+    q_inside = queries < q_len
+    k_live = keys < k_len
+    q_pos = tl.load(mask[0] + queries, mask=q_inside, other=0)
+    k_pos = tl.load(mask[1] + keys, mask=k_live, other=0)
+    if PAD:
+        k_live = k_live & (tl.load(mask[6] + keys, mask=k_live, other=0) != 0)
+    # per query, the window's first and last key (no int32 overflow: positions < UNBOUNDED, |bounds| <= it)
+    first_at, k_at = _oriented(tl.where(q_inside, q_pos - mask[2], UNBOUNDED), k_pos, KEYS_FIRST)
+    last_at, k_ok = _oriented(q_pos + mask[3], k_live, KEYS_FIRST)
+    visible = k_ok & (k_at >= first_at) & (k_at <= last_at)
+    if DOCS:
+        q_doc, k_doc = _oriented(tl.load(mask[4] + queries, mask=q_inside, other=0),
+                                 tl.load(mask[5] + keys, mask=k_live, other=0), KEYS_FIRST)
+        visible = visible & (q_doc == k_doc)
+    return visible
+
+
+@triton.jit
+def _mask_tile(mask, queries, keys, q_len, k_len, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
+               KEYS_FIRST: tl.constexpr):
+    """The item mask (_item_mask) on a [queries, keys] tile, [keys, queries] if KEYS_FIRST: MASK "bool" and
+    "positions" give visible (bool), "bias" the bias as stored (natural-log units, its own dtype until it is
+    added: fewer registers). Entries outside the item's rectangle are hidden (False / -inf)."""
+    if MASK == "positions":
+        tile = _position_tile(mask, queries, keys, q_len, k_len, DOCS, PAD, KEYS_FIRST)
+    else:
+        if KEYS_FIRST:
+            tile_rows, n_rows, stride_r, tile_cols, n_cols, stride_c = keys, k_len, mask[2], queries, q_len, mask[1]
+        else:
+            tile_rows, n_rows, stride_r, tile_cols, n_cols, stride_c = queries, q_len, mask[1], keys, k_len, mask[2]
+        ptrs = mask[0] + tile_rows[:, None] * stride_r + tile_cols[None, :] * stride_c
+        inside = (tile_rows[:, None] < n_rows) & (tile_cols[None, :] < n_cols)
+        if MASK == "bool":
+            tile = tl.load(ptrs, mask=inside, other=0) != 0
+        else:
+            tile = tl.load(ptrs, mask=inside, other=float("-inf"))
     return tile
 
 
 @triton.jit
-def _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, n_rows, n_cols, stride_r, stride_c,
-                   BLOCK: tl.constexpr, MASK: tl.constexpr):
-    """[first, last): the tiles of BLOCK columns (keys, or queries with the strides swapped) from the first to
-    the last one where the mask shows the given rows anything; empty (first >= last) if it shows nothing."""
-    first = n_cols
+def _position_bounds(mask, index, n, DOCS: tl.constexpr, PAD: tl.constexpr, KEYS: tl.constexpr):
+    """(any, smallest and largest position, smallest and largest document id) of the live entries of
+    queries (or KEYS) `index` of a MASK "positions" item: inside the item and, keys under PAD, real.
+    Without a live entry the bounds are meaningless and `any` is False."""
+    live = index < n
+    if KEYS:
+        positions = mask[1]
+        docs = mask[5]
+        if PAD:
+            live = live & (tl.load(mask[6] + index, mask=live, other=0) != 0)
+    else:
+        positions = mask[0]
+        docs = mask[4]
+    at = tl.load(positions + index, mask=live, other=0)
+    lo = tl.min(tl.where(live, at, UNBOUNDED), 0)
+    hi = tl.max(tl.where(live, at, -UNBOUNDED), 0)
+    doc_lo = lo
+    doc_hi = hi
+    if DOCS:
+        doc = tl.load(docs + index, mask=live, other=0)
+        doc_lo = tl.min(tl.where(live, doc, INT32_MAX), 0)
+        doc_hi = tl.max(tl.where(live, doc, -INT32_MAX), 0)
+    return tl.max(live.to(tl.int32), 0) != 0, lo, hi, doc_lo, doc_hi
+
+
+@triton.jit
+def _bounds_meet(mask, q_bounds, k_bounds, DOCS: tl.constexpr):
+    """Whether a block of queries and one of keys (_position_bounds) may hold a visible pair; False only
+    when proven from the bounds (valid for positions in any order): no live entry, every key left of
+    the window (largest k < smallest q - left) or right of it, or disjoint document id ranges."""
+    meet = q_bounds[0] & k_bounds[0]
+    meet = meet & (k_bounds[2] - q_bounds[1] >= -mask[2]) & (k_bounds[1] - q_bounds[2] <= mask[3])
+    if DOCS:
+        meet = meet & (q_bounds[3] <= k_bounds[4]) & (k_bounds[3] <= q_bounds[4])
+    return meet
+
+
+@triton.jit
+def _visible_range(mask, fixed, n_fixed, n_scan, BLOCK: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                   PAD: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """[first, last): the tiles of BLOCK scanned rows (keys for a program's fixed query rows, or queries for
+    its fixed keys if KEYS_FIRST) from the first to the last one where the mask may show the fixed rows
+    anything; empty (first >= last) if it shows nothing. A tile mask is read; positions are bounded."""
+    first = n_scan
     last = 0
-    for start in range(0, n_cols, BLOCK):
-        user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, start + tl.arange(0, BLOCK), n_rows, n_cols,
-                          stride_r, stride_c, MASK)
-        if MASK == "bool":
-            seen = tl.max(tl.max(user.to(tl.int32), 1), 0) != 0
+    if MASK == "positions":
+        fixed_bounds = _position_bounds(mask, fixed, n_fixed, DOCS, PAD, KEYS_FIRST)
+    for start in range(0, n_scan, BLOCK):
+        scan = start + tl.arange(0, BLOCK)
+        if MASK == "positions":
+            scan_bounds = _position_bounds(mask, scan, n_scan, DOCS, PAD, not KEYS_FIRST)
+            if KEYS_FIRST:
+                seen = _bounds_meet(mask, scan_bounds, fixed_bounds, DOCS)
+            else:
+                seen = _bounds_meet(mask, fixed_bounds, scan_bounds, DOCS)
         else:
-            seen = tl.max(tl.max(user, 1), 0) > float("-inf")
+            if KEYS_FIRST:
+                user = _mask_tile(mask, scan, fixed, n_scan, n_fixed, MASK, DOCS, PAD, True)
+            else:
+                user = _mask_tile(mask, fixed, scan, n_fixed, n_scan, MASK, DOCS, PAD, False)
+            if MASK == "bool":
+                seen = tl.max(tl.max(user.to(tl.int32), 1), 0) != 0
+            else:
+                seen = tl.max(tl.max(user, 1), 0) > float("-inf")
         first = tl.where(seen, tl.minimum(first, start), first)
         last = tl.where(seen, start + BLOCK, last)
     return first, last
@@ -128,25 +256,25 @@ def _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, n_rows, n_cols, s
 
 @triton.jit
 def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                    k_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
+                    k_len, lo, hi, qk_scale, mask, q_len,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                    PAD: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of q over key tiles [lo, hi): the updated (acc, m, l); MASKED: bounds and causal mask;
-    MASK: the item mask (mask_ptr, b, h, its strides, q_len)."""
+    MASK: the item mask (_item_mask, q_len)."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, keys, cols, k_len, stride_kl, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base, keys, cols, k_len, stride_vl, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
         if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
-            user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, keys, q_len, k_len, stride_mq, stride_mk,
-                              MASK)
+            user = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK != "none":
-            if MASK == "bool":
-                s = tl.where(user, s, float("-inf"))
-            else:
+            if MASK == "bias":
                 s = s + user.to(tl.float32) * LOG2E
+            else:
+                s = tl.where(user, s, float("-inf"))
         if MASKED:
             visible = keys[None, :] < k_len
             if CAUSAL:
@@ -167,9 +295,10 @@ def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd
 
 @triton.jit
 def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                  k_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
+                  k_len, lo, hi, qk_scale, mask, q_len,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                  PAD: tl.constexpr, PRECISION: tl.constexpr):
     """dq += dS K over key tiles [lo, hi) (unscaled), dS = P * (dO V^T - D); MASKED applies bounds and causal mask,
     MASK the item mask."""
     cols = tl.arange(0, BLOCK_D)
@@ -178,15 +307,14 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
         k = _load_tile(k_base, keys, cols, k_len, stride_kl, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base, keys, cols, k_len, stride_vl, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
         if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
-            user = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, rows, keys, q_len, k_len, stride_mq, stride_mk,
-                              MASK)
+            user = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK != "none":
             # hidden entries get P = 0, also in rows with lse2 = +inf (rows that saw no key)
-            if MASK == "bool":
-                p = tl.where(user, tl.math.exp2(s - lse2[:, None]), 0.0)
-            else:
+            if MASK == "bias":
                 p = tl.math.exp2(s + user.to(tl.float32) * LOG2E - lse2[:, None])
+            else:
+                p = tl.where(user, tl.math.exp2(s - lse2[:, None]), 0.0)
         else:
             p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -203,11 +331,12 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                      q_len, lo, hi, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
+                      q_len, lo, hi, qk_scale, mask, k_len,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      MASKED: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+                      MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """dv += P^T dO, dk += dS^T Q (unscaled) over query tiles [lo, hi) of one head; MASKED: causal mask;
-    MASK: the item mask of head h."""
+    MASK: the item mask of that head (_item_mask)."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -216,14 +345,13 @@ def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         lse2 = _base2_lse(lse_base, rows, q_len, stride_ll)
         delta = tl.load(delta_base + rows * stride_dl, mask=rows < q_len, other=0.0)
         if MASK != "none":  # the mask tile transposed: [keys, rows], loaded ahead of the dot
-            user_t = _mask_tile(mask_ptr, b, h, stride_mb, stride_mh, keys, rows, k_len, q_len, stride_mk, stride_mq,
-                                MASK)
+            user_t = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, True)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASK != "none":
-            if MASK == "bool":
-                p_t = tl.where(user_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-            else:
+            if MASK == "bias":
                 p_t = tl.math.exp2(s_t + user_t.to(tl.float32) * LOG2E - lse2[None, :])
+            else:
+                p_t = tl.where(user_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         else:
             p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASKED:
@@ -249,8 +377,11 @@ def forward_step_kernel(
     stride_sb, stride_sh, stride_sl,
     n_heads, q_len, k_len, scale,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    q_pos_ptr, k_pos_ptr, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Forward step: attend one item and merge it into its rows' running fp32 state (acc, m in base 2, l)."""
     row_block = tl.program_id(0)
@@ -274,21 +405,21 @@ def forward_step_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     qk_scale = scale * LOG2E
+    mask = _item_mask(b, h, (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk),
+                      (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr, k_doc_ptr, stride_qdocb,
+                       stride_kdocb, k_valid_ptr, stride_kvb), MASK, DOCS, PAD)
     clean_end, end = _key_range(first_row, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     lo = 0
     if MASK != "none":  # (never CAUSAL) only the key tiles from the first to the last the mask shows anything of
-        lo, hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, q_len, k_len, stride_mq, stride_mk,
-                                BLOCK_N, MASK)
+        lo, hi = _visible_range(mask, rows, q_len, k_len, BLOCK_N, MASK, DOCS, PAD, False)
         clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
         end = tl.minimum(end, hi)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
-                                    stride_vl, stride_vd, k_len, lo, clean_end, qk_scale,
-                                    mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, PRECISION)
+                                    stride_vl, stride_vd, k_len, lo, clean_end, qk_scale, mask, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, PRECISION)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
-                                    stride_vl, stride_vd, k_len, clean_end, end, qk_scale,
-                                    mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, q_len,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, PRECISION)
+                                    stride_vl, stride_vd, k_len, clean_end, end, qk_scale, mask, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, PRECISION)
 
     # the cross-step merge: fold this item's partial state into the stored state of earlier steps
     # (loaded only now, so it does not occupy registers during the loop)
@@ -373,8 +504,11 @@ def backward_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     n_kv_heads, q_len, k_len, scale,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    q_pos_ptr, k_pos_ptr, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """KV-stationary backward: one K/V tile gets dK += scale dS^T Q, dV += P^T dO over its GQA heads' item rows."""
     col_block = tl.program_id(0)
@@ -407,25 +541,24 @@ def backward_dkdv_kernel(
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
         delta_base = delta_ptr + b * stride_db + h * stride_dh
+        mask = _item_mask(b, h, (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk),
+                          (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr, k_doc_ptr, stride_qdocb,
+                           stride_kdocb, k_valid_ptr, stride_kvb), MASK, DOCS, PAD)
         if MASK == "none":
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, lo, clean_start, qk_scale,
-                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, MASK, PRECISION)
+                                       q_len, lo, clean_start, qk_scale, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, MASK, DOCS, PAD, PRECISION)
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, clean_start, q_len, qk_scale,
-                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, PRECISION)
+                                       q_len, clean_start, q_len, qk_scale, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, PRECISION)
         else:  # (never CAUSAL) the query tiles from the first to the last the head's mask shows this key tile to
-            q_lo, q_hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, keys, k_len, q_len, stride_mk,
-                                        stride_mq, BLOCK_M, MASK)
+            q_lo, q_hi = _visible_range(mask, keys, k_len, q_len, BLOCK_M, MASK, DOCS, PAD, True)
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, q_lo, q_hi, qk_scale,
-                                       mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, PRECISION)
+                                       q_len, q_lo, q_hi, qk_scale, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, PRECISION)
 
     _add_into_tile(dk_ptr + b * stride_dkb + kv_h * stride_dkh, dk * scale, keys, cols, k_len,
                    stride_dkl, stride_dkd, HEAD_DIM)
@@ -445,8 +578,11 @@ def backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     n_heads, q_len, k_len, scale,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    q_pos_ptr, k_pos_ptr, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dQ backward: one Q tile gets dQ += scale dS K over the item's keys, dS = P * (dO V^T - D), P = exp(S - lse)."""
     row_block = tl.program_id(0)
@@ -469,19 +605,21 @@ def backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     qk_scale = scale * LOG2E
+    mask = _item_mask(b, h, (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk),
+                      (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr, k_doc_ptr, stride_qdocb,
+                       stride_kdocb, k_valid_ptr, stride_kvb), MASK, DOCS, PAD)
     clean_end, end = _key_range(first_row, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     lo = 0
     if MASK != "none":  # as in forward_step_kernel
-        lo, hi = _visible_range(mask_ptr, b, h, stride_mb, stride_mh, rows, q_len, k_len, stride_mq, stride_mk,
-                                BLOCK_N, MASK)
+        lo, hi = _visible_range(mask, rows, q_len, k_len, BLOCK_N, MASK, DOCS, PAD, False)
         clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
         end = tl.minimum(end, hi)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, lo, clean_end, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk,
-                       q_len, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, PRECISION)
+                       k_len, lo, clean_end, qk_scale, mask, q_len,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, clean_end, end, qk_scale, mask_ptr, b, h, stride_mb, stride_mh, stride_mq, stride_mk,
-                       q_len, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, PRECISION)
+                       k_len, clean_end, end, qk_scale, mask, q_len,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, PRECISION)
 
     _add_into_tile(dq_ptr + b * stride_dqb + h * stride_dqh, dq * scale, rows, cols, q_len,
                    stride_dql, stride_dqd, HEAD_DIM)

@@ -12,9 +12,10 @@ ptxas can report few registers and a large stack frame), shared memory (Triton's
 allocation plus any static), and whether the SASS holds tensor-core instructions (HGMMA on sm_90a,
 HMMA on sm_80).
 
-The mask classes of a step's kernels are full, causal and the generic tile masks bool and bias (a
+The mask classes of a step's kernels are full, causal, the generic tile masks bool and bias (a
 [B, H, q_len, k_len] mask read with a unit key stride and row/batch/head strides with no divisibility
-to promise; a boolean mask as uint8, a bias in the inputs' dtype).
+to promise; a boolean mask as uint8, a bias in the inputs' dtype) and the positions mask computed in
+the kernel: "pos" (positions and a window), with "+docs" (document ids) and "+pad" (key padding).
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from burstc.codegen import cache
-from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, SHARED_LIMIT, KernelSpec)
+from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, SHARED_LIMIT, TILE_MASKS,
+                                 KernelSpec)
 
-MASK_CLASSES = ("full", "causal", "bool", "bias")  # KernelSpec.mask_class of the masked kinds
+POSITION_CLASSES = ("pos", "pos+docs", "pos+pad", "pos+docs+pad")
+MASK_CLASSES = ("full", "causal", "bool", "bias") + POSITION_CLASSES  # KernelSpec.mask_class of the masked kinds
 
 COMPUTE_CAPABILITY = {"sm_80": 80, "sm_90": 90}
 TENSOR_CORE_OPS = {"sm_80": ("HMMA",), "sm_90": ("HGMMA", "HMMA")}  # wgmma first; mma.sync also counts
@@ -54,14 +57,35 @@ PLAIN_INTS = {"n_heads", "n_kv_heads", "q_len", "k_len", "seq_len"}
 # divisibility to promise. A boolean mask arrives as a uint8 view, a bias in the inputs' dtype.
 MASK_ARGS = {"mask_ptr", "stride_mb", "stride_mh", "stride_mq", "stride_mk"}
 MASK_UNIT_STRIDES = {"stride_mk"}
+# The positions mask's arguments, by the part of it that passes them (else None, hence constexpr).
+# Positions are int32 slices of the ring's position vectors at any offset (no alignment to promise);
+# document ids (int32) and key validity (uint8) are fresh gathers per item; the window bounds and the
+# batch strides (0 when broadcast, else a length) are plain ints.
+POSITION_ARGS = {"pos": {"q_pos_ptr", "k_pos_ptr", "window_left", "window_right"},
+                 "docs": {"q_doc_ptr", "k_doc_ptr", "stride_qdocb", "stride_kdocb"},
+                 "pad": {"k_valid_ptr", "stride_kvb"}}
+POSITION_POINTERS = {"q_pos_ptr": "*i32", "k_pos_ptr": "*i32", "q_doc_ptr": "*i32", "k_doc_ptr": "*i32",
+                     "k_valid_ptr": "*u8"}
+ALIGNED_POSITION_POINTERS = {"q_doc_ptr", "k_doc_ptr", "k_valid_ptr"}
 
 
 def spec_of(kind: str, head_dim: int, dtype: str, arch: str, mask_class: str = "full") -> KernelSpec:
     """The GQA-group-1 spec of a mask class (MASK_CLASSES)."""
     if mask_class not in MASK_CLASSES:
         raise ValueError(f"unknown mask class {mask_class!r}; one of {MASK_CLASSES}")
-    mask = mask_class if mask_class in ("bool", "bias") else "none"
+    if mask_class in POSITION_CLASSES:
+        parts = mask_class.split("+")
+        return KernelSpec(kind, head_dim, dtype, 1, False, arch, "positions", "docs" in parts, "pad" in parts)
+    mask = mask_class if mask_class in TILE_MASKS else "none"
     return KernelSpec(kind, head_dim, dtype, 1, mask_class == "causal", arch, mask)
+
+
+def _passed_position_args(spec: KernelSpec) -> set:
+    """The positions mask's arguments a launch of spec passes (the others are None)."""
+    if spec.mask != "positions":
+        return set()
+    return (POSITION_ARGS["pos"] | (POSITION_ARGS["docs"] if spec.documents else set())
+            | (POSITION_ARGS["pad"] if spec.key_padding else set()))
 
 
 def variants(archs=("sm_90", "sm_80"), kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS,
@@ -85,12 +109,20 @@ def ast_source(spec: KernelSpec) -> ASTSource:
     fn = cache.kernel(spec.kind, interpret=False)
     constants = dict(spec.constexprs())
     signature, attrs = {}, {}
+    passed = _passed_position_args(spec)
+    position_args = set().union(*POSITION_ARGS.values())
     for index, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name] = "constexpr"
-        elif name in MASK_ARGS and spec.mask == "none":
+        elif (name in MASK_ARGS and spec.mask not in TILE_MASKS) or (name in position_args and name not in passed):
             signature[name] = "constexpr"  # the launch passes None
             constants[name] = None
+        elif name in POSITION_POINTERS:
+            signature[name] = POSITION_POINTERS[name]
+            if name in ALIGNED_POSITION_POINTERS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in position_args:
+            signature[name] = "i32"
         elif name == "mask_ptr":
             signature[name] = "*u8" if spec.mask == "bool" else "*" + spec.dtype
             attrs[(index,)] = [["tt.divisibility", 16]]

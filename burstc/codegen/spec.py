@@ -16,9 +16,12 @@ BACKWARD_DKDV = "backward_dkdv"
 BACKWARD_DQ = "backward_dq"
 KINDS = (FORWARD_STEP, FINALIZE, DELTA, BACKWARD_DKDV, BACKWARD_DQ)
 MASKED_KINDS = (FORWARD_STEP, BACKWARD_DKDV, BACKWARD_DQ)  # kernels that see a WorkItem's mask class
-# The generic tile mask of an item: none (full or causal by `causal`), a boolean mask (True = visible) or
-# an additive floating bias on the scaled scores (-inf = hidden), read from a tensor covering the item.
-MASKS = ("none", "bool", "bias")
+# The generic mask of an item: none (full or causal by `causal`), a boolean mask (True = visible) or an
+# additive floating bias on the scaled scores (-inf = hidden), read from a tile tensor covering the item,
+# or "positions": visibility computed in the kernel from the item's global positions and a window, plus
+# document ids (`documents`) and key padding (`key_padding`) where the mask has them.
+MASKS = ("none", "bool", "bias", "positions")
+TILE_MASKS = ("bool", "bias")
 
 HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims the table is tuned for; any d <= MAX_HEAD_DIM runs
 MAX_HEAD_DIM = 256
@@ -43,8 +46,9 @@ class TileConfig:
 @dataclass(frozen=True)
 class KernelSpec:
     """One kernel variant. `group` is H_q // H_kv; `causal` is the WorkItem's mask class (top-left
-    causal inside its rectangle, else full); `mask` is the item's generic tile mask ("none", "bool",
-    "bias"; one of MASKS), never together with `causal` (a given mask holds the causal part).
+    causal inside its rectangle, else full); `mask` is the item's generic mask ("none", "bool",
+    "bias", "positions"; one of MASKS), never together with `causal` (a given mask holds the causal
+    part); `documents` and `key_padding` say what a "positions" mask holds besides its window.
     Kernels without a mask (finalize, delta) ignore group, causal and mask."""
 
     kind: str
@@ -54,6 +58,8 @@ class KernelSpec:
     causal: bool = False
     arch: str = "sm_90"
     mask: str = "none"
+    documents: bool = False
+    key_padding: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -72,10 +78,15 @@ class KernelSpec:
             raise ValueError(f"a {self.mask} mask is not combined with causal: the mask holds the causal part")
         if self.mask != "none" and self.kind not in MASKED_KINDS:
             raise ValueError(f"{self.kind} kernels take no mask")
+        if (self.documents or self.key_padding) and self.mask != "positions":
+            raise ValueError("documents and key_padding are parts of a positions mask: set mask='positions'")
 
     @property
     def mask_class(self) -> str:
-        """What the kernel masks: "full", "causal", "bool" or "bias" (reports, names)."""
+        """What the kernel masks: "full", "causal", "bool", "bias", or "pos" with "+docs" and "+pad" for a
+        positions mask's parts (reports, names)."""
+        if self.mask == "positions":
+            return "pos" + "+docs" * self.documents + "+pad" * self.key_padding
         if self.mask != "none":
             return self.mask
         return "causal" if self.causal else "full"
@@ -106,7 +117,7 @@ class KernelSpec:
         values = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": cfg.block_m}
         if self.kind in MASKED_KINDS:
             values.update(BLOCK_N=cfg.block_n, GROUP=self.group, CAUSAL=self.causal, MASK=self.mask,
-                          PRECISION=self.dot_precision)
+                          DOCS=self.documents, PAD=self.key_padding, PRECISION=self.dot_precision)
         return values
 
 
@@ -163,6 +174,21 @@ _MASKED_TABLE = {
     ("sm_80", BACKWARD_DKDV, "fp32"): {128: _T(32, 16, 8, 1)},
     ("sm_80", BACKWARD_DQ, "fp32"): {128: _T(32, 16, 8, 1)},
 }
+# Rows of the positions mask (mask "positions", any of its parts) where the unmasked row spills: its
+# visibility is computed from position vectors, which takes registers where the tile masks load; chosen
+# like _MASKED_TABLE's rows, by compiling the unmasked row's tile and its halvings largest first (fewer
+# stages before a smaller tile) and keeping the first with no spill and shared memory in budget for all
+# four positions classes (pos, pos+docs, pos+pad, pos+docs+pad), fp16 and bf16 alike, head dims 80, 96
+# and 128 for the BLOCK_D 128 rows. Every other positions variant runs its unmasked row.
+_POSITION_MASK_TABLE = {
+    ("sm_90", FORWARD_STEP, "16bit"): {64: _T(128, 32, 4, 3), 256: _T(64, 32, 8, 2)},
+    ("sm_80", BACKWARD_DQ, "16bit"): {64: _T(128, 64, 8, 1), 128: _T(128, 32, 8, 1)},
+    ("sm_90", FORWARD_STEP, "fp32"): {64: _T(32, 32, 8, 1), 256: _T(16, 16, 8, 1)},
+    ("sm_90", BACKWARD_DQ, "fp32"): {64: _T(64, 16, 8, 1)},
+    ("sm_80", FORWARD_STEP, "fp32"): {64: _T(64, 16, 8, 1), 128: _T(16, 16, 8, 1)},
+    ("sm_80", BACKWARD_DKDV, "fp32"): {64: _T(16, 64, 8, 1)},
+    ("sm_80", BACKWARD_DQ, "fp32"): {64: _T(64, 16, 8, 1), 128: _T(32, 16, 8, 1)},
+}
 # The interpreter runs one numpy program per tile: small tiles keep the tests' lengths short while
 # crossing several tiles, and block_m != block_n exercises the causal tile arithmetic.
 _INTERPRETER = {
@@ -179,7 +205,8 @@ def select_config(spec: KernelSpec) -> TileConfig:
     rows = table[(spec.arch, spec.kind)]
     block_d = min(bd for bd in rows if bd >= spec.block_d)
     if spec.mask != "none":
-        masked = _MASKED_TABLE.get((spec.arch, spec.kind, "fp32" if spec.dtype == "fp32" else "16bit"), {})
+        table = _MASKED_TABLE if spec.mask in TILE_MASKS else _POSITION_MASK_TABLE
+        masked = table.get((spec.arch, spec.kind, "fp32" if spec.dtype == "fp32" else "16bit"), {})
         if block_d in masked:
             return masked[block_d]
     return rows[block_d]

@@ -13,13 +13,14 @@ All tensors are per-rank dicts over `transport.ranks` of padded shards.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from burstc.debug.trace import COMPUTE, POST, WAIT, maybe_span
 from burstc.runtime import stats
 from burstc.runtime.kernels.base import GradSum, LocalKernel, QueryBundle, accumulation_dtype
+from burstc.runtime.kernels.tile_mask import POSITION_LIMIT, PositionMask, position_form
 from burstc.runtime.transport import Held
 from burstc.schedule.cost import KV_RING, QUERY_RING
 from burstc.schedule.masks import AttentionMask
@@ -110,22 +111,31 @@ def _partial_tag(src_step: int) -> int:
 
 
 class _MaskTiles:
-    """The call's mask evaluated on a plan's work items (global positions of both sides), on a
-    device. The mask is the call's own, never plan.mask: a cached plan is shared by every call whose
-    mask has the same content, and holds the tensors of the first of them, which their owner may
-    since have changed in place."""
+    """The call's mask on a plan's work items (global positions of both sides), on a device: the evaluated
+    tile, or a PositionMask (positions, window, document ids, key padding: no tile) for a kernel that
+    `takes_position_masks` when the mask has nothing else (no mask_mod, no attn_mask). The mask is the
+    call's own, never plan.mask: a cached plan is shared by every call whose mask has the same content,
+    and holds the tensors of the first of them, which their owner may since have changed in place."""
 
-    def __init__(self, plan: RingPlan, mask: Optional[AttentionMask], heads: int, device: torch.device):
+    def __init__(self, plan: RingPlan, mask: Optional[AttentionMask], heads: int, device: torch.device,
+                 kernel: LocalKernel):
         self.heads = heads
         self.mask = mask.to(device) if mask is not None else None
+        self._described = None  # the mask as PositionMask.of slices it, where the kernel takes those
+        if mask is not None and getattr(kernel, "takes_position_masks", False) and plan.seq_len < POSITION_LIMIT:
+            self._described = position_form(self.mask)
         self._positions = ({r: plan.positions(r).to(device) for r in range(plan.world_size)}
                            if mask is not None else {})
+        if self._described is not None:  # the kernels read int32 positions: converted once, not per item
+            self._positions = {r: p.to(torch.int32) for r, p in self._positions.items()}
 
-    def __call__(self, q_rank: int, k_rank: int, item) -> Optional[torch.Tensor]:
+    def __call__(self, q_rank: int, k_rank: int, item) -> Union[torch.Tensor, PositionMask, None]:
         if not item.masked:
             return None
         qp = self._positions[q_rank][item.q_start:item.q_stop]
         kp = self._positions[k_rank][item.k_start:item.k_stop]
+        if self._described is not None:
+            return PositionMask.of(self._described, qp, kp)
         return self.mask.evaluate(qp, kp, self.heads)
 
 
@@ -139,7 +149,7 @@ def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Hel
     held = {r: (k[r], v[r]) for r in ranks}
     like = dict(held)
     device = q[ranks[0]].device
-    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], device)
+    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], device, kernel)
     inbox = _Inbox()
     for step in range(plan.steps_for(KV)):
         with _comm_span(transport, "forward", step, POST, device):
@@ -182,7 +192,7 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
         delta = {r: row_delta(dout[r], out[r]) for r in ranks}
     out = out or {}
     grad_sum = lambda x: GradSum(x.shape, acc, x.device)  # noqa: E731
-    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], q[ranks[0]].device)
+    tiles = _MaskTiles(plan, mask, q[ranks[0]].shape[1], q[ranks[0]].device, kernel)
 
     if scheme == KV_RING:
         bundles = {r: QueryBundle(q[r], dout[r], lse[r], delta[r], out=out.get(r)) for r in ranks}

@@ -1,8 +1,9 @@
 """Ahead-of-time compiles for sm_90 and sm_80 (no GPU): no spills, tensor cores, shared memory in budget.
 
 A representative subset: both archs, the three kernels of a step and one elementwise kernel, every
-dtype, padded and large head dims, every mask class (full, causal, and the generic tile masks bool and
-bias). `python -m burstc.codegen.report` compiles all variants."""
+dtype, padded and large head dims, every mask class (full, causal, the generic tile masks bool and bias,
+and the in-kernel positions mask with and without documents and key padding). `python -m
+burstc.codegen.report` compiles all variants."""
 import json
 
 import pytest
@@ -24,6 +25,10 @@ SUBSET = [
     ("forward_step", 128, "fp16", "bias"),
     ("backward_dkdv", 64, "bf16", "bool"),
     ("backward_dq", 128, "fp16", "bool"),
+    ("forward_step", 128, "bf16", "pos+docs+pad"),
+    ("backward_dkdv", 128, "fp16", "pos+pad"),
+    ("backward_dq", 64, "fp16", "pos+docs"),
+    ("forward_step", 64, "fp32", "pos"),
 ]
 
 
@@ -54,7 +59,8 @@ def test_variants_cover_the_mask_classes():
     specs = report.variants(archs=("sm_90",), dtypes=("fp16",), head_dims=(64,))
     classes = {(spec.kind, spec.mask_class) for spec in specs}
     for kind in ("forward_step", "backward_dkdv", "backward_dq"):
-        assert {c for k, c in classes if k == kind} == {"full", "causal", "bool", "bias"}
+        assert {c for k, c in classes if k == kind} == {"full", "causal", "bool", "bias", "pos", "pos+docs",
+                                                        "pos+pad", "pos+docs+pad"}
     assert {c for k, c in classes if k in ("finalize", "delta")} == {"full"}
     masked_only = report.variants(archs=("sm_80",), dtypes=("bf16",), head_dims=(128,), masks=("bool", "bias"))
     assert len(masked_only) == 6 and all(spec.mask in ("bool", "bias") for spec in masked_only)
@@ -72,3 +78,22 @@ def test_masked_arguments_compile_as_a_launch_passes_them():
         source = report.ast_source(report.spec_of("forward_step", 64, "fp16", "sm_90", mask))
         assert source.signature["mask_ptr"] == pointer
         assert source.signature["stride_mk"] == "constexpr" and source.signature["stride_mq"] == "i32"
+
+
+def test_position_mask_arguments_compile_as_a_launch_passes_them():
+    """A positions mask passes int32 positions and the window bounds, document ids and their batch strides
+    only with documents, key validity (uint8) only with key padding; everything else is None."""
+    tile_args = {"mask_ptr", "stride_mb", "stride_mh", "stride_mq", "stride_mk"}
+    doc_args = {"q_doc_ptr", "k_doc_ptr", "stride_qdocb", "stride_kdocb"}
+    pad_args = {"k_valid_ptr", "stride_kvb"}
+    for mask_class, present in (("pos", set()), ("pos+docs", doc_args), ("pos+pad", pad_args),
+                                ("pos+docs+pad", doc_args | pad_args)):
+        source = report.ast_source(report.spec_of("backward_dq", 64, "bf16", "sm_80", mask_class))
+        assert source.signature["q_pos_ptr"] == "*i32" and source.signature["window_left"] == "i32"
+        for name in tile_args | doc_args | pad_args:
+            assert (source.signature[name] == "constexpr") == (name not in present), (mask_class, name)
+        if pad_args <= present:
+            assert source.signature["k_valid_ptr"] == "*u8"
+    for mask_class in ("full", "bool"):
+        source = report.ast_source(report.spec_of("forward_step", 64, "fp16", "sm_90", mask_class))
+        assert all(source.signature[name] == "constexpr" for name in ("q_pos_ptr", "window_right", "k_valid_ptr"))

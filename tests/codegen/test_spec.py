@@ -50,9 +50,27 @@ def test_mask_classes():
         KernelSpec("backward_dkdv", 128, "fp16", arch="sm_90").config
 
 
+def test_position_mask_specs():
+    specs = [KernelSpec("backward_dkdv", 64, "bf16", mask="positions", documents=d, key_padding=p)
+             for d, p in ((False, False), (True, False), (False, True), (True, True))]
+    assert [s.mask_class for s in specs] == ["pos", "pos+docs", "pos+pad", "pos+docs+pad"]
+    assert [(s.constexprs()["DOCS"], s.constexprs()["PAD"]) for s in specs] == \
+        [(False, False), (True, False), (False, True), (True, True)]
+    assert len(set(specs)) == 4  # distinct binaries, distinct cache keys
+    plain = KernelSpec("forward_step", 64, "fp16")
+    assert plain.constexprs()["DOCS"] is False and plain.constexprs()["PAD"] is False
+    # positions masks have their own rows where the unmasked row spills, and run it elsewhere
+    config = {m: KernelSpec("forward_step", 128, "bf16", arch="sm_90", mask=m).config for m in ("none", "positions")}
+    assert config["positions"] == config["none"]
+    narrowed = KernelSpec("forward_step", 64, "fp16", arch="sm_90", mask="positions", documents=True).config
+    assert narrowed.block_n < KernelSpec("forward_step", 64, "fp16", arch="sm_90").config.block_n
+
+
 @pytest.mark.parametrize("fields", [
     dict(kind="attention"), dict(dtype="fp64"), dict(arch="sm_70"), dict(head_dim=512), dict(group=0),
     dict(mask="int"), dict(mask="bool", causal=True), dict(kind="finalize", mask="bias"),
+    dict(mask="positions", causal=True), dict(kind="delta", mask="positions"), dict(documents=True),
+    dict(mask="bool", key_padding=True),
 ])
 def test_invalid_specs_are_refused(fields):
     with pytest.raises(ValueError):

@@ -4,10 +4,13 @@ A ring step hands a kernel a list of `WorkItem`s: rectangles of (local query row
 rows), each fully visible, top-left causal, or masked. Every mask a layout produces (contiguous,
 zigzag, striped, uneven tails) is decomposed into full and causal rectangles by the plan; a
 structured mask (windows, padding, documents, mask_mod, attn_mask) adds masked rectangles, for which
-the ring driver evaluates the mask and hands the kernel the tile: `mask` [B|1, H_q|1, q_len, k_len],
-bool (True = attend) or floating (an additive bias, -inf = hidden). A query row whose keys are all
-hidden in an item contributes nothing; a row that never sees a visible key gets out = 0 and
-lse = -inf, and zero gradients (what single-device SDPA gives).
+the ring driver hands the kernel the item's mask: the evaluated tile `mask` [B|1, H_q|1, q_len, k_len],
+bool (True = attend) or floating (an additive bias, -inf = hidden), or, to a kernel whose
+`takes_position_masks` is True and for a mask of windows, causality, documents and key padding only,
+a `tile_mask.PositionMask` (the item's positions, window, document ids and valid keys: O(q_len + k_len)).
+Every kernel accepts both; one that reads no descriptors materialises it (`tile_mask.as_tile`). A query
+row whose keys are all hidden in an item contributes nothing; a row that never sees a visible key gets
+out = 0 and lse = -inf, and zero gradients (what single-device SDPA gives).
 
 Forward: `forward_init` makes the running state of this rank's queries, `forward_step` folds one
 item into it (the cross-rank online-softmax merge happens here), `forward_finalize` turns it into
@@ -19,10 +22,11 @@ Backward: `backward_step` adds one item's exact gradients into the caller's accu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
+from burstc.runtime.kernels.tile_mask import PositionMask
 from burstc.schedule.masks import visible
 from burstc.schedule.work import WorkItem  # noqa: F401  (part of the kernel interface)
 
@@ -104,18 +108,19 @@ class LocalKernel(Protocol):
         """The running state for query rows of q ([B, H_q, L, d]) before any key was seen."""
 
     def forward_step(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     item: WorkItem, scale: float, mask: Optional[torch.Tensor] = None) -> None:
+                     item: WorkItem, scale: float, mask: Union[torch.Tensor, PositionMask, None] = None) -> None:
         """Fold attention of q[:, :, item.q rows] on k/v[:, :, item.k rows] into state, in place
-        (mask: the item's tile when item.masked, else None)."""
+        (mask: the item's tile or PositionMask when item.masked, else None)."""
 
     def forward_finalize(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [B, H_q, L, d] in q's dtype, lse [B, H_q, L] in the accumulation dtype).
         Rows that saw no key get out = 0 and lse = -inf."""
 
     def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
-                      scale: float, dq, dk, dv, mask: Optional[torch.Tensor] = None) -> None:
+                      scale: float, dq, dk, dv, mask: Union[torch.Tensor, PositionMask, None] = None) -> None:
         """Add the item's gradients into dq ([B, H_q, L_q, d]) and dk, dv ([B, H_kv, L_k, d]) at the
-        item's rows: GradSum accumulators (or plain tensors) in the accumulation dtype."""
+        item's rows: GradSum accumulators (or plain tensors) in the accumulation dtype (mask: as in
+        forward_step)."""
 
 
 def visible_rows(mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from burstc.runtime.kernels import lse_state
 from burstc.runtime.kernels.base import QueryBundle, WorkItem, as_grad_sum, finite_lse, visible_rows
+from burstc.runtime.kernels.tile_mask import as_tile
 
 aten = torch.ops.aten
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -48,6 +49,7 @@ class CpuKernel:
         return lse_state.init_state(q)
 
     def forward_step(self, state, q, k, v, item: WorkItem, scale: float, mask=None) -> None:
+        mask = as_tile(mask)
         o_b, lse_b = aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, item.q_start:item.q_stop], k[:, :, item.k_start:item.k_stop],
             v[:, :, item.k_start:item.k_stop], 0.0, item.causal, attn_mask=_additive(mask, q.dtype),
@@ -62,6 +64,7 @@ class CpuKernel:
         return lse_state.finalize(state)
 
     def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv, mask=None) -> None:
+        mask = as_tile(mask)
         dtype = bundle.q.dtype
         compute = dtype if dtype in (torch.float32, torch.float64) or bundle.out is not None else torch.float32
         rows, cols = slice(item.q_start, item.q_stop), slice(item.k_start, item.k_stop)

@@ -10,6 +10,7 @@ import torch
 
 from burstc.runtime.kernels import lse_state
 from burstc.runtime.kernels.base import QueryBundle, WorkItem, accumulation_dtype, as_grad_sum, finite_lse
+from burstc.runtime.kernels.tile_mask import as_tile
 from burstc.runtime.modified_sdpa import softcapped
 
 
@@ -25,6 +26,7 @@ def _reduce_heads(dx: torch.Tensor, heads_kv: int) -> torch.Tensor:
 
 def _masked(s: torch.Tensor, item: WorkItem, mask=None) -> torch.Tensor:
     """Scores with the item's causal cut and mask applied (-inf where hidden, or the additive bias)."""
+    mask = as_tile(mask)
     if item.causal:
         visible = torch.ones(item.q_len, item.k_len, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~visible, float("-inf"))

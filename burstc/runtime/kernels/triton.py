@@ -4,13 +4,15 @@ Runs on CUDA devices of compute capability 8.0 or newer; with TRITON_INTERPRET=1
 environment it runs anywhere (CPU tensors included) in Triton's interpreter. A WorkItem's rows are
 passed to the kernels as views (pointer offset + the tensors' own strides), never copied. So is an
 item's mask tile ([B|1, H_q|1, q_len, k_len], bool or an additive floating bias): broadcast batch and
-head dims are read with stride 0, a boolean mask through a uint8 view of its bytes.
+head dims are read with stride 0, a boolean mask through a uint8 view of its bytes. An item's
+PositionMask (tile_mask.py) runs as MASK "positions": the kernels read its position vectors, window
+bounds, document ids and key validity (O(q_len + k_len)) and compute each tile's visibility.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -19,6 +21,7 @@ from burstc.codegen import cache
 from burstc.codegen.spec import (BACKWARD_DKDV, BACKWARD_DQ, DELTA, FINALIZE, FORWARD_STEP, MAX_HEAD_DIM,
                                  TORCH_DTYPES, KernelSpec, arch_of)
 from burstc.runtime.kernels.base import QueryBundle, WorkItem, as_grad_sum
+from burstc.runtime.kernels.tile_mask import PositionMask
 
 
 @dataclass
@@ -37,15 +40,34 @@ def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t[:, :, start:stop]
 
 
-_NO_MASK = ("none", (None, None, None, None, None))
+_NO_TILE = (None,) * 5  # mask_ptr and its four strides
+_NO_POSITIONS = (None,) * 10  # q_pos_ptr ... stride_kvb
 
 
-def _item_mask(mask: Optional[torch.Tensor], q: torch.Tensor, item: WorkItem) -> tuple[str, tuple]:
-    """(the spec's mask kind, the kernels' mask arguments: pointer tensor and its 4 strides) of an item."""
+@dataclass(frozen=True)
+class _MaskArgs:
+    """An item's mask as the kernels take it: the spec's mask fields and the 15 mask arguments."""
+
+    kind: str = "none"
+    documents: bool = False
+    key_padding: bool = False
+    args: tuple = _NO_TILE + _NO_POSITIONS
+
+
+def _item_mask(mask, q: torch.Tensor, item: WorkItem) -> _MaskArgs:
+    """The kernels' view of an item's mask: none, a tile tensor or a PositionMask."""
     if mask is None:
-        return _NO_MASK
+        return _MaskArgs()
     if item.causal:
         raise ValueError("a masked WorkItem must not be causal: the causal part belongs in the mask")
+    if isinstance(mask, PositionMask):
+        return _position_args(mask, q, item)
+    kind, tile = _tile_args(mask, q, item)
+    return _MaskArgs(kind, args=tile + _NO_POSITIONS)
+
+
+def _tile_args(mask: torch.Tensor, q: torch.Tensor, item: WorkItem) -> tuple[str, tuple]:
+    """(the spec's mask kind, the kernels' tile mask arguments: pointer tensor and its 4 strides)."""
     if mask.device != q.device:
         raise ValueError(f"the mask is on {mask.device}, the queries on {q.device}")
     if mask.dtype == torch.bool:
@@ -71,8 +93,51 @@ def _item_mask(mask: Optional[torch.Tensor], q: torch.Tensor, item: WorkItem) ->
     return kind, (mask, *mask.stride())
 
 
+def _position_args(mask: PositionMask, q: torch.Tensor, item: WorkItem) -> _MaskArgs:
+    """The kernels' MASK "positions" arguments: q_pos, k_pos, the window bounds, each batch row's document
+    ids and valid flags (a uint8 view; batch stride 0 where they broadcast), unit strides along L."""
+    if mask.shape != (item.q_len, item.k_len):
+        raise ValueError(f"a PositionMask of {mask.shape[0]} queries x {mask.shape[1]} keys does not describe "
+                         f"the item's {item.q_len} x {item.k_len}")
+    if (mask.q_docs is None) != (mask.k_docs is None):
+        raise ValueError("a PositionMask with document ids needs both q_docs and k_docs")
+    batch = q.shape[0]
+    positions = (_vector(mask.q_pos, "q_pos", q, (item.q_len,)), _vector(mask.k_pos, "k_pos", q, (item.k_len,)),
+                 int(mask.left), int(mask.right))
+    documents = (None,) * 4
+    if mask.q_docs is not None:
+        q_docs = _vector(mask.q_docs, "q_docs", q, (batch, item.q_len))
+        k_docs = _vector(mask.k_docs, "k_docs", q, (batch, item.k_len))
+        documents = (q_docs, k_docs, q_docs.stride(0), k_docs.stride(0))
+    padding = (None,) * 2
+    if mask.k_valid is not None:
+        k_valid = _vector(mask.k_valid, "k_valid", q, (batch, item.k_len))
+        padding = (k_valid, k_valid.stride(0))
+    return _MaskArgs("positions", mask.q_docs is not None, mask.k_valid is not None,
+                     _NO_TILE + positions + documents + padding)
+
+
+def _vector(t: torch.Tensor, name: str, q: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A PositionMask field as the kernels read it: on q's device, int32 (bool as uint8), broadcast to
+    shape ([L] or [B, L]) with a unit stride along L."""
+    if t.device != q.device:
+        raise ValueError(f"PositionMask.{name} is on {t.device}, the queries on {q.device}: build it on "
+                         f"{q.device}")
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    elif t.dtype != torch.int32:
+        raise TypeError(f"PositionMask.{name} must be int32 (key validity: bool), got {t.dtype}: "
+                        "build it with PositionMask.of")
+    try:
+        t = t.expand(shape)
+    except RuntimeError as e:
+        raise ValueError(f"PositionMask.{name} of shape {tuple(t.shape)} does not broadcast to {list(shape)}") from e
+    return t if t.stride(-1) == 1 or shape[-1] <= 1 else t.contiguous()
+
+
 class TritonKernel:
     name = "triton"
+    takes_position_masks = True  # the ring hands it PositionMasks where the mask allows (MASK "positions")
 
     def supports(self, q: torch.Tensor) -> Optional[str]:
         if q.dtype == torch.float64:
@@ -105,12 +170,12 @@ class TritonKernel:
                            l=torch.zeros(b, h, length, **f32), dtype=q.dtype)
 
     def forward_step(self, state: TritonState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     item: WorkItem, scale: float, mask: Optional[torch.Tensor] = None) -> None:
+                     item: WorkItem, scale: float, mask: Union[torch.Tensor, PositionMask, None] = None) -> None:
         if item.q_len == 0 or item.k_len == 0:
             return
         batch, heads = q.shape[:2]
-        mask_kind, mask_args = _item_mask(mask, q, item)
-        spec = self._spec(FORWARD_STEP, q, k, item.causal, mask_kind)
+        item_mask = _item_mask(mask, q, item)
+        spec = self._spec(FORWARD_STEP, q, k, item.causal, item_mask)
         qs = _rows(q, item.q_start, item.q_stop)
         ks = _rows(k, item.k_start, item.k_stop)
         vs = _rows(v, item.k_start, item.k_stop)
@@ -120,7 +185,7 @@ class TritonKernel:
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, qs, ks, vs, acc, m, l,
                      *qs.stride(), *ks.stride(), *vs.stride(), *acc.stride(), *m.stride(),
-                     heads, item.q_len, item.k_len, scale, *mask_args)
+                     heads, item.q_len, item.k_len, scale, *item_mask.args)
 
     def forward_finalize(self, state: TritonState) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, length, d = state.acc.shape
@@ -149,10 +214,10 @@ class TritonKernel:
 
     def backward_step(self, bundle: QueryBundle, k: torch.Tensor, v: torch.Tensor, item: WorkItem,
                       scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                      mask: Optional[torch.Tensor] = None) -> None:
+                      mask: Union[torch.Tensor, PositionMask, None] = None) -> None:
         if item.q_len == 0 or item.k_len == 0:
             return
-        mask_kind, mask_args = _item_mask(mask, bundle.q, item)
+        item_mask = _item_mask(mask, bundle.q, item)
         dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         for name, acc in (("dq", dq), ("dk", dk), ("dv", dv)):
             if acc.dtype != torch.float32:
@@ -170,19 +235,19 @@ class TritonKernel:
         dvs = dv.rows(item.k_start, item.k_stop)
         common = (*q.stride(), *ks.stride(), *vs.stride(), *do.stride(), *lse.stride(), *delta.stride())
 
-        spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal, mask_kind)
+        spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal, item_mask)
         grid = (triton.cdiv(item.k_len, spec.config.block_n), batch * kv_heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dks, dvs, *common, *dks.stride(), *dvs.stride(),
-                     kv_heads, item.q_len, item.k_len, scale, *mask_args)
+                     kv_heads, item.q_len, item.k_len, scale, *item_mask.args)
 
-        spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal, mask_kind)
+        spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal, item_mask)
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dqs, *common, *dqs.stride(),
-                     heads, item.q_len, item.k_len, scale, *mask_args)
+                     heads, item.q_len, item.k_len, scale, *item_mask.args)
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _spec(self, kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, mask: str = "none") -> KernelSpec:
+    def _spec(self, kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, mask: _MaskArgs) -> KernelSpec:
         heads, kv_heads = q.shape[1], k.shape[1]
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
@@ -192,9 +257,10 @@ class TritonKernel:
 
     @staticmethod
     def _spec_for(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device,
-                  group: int = 1, causal: bool = False, mask: str = "none") -> KernelSpec:
+                  group: int = 1, causal: bool = False, mask: _MaskArgs = _MaskArgs()) -> KernelSpec:
         arch = "interpreter" if cache.interpreting() else arch_of(device)
-        return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch, mask)
+        return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch, mask.kind, mask.documents,
+                          mask.key_padding)
 
     @staticmethod
     def _launch(spec: KernelSpec, grid: tuple, *args) -> None:
