@@ -43,7 +43,7 @@ def test_custom_ops_pass_opcheck():
                                              "", "")
         torch.library.opcheck(torch.ops.burst.attention_backward.default,
                               (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                               None, *mask_args, 0.3, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
+                               None, False, *mask_args, 0.3, None, True, "zigzag", "auto", "auto", "auto", 0, "", "", ""))
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
@@ -71,16 +71,15 @@ def test_dynamic_lengths_compile_once():
 
 
 def test_unconvertible_site_stays_exact():
-    class Masked(torch.nn.Module):
-        def forward(self, q, mask):
-            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask) * 2
+    class Cross(torch.nn.Module):
+        def forward(self, q, memory):
+            return F.scaled_dot_product_attention(q, memory, memory) * 2
 
-    q = torch.randn(1, 2, 9, 8)
-    mask = torch.randn(9, 9, requires_grad=True)  # a learned bias: burst leaves the site alone
+    q, memory = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 5, 8)  # cross-attention: burst leaves the site alone
     counters.clear()
     torch._dynamo.reset()
-    out = torch.compile(Masked(), backend="burst", options={"inner": "eager"})(q, mask)
-    assert torch.equal(out, Masked()(q, mask))
+    out = torch.compile(Cross(), backend="burst", options={"inner": "eager"})(q, memory)
+    assert torch.equal(out, Cross()(q, memory))
     assert counters["burst"]["sites_left"] == 1 and counters["burst"]["sites_converted"] == 0
 
 

@@ -166,8 +166,6 @@ def _dense_mask_problem(mask, q: torch.Tensor) -> Optional[str]:
         return f"its attn_mask is not a tensor Dynamo recorded ({mask!r})"
     if m.dtype != torch.bool and m.dtype != q.dtype:
         return f"its attn_mask is {m.dtype}, neither bool nor the query's {q.dtype}"
-    if m.requires_grad:
-        return "its attn_mask requires grad (a learned bias): burst does not differentiate masks"
     if m.dim() != 4 or not all(statically_known_true(a == b) for a, b in zip(m.shape[2:], (q.shape[2], q.shape[2]))):
         return f"its attn_mask {tuple(m.shape)} is not [B|1, H|1, N, N] over the sequence"
     if not (statically_known_true(m.shape[0] == 1) or statically_known_true(m.shape[0] == q.shape[0])) or \

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from burstc.config import BurstConfig
 from burstc.runtime import stats
-from burstc.runtime.kernels import LocalKernel, select_kernel
+from burstc.runtime.kernels import LocalKernel, accumulation_dtype, select_kernel
 from burstc.runtime.kernels.reference import ReferenceKernel
 from burstc.runtime.ring import ring_backward, ring_forward, row_delta
 from burstc.runtime.sharding import assemble, pad_shard, shard_sequence
@@ -110,21 +110,38 @@ class RingRun:
         return out, lse, qd, kd, vd
 
     def backward(self, qd: Held, kd: Held, vd: Held, out: Held, lse: Held, dout: torch.Tensor,
-                 dlse: Optional[Held] = None):
-        """(dq, dk, dv) tensors of the call's kind (shards or full), in the input dtype. dlse: the
-        gradient of lse per rank (attention sinks read lse), which enters as D - dlse."""
+                 dlse: Optional[Held] = None, bias_grad: bool = False):
+        """(dq, dk, dv, dbias): dq, dk, dv tensors of the call's kind (shards or full), in the input dtype.
+        dlse: the gradient of lse per rank (attention sinks read lse), which enters as D - dlse. bias_grad:
+        also the gradient of the materialised additive attn_mask (a learned bias; shaped like it, summed
+        over the ranks when every rank holds it whole), else dbias is None."""
         dtype = next(iter(qd.values())).dtype
         dd = self.to_ranks(dout.to(dtype))
         delta = None
         if dlse is not None:  # then the kernels must not derive D from out: they get D alone
             delta = {r: row_delta(dd[r], out[r]) - dlse[r].to(lse[r].dtype) for r in dd}
+        dbias = self._bias_accumulator(dtype) if bias_grad else None
         if self.plan.schedule == ULYSSES_RING:
+            if dbias is not None:
+                raise BurstInputError("a learned attn_mask's gradient needs the ring or double_ring schedule")
             grads = ulysses_backward(self, qd, kd, vd, out, dd, lse, dout.device, delta=delta)
         else:
             grads = ring_backward(self.plan, self.transport("backward", dout.device), self.kernel, self.scheme,
                                   qd, kd, vd, out if delta is None else None, dd, lse, self.scale, delta=delta,
-                                  mask=self.mask)
-        return tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
+                                  mask=self.mask, dbias=dbias)
+        grads = tuple(self.from_ranks({r: t.to(dtype) for r, t in g.items()}) for g in grads)
+        if dbias is not None and self.inputs == "full" and self.world_size > 1:
+            dist.all_reduce(dbias, group=self.group)  # each rank added its own query rows
+            stats.count_collective("gather")
+        return (*grads, None if dbias is None else dbias.to(self.mask.dense.dtype))
+
+    def _bias_accumulator(self, dtype: torch.dtype) -> torch.Tensor:
+        dense = self.mask.dense if self.mask is not None else None
+        if dense is None or dense.dtype == torch.bool:
+            raise BurstInputError("only an additive floating attn_mask has a gradient")
+        if self.scheme != KV_RING:
+            raise BurstInputError("a learned attn_mask's gradient needs backward='kv_ring'")
+        return torch.zeros(dense.shape, dtype=accumulation_dtype(dtype), device=dense.device)
 
 
 def group_members(group: Optional[dist.ProcessGroup], world_size: int) -> Optional[list[int]]:
@@ -180,10 +197,11 @@ def _choose_schedule(shape: AttentionShape, world_size: int, node_size: int, lin
 
 
 class _BurstAttention(torch.autograd.Function):
-    """(out, lse) of a RingRun; both differentiable (an lse nobody reads gets no gradient)."""
+    """(out, lse) of a RingRun; both differentiable (an lse nobody reads gets no gradient), and so is a
+    learned additive attn_mask passed as `bias` (None otherwise)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, run: RingRun):
+    def forward(ctx, q, k, v, bias, run: RingRun):
         out, lse, qd, kd, vd = run.forward(q, k, v)
         ctx.run = run
         ctx.ranks = tuple(qd)
@@ -199,7 +217,8 @@ class _BurstAttention(torch.autograd.Function):
         if dout is None:
             dout = ctx.run.from_ranks({r: torch.zeros_like(o) for r, o in out.items()})
         dlse = ctx.run.to_ranks(dlse) if dlse is not None else None
-        return ctx.run.backward(qd, kd, vd, out, lse, dout, dlse) + (None,)
+        *grads, dbias = ctx.run.backward(qd, kd, vd, out, lse, dout, dlse, bias_grad=ctx.needs_input_grad[3])
+        return (*grads, dbias, None)
 
 
 def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -241,7 +260,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         tile by tile on broadcast index tensors.
     attn_mask: the materialised fallback: bool (True = attend) or additive, [B|1, H|1, L, N] for
         this rank's query rows over all N keys (with virtual_world_size: [B|1, H|1, N, N]). Forces
-        the kv_ring backward (the rows stay with their queries).
+        the kv_ring backward (the rows stay with their queries). An additive mask that requires grad
+        (a learned bias) gets its gradient (computed by the reference kernel for now).
     Rows with no visible key return 0 with zero gradients, as single-device SDPA does.
 
     sinks: one learned logit per query head ([H_q]) that joins every row's softmax as an extra column
@@ -265,29 +285,34 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     masks = MaskArgs(key_padding_mask=key_padding_mask, document_ids=document_ids, cu_seqlens=cu_seqlens,
                      window=window, mask_mod=mask_mod, attn_mask=attn_mask)
-    run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap, group=group,
+    bias = attn_mask if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad else None
+    run = prepare_run(q, k, v, causal=causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
+                      bias_grad=bias is not None and torch.is_grad_enabled(), group=group,
                       layout=layout, backward=backward, kernel=kernel, virtual_world_size=virtual_world_size,
                       dropout_p=dropout_p, masks=masks, schedule=schedule, node_size=node_size)
-    out, lse = _BurstAttention.apply(q, k, v, run)
+    out, lse = _BurstAttention.apply(q, k, v, bias, run)
     return out if sinks is None else apply_sinks(out, lse, sinks)
 
 
-def _softcap_kernel(name: str, softcap: float) -> LocalKernel:
-    """Soft-capped scores run on the reference kernel for now (torch math; each work item's scores are
-    materialised): the cpu and triton kernels have no soft-cap yet."""
-    if not softcap > 0:
+def _choose_kernel(name: str, q: torch.Tensor, softcap: Optional[float], bias_grad: bool) -> LocalKernel:
+    """The local kernel. Soft-capped scores and a learned bias's gradient run on the reference kernel for
+    now (torch math; each work item's scores are materialised): the cpu and triton kernels have neither."""
+    if softcap is None and not bias_grad:
+        return select_kernel(name, q)
+    if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap!r}: a soft-cap is a positive number")
+    need = "soft-capped scores" if softcap is not None else "a learned attn_mask's gradient"
     if name not in ("auto", "reference"):
-        raise ValueError(f"kernel={name!r} does not soft-cap scores yet: use kernel='auto' (the reference kernel)")
-    if name == "auto" and "softcap" not in _logged_choices:
-        _logged_choices.add("softcap")
-        log.warning("burst: soft-capped scores run on the reference kernel (torch math, each work item's scores "
-                    "materialised); the cpu and triton kernels have no soft-cap yet")
+        raise ValueError(f"kernel={name!r} does not compute {need} yet: use kernel='auto' (the reference kernel)")
+    if name == "auto" and need not in _logged_choices:
+        _logged_choices.add(need)
+        log.warning("burst: the reference kernel computes %s (torch math, each work item's scores materialised); "
+                    "the cpu and triton kernels have no such path yet", need)
     return ReferenceKernel(softcap=softcap)
 
 
 def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bool,
-                softcap: Optional[float] = None,
+                softcap: Optional[float] = None, bias_grad: bool = False,
                 group: Optional[dist.ProcessGroup], layout: Optional[str], backward: Optional[str],
                 kernel: Optional[str], virtual_world_size: Optional[int] = None,
                 dropout_p: float = 0.0, full_sequence: bool = False, check_replicas: bool = True,
@@ -299,13 +324,16 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     site_key: a compiled site's key (graph, site, global length; alike on every rank): the ranks then agree
     on the first call with each local shape only, and later calls make no collective and no host copy
     here; '' agrees on every call (the eager API, checks='always', verify). softcap: the scores are
-    soft-capped as softcap * tanh(S / softcap) before the mask."""
+    soft-capped as softcap * tanh(S / softcap) before the mask. bias_grad: the run's backward will also
+    give the additive attn_mask's gradient (a learned bias: the kv_ring and the reference kernel)."""
     cfg = BurstConfig.from_env()
     masks = masks or MaskArgs()
     layout = layout or cfg.layout
     if layout == "auto":  # inputs this call shards itself: pick per mask; inputs sharded by the caller: zigzag
         layout = masks.preferred_layout(causal) if full_sequence or virtual_world_size is not None else "zigzag"
     backward = backward or cfg.backward
+    if bias_grad:
+        backward = KV_RING  # the mask's gradient rows stay with their queries (results are alike either way)
     kernel = kernel or cfg.kernel
     schedule = schedule or cfg.schedule
     node_size = node_size or cfg.node_size
@@ -338,7 +366,7 @@ def prepare_run(q, k, v, *, causal: bool, scale: Optional[float], enable_gqa: bo
     local_kernel = None
     if problem is None:
         try:
-            local_kernel = select_kernel(kernel, q) if softcap is None else _softcap_kernel(kernel, softcap)
+            local_kernel = _choose_kernel(kernel, q, softcap, bias_grad)
         except ValueError as e:
             problem = str(e)
     meta = None

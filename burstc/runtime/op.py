@@ -59,10 +59,9 @@ def _masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, wind
 
 def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right, mask_mod,
          mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key,
-         full_sequence: bool, check_replicas: bool = False):
-    return prepare_run(q, k, v, causal=causal, scale=scale, softcap=softcap, enable_gqa=enable_gqa,
-                       group=resolve_group(group_name),
-                       layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence, site_key=site_key,
+         full_sequence: bool, check_replicas: bool = False, bias_grad: bool = False):
+    return prepare_run(q, k, v, causal=causal, scale=scale, softcap=softcap, bias_grad=bias_grad,
+                       enable_gqa=enable_gqa, group=resolve_group(group_name), layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence, site_key=site_key,
                        check_replicas=check_replicas, schedule=schedule, node_size=node_size or None,
                        masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
                                     mask_mod, mask_proof))
@@ -96,20 +95,23 @@ def _forward(run, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     return run.from_ranks(out).contiguous(), run.from_ranks(lse).contiguous()
 
 
-def _grads(run, dout, q, k, v, out, lse, dlse) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) of the call's kind, contiguous; dlse: the gradient of lse, or None."""
+def _grads(run, dout, q, k, v, out, lse, dlse, bias_grad) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dbias) of the call's kind, contiguous; dlse: the gradient of lse, or None; dbias: the
+    additive attn_mask's gradient when bias_grad, else an empty tensor."""
     stats.count("backward_calls", 1)
     qd, kd, vd, od, ld = (run.to_ranks(t) for t in (q, k, v, out, lse))
     dlse = run.to_ranks(dlse) if dlse is not None else None
-    return tuple(g.contiguous() for g in run.backward(qd, kd, vd, od, ld, dout, dlse))
+    *grads, dbias = run.backward(qd, kd, vd, od, ld, dout, dlse, bias_grad=bias_grad)
+    return (*(g.contiguous() for g in grads), q.new_empty(0) if dbias is None else dbias)
 
 
 def _fake_forward(q, *_):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=accumulation_dtype(q.dtype))
 
 
-def _fake_grads(dout, q, k, v, *_):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _fake_grads(dout, q, k, v, out, lse, dlse, bias_grad, attn_mask, *_):
+    dbias = attn_mask.new_empty(attn_mask.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 attention.register_fake(_fake_forward)
@@ -117,23 +119,25 @@ attention.register_fake(_fake_forward)
 
 @torch.library.custom_op("burst::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, dlse: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+                       lse: torch.Tensor, dlse: Optional[torch.Tensor], bias_grad: bool,
+                       attn_mask: Optional[torch.Tensor],
                        key_padding: Optional[torch.Tensor],
                        document_ids: Optional[torch.Tensor], mask_buffers: list[torch.Tensor], causal: bool,
                        window_left: Optional[int], window_right: Optional[int], mask_mod: str,
                        mask_proof: str, scale: Optional[float], softcap: Optional[float], enable_gqa: bool, layout: str,
                        backward: str, kernel: str, schedule: str, node_size: int, group_name: str,
-                       site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) over the full sequence, given the forward's out and lse and the gradient of lse (None
-    unless lse is used: attention sinks). verify_site: '' or the site whose first backward is checked
-    against SDPA's gradients."""
+                       site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias) over the full sequence, given the forward's out and lse and the gradient of lse
+    (None unless lse is used: attention sinks); dbias: the whole attn_mask's gradient when bias_grad (a
+    learned bias), else empty. verify_site: '' or the site whose first backward is checked against SDPA's
+    gradients."""
     # the forward proved q, k, v identical across ranks; the backward gets the saved ones back
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
-               group_name, site_key, full_sequence=True)
-    grads = _grads(run, dout, q, k, v, out, lse, dlse)
+               group_name, site_key, full_sequence=True, bias_grad=bias_grad)
+    grads = _grads(run, dout, q, k, v, out, lse, dlse, bias_grad)
     if verify_site and verify_site not in _verified_backward and dlse is None:  # SDPA knows no lse gradient
-        _verify_grads(verify_site, q, k, v, dout, grads, run.plan.mask, causal, scale, softcap, enable_gqa)
+        _verify_grads(verify_site, q, k, v, dout, grads[:3], run.plan.mask, causal, scale, softcap, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
 
@@ -153,16 +157,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_through(backward_op):
-    """The autograd formula of an attention op whose (dq, dk, dv) come from backward_op. lse is
-    differentiable (attention sinks read it): its gradient enters the ring as D - dlse."""
+    """The autograd formula of an attention op whose (dq, dk, dv, dbias) come from backward_op. lse is
+    differentiable (attention sinks read it): its gradient enters the ring as D - dlse. An additive
+    attn_mask that requires grad (a learned bias, e.g. T5's relative positions) gets its gradient dS."""
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *masks = ctx.saved_tensors
         tensors, buffers = masks[:_MASK_TENSORS], list(masks[_MASK_TENSORS:])
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dlse = None if dlse is None else dlse.contiguous()
-        grads = backward_op(dout, q, k, v, out, lse, dlse, *tensors, buffers, *ctx.options)
-        # no gradients for masks; the list argument mask_buffers gets a list
-        return (*grads, *[None] * _MASK_TENSORS, [None] * len(buffers), *[None] * len(ctx.options))
+        bias_grad = ctx.needs_input_grad[3]  # attn_mask
+        *grads, dbias = backward_op(dout, q, k, v, out, lse, dlse, bias_grad, *tensors, buffers, *ctx.options)
+        # no gradients for the other masks; the list argument mask_buffers gets a list
+        return (*grads, dbias if bias_grad else None, *[None] * (_MASK_TENSORS - 1), [None] * len(buffers),
+                *[None] * len(ctx.options))
     return backward
 
 
@@ -283,25 +290,27 @@ attention_local.register_fake(_fake_forward)
 
 @torch.library.custom_op("burst::attention_local_backward", mutates_args=())
 def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                             out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor], bias_grad: bool,
                              attn_mask: Optional[torch.Tensor],
                              key_padding: Optional[torch.Tensor], document_ids: Optional[torch.Tensor],
                              mask_buffers: list[torch.Tensor], causal: bool, window_left: Optional[int],
                              window_right: Optional[int], mask_mod: str, mask_proof: str, scale: Optional[float],
                              softcap: Optional[float],
                              enable_gqa: bool, layout: str, backward: str, kernel: str, schedule: str,
-                             node_size: int, group_name: str, site_key: str, verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shards, given the forward's out and lse shards and the gradient of lse (or None)."""
+                             node_size: int, group_name: str, site_key: str,
+                             verify_site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias) shards, given the forward's out and lse shards and the gradient of lse (or None);
+    dbias: this rank's rows of the attn_mask's gradient when bias_grad, else empty."""
     run = _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
-               group_name, site_key, full_sequence=False)
-    grads = _grads(run, dout, q, k, v, out, lse, dlse)
+               group_name, site_key, full_sequence=False, bias_grad=bias_grad)
+    grads = _grads(run, dout, q, k, v, out, lse, dlse, bias_grad)
     if verify_site and verify_site not in _verified_backward and dlse is None:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
         full = [gather(t) for t in (q, k, v, dout)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                           mask_mod, mask_proof, run, full[0], layout)
-        _verify_grads(verify_site, *full, [gather(g) for g in grads], mask, causal, scale, softcap, enable_gqa)
+        _verify_grads(verify_site, *full, [gather(g) for g in grads[:3]], mask, causal, scale, softcap, enable_gqa)
         _verified_backward.add(verify_site)
     return grads
 

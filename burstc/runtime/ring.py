@@ -138,6 +138,18 @@ class _MaskTiles:
             return PositionMask.of(self._described, qp, kp)
         return self.mask.evaluate(qp, kp, self.heads)
 
+    def add_bias_grad(self, dbias: torch.Tensor, q_rank: int, k_rank: int, item, ds: torch.Tensor) -> None:
+        """Add an item's score gradient ds [B, H, q_len, k_len] into dbias, the gradient of the call's
+        materialised additive mask (shaped like mask.dense: its rows, all keys), summed over the dims the
+        mask broadcasts."""
+        qp = self._positions[q_rank][item.q_start:item.q_stop]
+        kp = self._positions[k_rank][item.k_start:item.k_stop]
+        for dim in (0, 1):
+            if dbias.shape[dim] == 1 and ds.shape[dim] != 1:
+                ds = ds.sum(dim=dim, keepdim=True)
+        rows = self.mask.dense_row_index(qp).to(dbias.device)
+        dbias[:, :, rows[:, None], kp.to(dbias.device)[None, :]] += ds.to(dbias.dtype)  # an item's pairs are distinct
+
 
 def ring_forward(plan: RingPlan, transport, kernel: LocalKernel, q: Held, k: Held, v: Held,
                  scale: float, mask: Optional[AttentionMask] = None) -> tuple[Held, Held]:
@@ -181,10 +193,13 @@ def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q: Held, k: Held,
                   v: Held, out: Optional[Held], dout: Held, lse: Held, scale: float,
-                  delta: Optional[Held] = None, mask: Optional[AttentionMask] = None) -> tuple[Held, Held, Held]:
+                  delta: Optional[Held] = None, mask: Optional[AttentionMask] = None,
+                  dbias: Optional[torch.Tensor] = None) -> tuple[Held, Held, Held]:
     """Per rank (dq, dk, dv) in the accumulation dtype. delta: D = rowsum(dO * O) when the caller has
     it (then out may be None: the kernels work from D alone); else computed from out. mask: the
-    call's structured mask (the one plan was built for)."""
+    call's structured mask (the one plan was built for). dbias: a tensor shaped like mask.dense (a
+    materialised additive mask that requires grad, a learned bias) into which its gradient is added; the
+    kernel must take `score_grads` (the reference kernel) and the scheme must be the kv_ring."""
     ranks = transport.ranks
     _count_skipped(plan, ranks)
     acc = accumulation_dtype(q[ranks[0]].dtype)
@@ -204,8 +219,13 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
             visit = plan.kv_visit(step, r)
             offset = plan.row_offset(KV, step, r)
             for item in visit.items:
+                extra = {}
+                if dbias is not None and item.masked:
+                    extra["score_grads"] = []
                 kernel.backward_step(bundles[r], kv_k, kv_v, item.shifted(0, offset), scale, dq[r], dk_part, dv_part,
-                                     mask=tiles(r, visit.k_rank, item))
+                                     mask=tiles(r, visit.k_rank, item), **extra)
+                for ds in extra.get("score_grads", ()):
+                    tiles.add_bias_grad(dbias, r, visit.k_rank, item, ds)
             return dk_part.tensor(), dv_part.tensor()
 
         payload = {r: (k[r], v[r]) for r in ranks}
@@ -214,6 +234,8 @@ def ring_backward(plan: RingPlan, transport, kernel: LocalKernel, scheme: str, q
         return {r: dq[r].tensor() for r in ranks}, {r: own[r][0] for r in ranks}, {r: own[r][1] for r in ranks}
 
     if scheme == QUERY_RING:
+        if dbias is not None:
+            raise ValueError("a materialised mask's gradient needs the kv_ring backward (its rows stay with the queries)")
         dk = {r: grad_sum(k[r]) for r in ranks}
         dv = {r: grad_sum(v[r]) for r in ranks}
 

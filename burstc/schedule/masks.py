@@ -129,7 +129,7 @@ class AttentionMask:
             visible = visible & self._mod(q_pos, k_pos, heads)
         if self.dense is None:
             return visible
-        rows = self._dense_rows(q_pos)
+        rows = self.dense_row_index(q_pos)
         tile = self.dense[:, :, rows.to(self.dense.device)][..., k_pos.to(self.dense.device)]
         visible = visible.to(tile.device)
         if tile.dtype == torch.bool:
@@ -160,7 +160,7 @@ class AttentionMask:
                 return t.shape[0]
         return 1
 
-    def _dense_rows(self, q_pos: torch.Tensor) -> torch.Tensor:
+    def dense_row_index(self, q_pos: torch.Tensor) -> torch.Tensor:
         """Row indices of dense for global query positions q_pos."""
         if self.dense_rows is None:
             return q_pos

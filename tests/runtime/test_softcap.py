@@ -34,7 +34,7 @@ def test_softcap_through_the_ring_is_exact(world_size, layout, backward, window)
 
 def test_kernels_without_a_softcap_refuse_it():
     q = torch.randn(1, 2, 8, 8)
-    with pytest.raises(BurstInputError, match="does not soft-cap"):
+    with pytest.raises(BurstInputError, match="does not compute soft-capped scores"):
         burst_attention(q, q, q, virtual_world_size=2, kernel="cpu", softcap=30.0)
     with pytest.raises(BurstInputError, match="positive"):
         burst_attention(q, q, q, virtual_world_size=2, softcap=-1.0)

@@ -63,7 +63,10 @@ class ReferenceKernel:
     def forward_finalize(self, state):
         return lse_state.finalize(state)
 
-    def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv, mask=None) -> None:
+    def backward_step(self, bundle: QueryBundle, k, v, item: WorkItem, scale: float, dq, dk, dv, mask=None,
+                      score_grads: Optional[list] = None) -> None:
+        """score_grads: a list to append the item's dS = P * (dP - D) to ([B, H_q, q_len, k_len]: the gradient
+        of the scores where an additive mask joins them, i.e. of a learned bias)."""
         dq, dk, dv = as_grad_sum(dq), as_grad_sum(dk), as_grad_sum(dv)
         acc = dq.dtype
         h, h_kv = bundle.q.shape[1], k.shape[1]
@@ -77,7 +80,10 @@ class ReferenceKernel:
         raw = torch.matmul(q, ks.transpose(-1, -2)) * scale
         p = torch.exp(_masked(softcapped(raw, self.softcap), item, mask) - lse)
         dp = torch.matmul(do, vs.transpose(-1, -2))
-        ds = p * (dp - delta) * scale
+        ds = p * (dp - delta)
+        if score_grads is not None:
+            score_grads.append(ds)
+        ds = ds * scale
         if self.softcap is not None:  # d(c tanh(S / c)) / dS = 1 - tanh(S / c)^2
             ds = ds * (1 - torch.tanh(raw / self.softcap) ** 2)
         dq.add_(item.q_start, item.q_stop, torch.matmul(ds, ks))
