@@ -58,8 +58,8 @@ def test_a_correct_recognition_is_proven_once():
 def test_an_injected_misrecognition_is_caught_and_runs_the_models_mask(monkeypatch, broken, caplog):
     recognise = mask_pass.recognise
 
-    def wrong(mask, q_len, kv_len):
-        found = recognise(mask, q_len, kv_len)
+    def wrong(mask, q_len, kv_len, **kwargs):
+        found = recognise(mask, q_len, kv_len, **kwargs)
         if broken == "window dropped":
             return dataclasses.replace(found, left=None)
         if broken == "padding dropped":
