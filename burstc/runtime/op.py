@@ -61,7 +61,8 @@ def _run(q, k, v, attn_mask, key_padding, document_ids, mask_buffers, causal, wi
          mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group_name, site_key,
          full_sequence: bool, check_replicas: bool = False, bias_grad: bool = False):
     return prepare_run(q, k, v, causal=causal, scale=scale, softcap=softcap, bias_grad=bias_grad,
-                       enable_gqa=enable_gqa, group=resolve_group(group_name), layout=layout, backward=backward, kernel=kernel, full_sequence=full_sequence, site_key=site_key,
+                       enable_gqa=enable_gqa, group=resolve_group(group_name), layout=layout, backward=backward,
+                       kernel=kernel, full_sequence=full_sequence, site_key=site_key,
                        check_replicas=check_replicas, schedule=schedule, node_size=node_size or None,
                        masks=_masks(attn_mask, key_padding, document_ids, mask_buffers, window_left, window_right,
                                     mask_mod, mask_proof))
