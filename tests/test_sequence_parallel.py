@@ -366,7 +366,7 @@ def _verify_sequence_fault(rank, world_size, inject, parallel):
             q, k, v, mask, padding, docs, buffers, False, *rest, **kw)
     if inject == "backward":  # a broken backward: dk off by 1 % (the forward is right)
         original_grads = op._grads
-        op._grads = lambda *args: (lambda dq, dk, dv: (dq, dk * 1.01, dv))(*original_grads(*args))
+        op._grads = lambda *args: (lambda dq, dk, dv, dbias: (dq, dk * 1.01, dv, dbias))(*original_grads(*args))
     model, _ = _tiny(0, 16)
     compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True,
                                                               "parallel": parallel})
