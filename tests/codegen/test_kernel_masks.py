@@ -139,13 +139,9 @@ def test_masked_item_forward_and_backward(dtype, kind, layout, before, head_dim)
     assert torch.all(dq[dead] == dq0[dead])  # rows that saw nothing get exactly nothing
 
 
-@pytest.mark.parametrize("kind", ["bool", "bias"])
-def test_fully_hidden_item_leaves_the_state_as_it_was(kind):
-    q, k, v = random(1, 4, 37, 64), random(1, 2, 45, 64), random(1, 2, 45, 64)
-    hidden = (torch.zeros(1, 1, 37, 45, dtype=torch.bool) if kind == "bool"
-              else torch.full((1, 1, 37, 45), -math.inf))
-    item = WorkItem(0, 37, 0, 45, False)
-
+def assert_hidden_item_adds_nothing(q, k, v, item, hidden):
+    """An item whose mask hides everything: a fresh state stays empty (out 0, lse -inf), a used state stays
+    exactly as it was, and the backward adds exactly nothing (no NaN from rows with lse -inf)."""
     fresh = KERNEL.forward_init(q)
     KERNEL.forward_step(fresh, q, k, v, item, 0.125, mask=hidden)
     assert torch.all(fresh.m == -math.inf) and torch.all(fresh.l == 0) and torch.all(fresh.acc == 0)
@@ -153,18 +149,25 @@ def test_fully_hidden_item_leaves_the_state_as_it_was(kind):
     assert torch.all(out == 0) and torch.all(lse == -math.inf)
 
     state = KERNEL.forward_init(q)
-    KERNEL.forward_step(state, q, k, v, WorkItem(0, 37, 0, 20, False), 0.125)
+    KERNEL.forward_step(state, q, k, v, WorkItem(0, item.q_len, 0, 20, False), 0.125)
     before = (state.acc.clone(), state.m.clone(), state.l.clone())
     KERNEL.forward_step(state, q, k, v, item, 0.125, mask=hidden)
     for was, now in zip(before, (state.acc, state.m, state.l)):
         assert torch.equal(was, now)
 
-    # backward: lse -inf (rows that saw nothing) and a hidden item add exactly nothing, no NaN
-    bundle = QueryBundle(q=q, dout=random(*q.shape), lse=lse, delta=torch.zeros(1, 4, 37))
+    bundle = QueryBundle(q=q, dout=random(*q.shape), lse=lse, delta=torch.zeros(q.shape[:3]))
     dq, dk, dv = torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape)
     KERNEL.backward_step(bundle, k, v, item, 0.125, dq, dk, dv, mask=hidden)
     for grad in (dq, dk, dv):
         assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_fully_hidden_item_leaves_the_state_as_it_was(kind):
+    q, k, v = random(1, 4, 37, 64), random(1, 2, 45, 64), random(1, 2, 45, 64)
+    hidden = (torch.zeros(1, 1, 37, 45, dtype=torch.bool) if kind == "bool"
+              else torch.full((1, 1, 37, 45), -math.inf))
+    assert_hidden_item_adds_nothing(q, k, v, WorkItem(0, 37, 0, 45, False), hidden)
 
 
 def test_visible_bool_mask_equals_the_unmasked_item():

@@ -21,7 +21,8 @@ from burstc.runtime.kernels.tile_mask import PositionMask
 from burstc.runtime.kernels.triton import TritonKernel
 from burstc.schedule.masks import AttentionMask
 from tests.codegen.test_kernel_masks import (ATOL, B, GRAD_TOL, H, H_KV, K_LEN, MASKED, Q_LEN, UNMASKED,
-                                             assert_close, global_bias, random, reference)
+                                             assert_close, assert_hidden_item_adds_nothing, global_bias, random,
+                                             reference)
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
@@ -146,24 +147,8 @@ def test_position_mask_forward_and_backward(case, dtype, before, head_dim):
 def test_fully_hidden_item_leaves_the_state_as_it_was():
     """Keys all outside the queries' window: no tile is visited, state and gradients stay as they were."""
     q, k, v = random(1, 4, 37, 64), random(1, 2, 45, 64), random(1, 2, 45, 64)
-    item = WorkItem(0, 37, 0, 45, False)
     hidden = PositionMask.of(AttentionMask(window=(3, 3)), segments((100, 137)), segments((0, 45)))
-    state = KERNEL.forward_init(q)
-    KERNEL.forward_step(state, q, k, v, WorkItem(0, 37, 0, 20, False), 0.125)
-    before = (state.acc.clone(), state.m.clone(), state.l.clone())
-    KERNEL.forward_step(state, q, k, v, item, 0.125, mask=hidden)
-    for was, now in zip(before, (state.acc, state.m, state.l)):
-        assert torch.equal(was, now)
-
-    fresh = KERNEL.forward_init(q)
-    KERNEL.forward_step(fresh, q, k, v, item, 0.125, mask=hidden)
-    out, lse = KERNEL.forward_finalize(fresh)
-    assert torch.all(out == 0) and torch.all(lse == -math.inf)
-    bundle = QueryBundle(q=q, dout=random(*q.shape), lse=lse, delta=torch.zeros(1, 4, 37))
-    dq, dk, dv = torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape)
-    KERNEL.backward_step(bundle, k, v, item, 0.125, dq, dk, dv, mask=hidden)
-    for grad in (dq, dk, dv):
-        assert torch.all(grad == 0)
+    assert_hidden_item_adds_nothing(q, k, v, WorkItem(0, 37, 0, 45, False), hidden)
 
 
 def test_position_mask_arguments_are_checked():
