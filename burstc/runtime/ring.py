@@ -45,17 +45,17 @@ def _comm_span(transport, phase: str, step: int, kind: str, device: torch.device
         yield
 
 
-def _trim(plan: RingPlan, role: str, chunk: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The rows of a chunk that travel (all rows when the plan keeps them all)."""
-    lo, hi = plan.travel_rows[role][chunk]
+def _trim(rows: tuple[int, int], tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """rows (first, last + 1) of a chunk's tensors (all of them when rows is every row)."""
+    lo, hi = rows
     if (lo, hi) == (0, tensors[0].shape[2]):
         return tensors
     return tuple(t[:, :, lo:hi].contiguous() for t in tensors)
 
 
-def _rows_like(plan: RingPlan, role: str, chunk: int, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Receive templates for the travelling rows of chunk (shapes of `like` with the row count changed)."""
-    lo, hi = plan.travel_rows[role][chunk]
+def _rows_like(rows: tuple[int, int], like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Receive templates for rows (first, last + 1) of a chunk (shapes of `like` with the row count changed)."""
+    lo, hi = rows
     return tuple(torch.empty((), dtype=t.dtype, device=t.device).expand(*t.shape[:2], hi - lo, *t.shape[3:])
                  for t in like)
 
@@ -69,19 +69,18 @@ class _Inbox:
 
     def post(self, plan: RingPlan, transport, role: str, step: int, held: Held, like: Held) -> None:
         """Post the sends of what this process's ranks hold at step to the ranks that need it next
-        (trimmed to its travelling rows), and the receives of what they get from step's senders.
-        One exchange per destination step, so a transfer that is needed n steps later (the double
-        ring's jump to the next node) is waited for only then."""
+        (the owner trims its chunk to the rows each receiver holds), and the receives of what they get
+        from step's senders. One exchange per destination step, so a transfer that is needed n steps
+        later (the double ring's jump to the next node, the direct route's far neighbour) is waited for
+        only then."""
         by_step: dict[int, tuple[list, list, list]] = {}
         for r in transport.ranks:
-            deliveries = plan.deliveries(role, step, r)  # none unless r holds the chunk at step
-            if deliveries:
-                tensors = _trim(plan, role, plan.held(step, r), held[r]) if step == 0 else held[r]
-            for dst, dst_step in deliveries:
+            for dst, dst_step in plan.deliveries(role, step, r):  # none unless r holds the chunk at step
+                tensors = _trim(plan.held_rows(role, dst_step, dst), held[r]) if step == 0 else held[r]
                 by_step.setdefault(dst_step, ([], [], []))[0].append((r, dst, tensors, _payload_tag(dst_step)))
             for src, dst_step in plan.arrivals(role, step, r):
                 entry = by_step.setdefault(dst_step, ([], [], []))
-                entry[1].append((src, r, _rows_like(plan, role, plan.held(dst_step, r), like[r]), _payload_tag(dst_step)))
+                entry[1].append((src, r, _rows_like(plan.held_rows(role, dst_step, r), like[r]), _payload_tag(dst_step)))
                 entry[2].append(r)
         for dst_step, (sends, recvs, receivers) in by_step.items():
             pending = transport.exchange(sends, recvs)
@@ -274,7 +273,7 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     after step s are received at the start of step s + 1, before that step's payload, which its
     sender posts after them, and added at the end of that step (one step of home buffers in
     flight, not one per node). At most one partial-sum send is in flight per rank. Accumulators of
-    a trimmed chunk cover only its travelling rows."""
+    a trimmed chunk cover only the rows its holder holds."""
     ranks = transport.ranks
     device = next(iter(partial_like.values()))[0].device
     span = lambda step, kind: _comm_span(transport, "backward", step, kind, device)  # noqa: E731
@@ -283,7 +282,7 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     for r in ranks:
         for src, src_step in plan.accumulators_home(role, r):
             homes_after.setdefault(src_step, []).append(
-                (src, r, _rows_like(plan, role, r, partial_like[r]), _partial_tag(src_step)))
+                (src, r, _rows_like(plan.held_rows(role, src_step, src), partial_like[r]), _partial_tag(src_step)))
     home_pending = []  # (src step, receives, Pending), oldest first
 
     def expect_homes(src_step: int) -> None:
@@ -293,11 +292,11 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
     def add_homes(up_to: int, step: int) -> None:
         """Add the partial sums sent home after steps <= up_to into the owners' own (waits for them)."""
         while home_pending and home_pending[0][0] <= up_to:
-            _, homes, pending = home_pending.pop(0)
+            src_step, homes, pending = home_pending.pop(0)
             with span(step, WAIT):
                 returned = pending.wait()
-            for (_, r, _, _), theirs_all in zip(homes, returned):
-                lo, hi = plan.travel_rows[role][r]
+            for (src, r, _, _), theirs_all in zip(homes, returned):
+                lo, hi = plan.held_rows(role, src_step, src)
                 for mine, theirs in zip(own[r], theirs_all):
                     mine[:, :, lo:hi].add_(theirs)
     payload_like = dict(payload)
@@ -308,7 +307,7 @@ def _trailing_ring(plan: RingPlan, role: str, transport, payload: Held, partial_
         with span(step, POST):
             expect_homes(step - 1)
             prevs = {r: plan.accumulator_prev(role, step, r) for r in ranks if plan.holds(role, step, r)}
-            expect = [(src, r, _rows_like(plan, role, plan.held(step, r), partial_like[r]), _partial_tag(step - 1))
+            expect = [(src, r, _rows_like(plan.held_rows(role, step, r), partial_like[r]), _partial_tag(step - 1))
                       for r, src in prevs.items() if src is not None]
             acc_in = transport.exchange([], expect) if expect else None
             inbox.post(plan, transport, role, step, payload, payload_like)

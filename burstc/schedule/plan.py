@@ -8,7 +8,10 @@ got it: on the flat ring the rank at ring index i holds the chunk of ring index 
 from its predecessor; on the double ring chunks also jump to the next node once per inner cycle. A
 rank sends what it holds on unless no later holder needs that chunk. A chunk travels only its rows
 that later ranks need (with a short sliding window: a halo of `left` rows), and the ring stops after
-the last step anybody needs.
+the last step anybody needs. Where a mask leaves each chunk to a few ranks that the relay would reach
+only through many others (a window under zigzag: the two neighbours), the `ring` schedule takes the
+direct route instead: each such rank gets the rows it reads straight from the chunk's owner
+(`_direct_if_cheaper`).
 
 Schedules: `ring` and `double_ring` are routes over the G ranks. `ulysses_ring` plans the ring over
 the P nodes: plan rank p is node p's group of ranks, whose chunk is the concatenation of their
@@ -31,7 +34,7 @@ from burstc.schedule import layout as layouts
 from burstc.schedule import masks as mask_classes
 from burstc.schedule.documents import DocumentRun, document_runs, same_document_pairs, shared_document_row
 from burstc.schedule.masks import AttentionMask, TileBounds
-from burstc.schedule.route import DOUBLE_RING, RING, Route, double_ring_route, flat_route
+from burstc.schedule.route import DIRECT, DOUBLE_RING, RING, Route, direct_route, double_ring_route, flat_route
 from burstc.schedule.topology import LINK_CLASSES, flat_ring, ring_order
 from burstc.schedule.work import WorkItem
 
@@ -114,9 +117,8 @@ class RingPlan:
 
     def deliveries(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
         """(dst, dst_step) of the transfers rank posts right after step: the chunk it holds, to the
-        ranks that hold it next, as far as anybody later needs it."""
-        last = self.last_step[role][self.held(step, rank)]
-        return [(dst, s) for dst, s in self.route.deliveries(step, rank) if s <= last]
+        ranks that hold it next (see holds)."""
+        return [(dst, s) for dst, s in self.route.deliveries(step, rank) if self.holds(role, s, dst)]
 
     def arrivals(self, role: str, step: int, rank: int) -> list[tuple[int, int]]:
         """(src, dst_step) of the transfers to rank that their senders post right after step."""
@@ -169,12 +171,24 @@ class RingPlan:
         return tables
 
     def holds(self, role: str, step: int, rank: int) -> bool:
-        """Whether rank holds a chunk at step (one that was sent to it, or its own at step 0)."""
+        """Whether rank holds a chunk at step: its own at step 0; a relayed chunk up to the last step
+        anybody needs it (a holder may only pass it on); a chunk sent straight from its owner (the direct
+        route) only where rank's pair with it has work."""
+        if step and self.route.name == DIRECT:
+            return self.visit(role, step, rank).mask != SKIPPED
         return step <= self.last_step[role][self.held(step, rank)]
+
+    def held_rows(self, role: str, step: int, rank: int) -> tuple[int, int]:
+        """The rows (of the origin's shard, as (first, last + 1)) of the chunk rank holds at step >= 1:
+        a relayed chunk's travelling rows, the same at every holder; on the direct route the rows that
+        rank's own pair reads."""
+        if self.route.name == DIRECT:
+            return self.visit(role, step, rank).bounds(role) or (0, 0)
+        return self.travel_rows[role][self.held(step, rank)]
 
     def row_offset(self, role: str, step: int, rank: int) -> int:
         """First row (of the origin's shard) of the trimmed chunk rank holds at step (0 at step 0)."""
-        return 0 if step == 0 else self.travel_rows[role][self.held(step, rank)][0]
+        return 0 if step == 0 else self.held_rows(role, step, rank)[0]
 
     def positions(self, rank: int) -> torch.Tensor:
         """Global positions of rank's real rows."""
@@ -198,22 +212,28 @@ class RingPlan:
         """Query ring (BurstAttention backward): the visiting query chunk against rank's keys."""
         return self.pairs[self.held(step, rank)][rank]
 
+    def visit(self, role: str, step: int, rank: int) -> PairPlan:
+        """The pair rank computes at step when chunks of `role` travel."""
+        return self.kv_visit(step, rank) if role == KV else self.query_visit(step, rank)
+
     def transfers(self, step: int, role: str = KV) -> list[tuple[int, int, int]]:
         """(src, dst, chunk origin) of every send after `step` (none after the last step)."""
         return [(r, dst, self.held(step, r)) for r in range(self.world_size)
                 for dst, _ in self.deliveries(role, step, r)]
 
-    def messages(self, role: str = KV, accumulators: bool = False):
-        """(src, dst, rows) of every message of one ring of `role`: the travelling chunks, or
-        (accumulators=True, backward) the partial sums every holder after step 0 sends on."""
-        for s in range(self.steps_for(role)):
+    def messages(self, role: str = KV, accumulators: bool = False, step: Optional[int] = None):
+        """(src, dst, rows) of every message of one ring of `role` (posted after `step` only, if
+        given): the travelling chunks, or (accumulators=True, backward) the partial sums every holder
+        after step 0 sends on."""
+        for s in range(self.steps_for(role)) if step is None else [step]:
             for r in range(self.world_size):
-                lo, hi = self.travel_rows[role][self.held(s, r)]
                 if accumulators:
                     if s >= 1 and self.holds(role, s, r):
+                        lo, hi = self.held_rows(role, s, r)
                         yield r, self.accumulator_next(role, s, r), hi - lo
                 else:
-                    for dst, _ in self.deliveries(role, s, r):
+                    for dst, dst_step in self.deliveries(role, s, r):
+                        lo, hi = self.held_rows(role, dst_step, dst)
                         yield r, dst, hi - lo
 
     def rows_sent(self, role: str = KV, rank: Optional[int] = None, accumulators: bool = False) -> int:
@@ -246,7 +266,7 @@ class RingPlan:
             for r in range(self.world_size):
                 p = self.kv_visit(s, r)
                 cells.append(f"k{p.k_rank} {p.mask}" if self.holds(KV, s, r) else f"(k{p.k_rank} {p.mask})")
-            sent = sum(self.travel_rows[KV][c][1] - self.travel_rows[KV][c][0] for _, _, c in self.transfers(s))
+            sent = sum(rows for _, _, rows in self.messages(KV, step=s))
             cells.append(str(sent))
             if bytes_per_row is not None:
                 cells.append(str(sent * bytes_per_row))
@@ -261,6 +281,8 @@ class RingPlan:
         """The schedule in words: the ring order, or how the nodes take part."""
         if self.schedule == ULYSSES_RING:
             return f"schedule=ulysses_ring nodes={[list(g) for g in self.groups]}"
+        if self.route.name == DIRECT:
+            return f"route=direct order={list(self.route.order)}"
         if self.route.order is not None:
             return f"order={list(self.route.order)}"
         nodes = self.world_size // self.route.node_size
@@ -281,7 +303,7 @@ class RingPlan:
                     if pair.mask != SKIPPED:
                         assert self.holds(role, s, r), f"{role} ring: rank {r} needs chunk {self.held(s, r)} at step {s} but it stopped travelling"
                         if s:
-                            lo, hi = self.travel_rows[role][self.held(s, r)]
+                            lo, hi = self.held_rows(role, s, r)
                             a, b = pair.bounds(role)
                             assert lo <= a and b <= hi, f"{role} ring: {pair} reads rows outside the travelling {lo}:{hi}"
         detailed = [(q, k) for q in range(g) for k in range(g) if self.rank is None or self.rank in (q, k)]
@@ -433,8 +455,33 @@ def _build(world_size: int, layout: str, seq_len: int, causal: bool, route: Rout
         local_len=local_len, valid_lens=tuple(sum(b.valid for b in bl) for bl in blocks), pairs=pairs,
         mask=mask, last_step=last_step, travel_rows=travel_rows, schedule=schedule or route.name, groups=groups,
         rank=rank)
+    if mask is not None and route.name == RING:
+        plan = _direct_if_cheaper(plan)
     plan.check()
     return plan
+
+
+def _direct_if_cheaper(plan: RingPlan) -> RingPlan:
+    """plan on the direct route (burstc.schedule.route.direct_route) when that sends fewer rows, chunks
+    and partial sums of both roles together, and no rank receives more than two shards' rows (a rank's
+    receives are all posted at step 0 and live until used, where the relay holds about two chunks at a
+    time); else plan. Every rank decides alike: it reads only which pairs are skipped and their rows,
+    which a per-rank plan's summaries carry too."""
+    if plan.world_size < 3:
+        return plan  # two ranks: the ring is the direct route
+    direct = replace(plan, route=direct_route(plan.route.order))
+    for role in (KV, QUERY):
+        for r in range(plan.world_size):
+            rows = 0
+            for step in range(1, plan.world_size):
+                if direct.holds(role, step, r):
+                    lo, hi = direct.held_rows(role, step, r)
+                    rows += hi - lo
+            if rows > 2 * plan.local_len:
+                return plan
+    sent = lambda p: sum(rows for role in (KV, QUERY) for acc in (False, True)  # noqa: E731
+                         for _, _, rows in p.messages(role, acc))
+    return direct if sent(direct) < sent(plan) else plan
 
 
 def _travel(pairs, route: Route) -> tuple[dict, dict]:

@@ -11,6 +11,10 @@ chunk exactly once.
   of a cycle every rank also sends the chunk it holds to the rank of the same local index on the
   next node, which needs it n steps later, at the start of the next cycle: one inter-node transfer
   per chunk and cycle, overlapped with a whole inner cycle of compute.
+- direct (`direct_route`): the flat ring's steps, but every chunk goes straight from its owner to each
+  rank that needs it, all posted at step 0. With a short window under zigzag a chunk is needed one
+  segment away in both directions (ranks r - 1 and r + 1); the relay would carry it round the whole
+  ring, the direct route sends each neighbour only the edge rows it reads (a bidirectional halo).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Optional
 
 from burstc.schedule.topology import Topology
 
-RING, DOUBLE_RING = "ring", "double_ring"
+RING, DOUBLE_RING, DIRECT = "ring", "double_ring", "direct"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,16 @@ def flat_route(order: tuple[int, ...]) -> Route:
             if s:
                 source[s][r] = (order[(i - 1) % g], s - 1)
     route = Route(RING, tuple(map(tuple, held)), tuple(map(tuple, source)), order=tuple(order))
+    route.check()
+    return route
+
+
+def direct_route(order: tuple[int, ...]) -> Route:
+    """The flat ring's holdings through `order`, every chunk sent by its owner right after step 0."""
+    ring = flat_route(order)
+    source = tuple(tuple(None if s == 0 else (ring.held[s][r], 0) for r in range(ring.world_size))
+                   for s in range(ring.world_size))
+    route = Route(DIRECT, ring.held, source, order=tuple(order))
     route.check()
     return route
 

@@ -122,6 +122,25 @@ def test_short_window_sends_only_the_halo():
     assert stats.skipped_pairs == 2 * (world_size * world_size - (2 * world_size - 1))
 
 
+@pytest.mark.parametrize("scheme", [KV_RING, QUERY_RING])
+def test_a_window_under_zigzag_sends_only_the_halos(scheme):
+    """Zigzag, window shorter than a segment: each of a rank's two segments needs the `left` rows before it,
+    held by its neighbours; they go straight there (the direct route), once, not round the ring. Exact
+    against SDPA, forward and backward."""
+    world_size, n, left = 4, 96, 5
+    q, k, v, dout = random_qkv(1, 2, 2, n, 8, torch.float64, 12)
+    got, stats = run_burst(q, k, v, dout, causal=True, window=(left, 0), layout="zigzag", kernel="reference",
+                           backward=scheme, virtual_world_size=world_size)
+    abs_err, _ = max_errors(got, sdpa_masked_with_grads(q, k, v, dout, dense_mask(1, n, causal=True, window=(left, 0))))
+    assert abs_err <= 1e-10
+    halo_rows = (2 * world_size - 2) * left  # segment boundaries between different ranks, `left` rows each
+    heads_bytes = 2 * 8 * 8  # 2 heads x 8 dims x float64
+    assert stats.forward_bytes == halo_rows * 2 * heads_bytes  # k and v
+    # backward: KV ring, k and v out and dk and dv home; query ring, q, dO, lse and D out and dq home
+    per_row = 4 * heads_bytes if scheme == KV_RING else 3 * heads_bytes + 2 * 2 * 8
+    assert stats.backward_bytes == halo_rows * per_row
+
+
 def test_masks_that_disagree_with_the_sequence_name_the_fix():
     q, k, v, _ = random_qkv(1, 2, 2, 8, 8, torch.float32, 1)
     with pytest.raises(burstc.BurstInputError, match="covers 9 tokens"):

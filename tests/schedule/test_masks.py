@@ -2,6 +2,7 @@
 (tests/runtime/reference.py), skipped work exactly the empty pairs, transfers only of rows somebody
 later reads."""
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, choose_bac
 from burstc.schedule.layout import LAYOUTS
 from burstc.schedule.masks import EMPTY, FULL, PARTIAL, AttentionMask, documents_from_cu_seqlens
 from burstc.schedule.plan import KV, QUERY, SKIPPED, build_plan
+from burstc.schedule.route import flat_route
 from tests.runtime.reference import dense_mask
 
 
@@ -81,18 +83,25 @@ def test_classify_proves_empty_and_full_tiles():
 @pytest.mark.parametrize("window", [1, 16, 100])
 def test_window_halo_rows_follow_the_window(window):
     """Contiguous layout: a window of w keys shorter than a chunk needs the last w - 1 keys of the
-    predecessor only; the forward ring is two steps; the query ring trims the same way."""
+    predecessor only; the forward ring is two steps; the queries' halo goes the other way round, which
+    the relay would cover in G - 1 hops: the plan takes the direct route, one hop each."""
     world_size, n = 4, 512
     plan = build_plan(world_size, "contiguous", n, True, mask=AttentionMask(causal=True, window=(window - 1, 0)), tile=32)
     assert plan.steps == (1 if window == 1 else 2)
     assert plan.rows_sent(KV) == (world_size - 1) * (window - 1)
-    # queries travel the same way round, so they need G - 1 hops to reach the predecessor's keys:
-    assert plan.rows_sent(QUERY) == (world_size - 1) ** 2 * (window - 1)
+    assert plan.rows_sent(QUERY) == (world_size - 1) * (window - 1)
+    relayed = replace(plan, route=flat_route(plan.route.order))
+    assert relayed.rows_sent(KV) == plan.rows_sent(KV)
+    assert relayed.rows_sent(QUERY) == (world_size - 1) ** 2 * (window - 1)
+    assert plan.route.name == ("ring" if window == 1 else "direct")
     dense = build_plan(world_size, "contiguous", n, True)
     assert plan.rows_sent(KV) < dense.rows_sent(KV) * window / (n // world_size)  # bytes fall with the window
     shape = AttentionShape(1, 4, 4, 64, plan.local_len, world_size, torch.float32)
-    if window > 1:  # auto picks the scheme by the plan's bytes: the KV halo
-        assert choose_backward(shape, "auto", plan) == KV_RING
+    if window > 1:  # auto picks the scheme by the plan's bytes
+        # relayed, the queries' halo makes G - 1 hops: the KV ring is cheaper
+        assert choose_backward(shape, "auto", relayed) == KV_RING
+        # direct, both schemes move the halo once; the query ring's partial sums are dq alone, not dk and dv
+        assert choose_backward(shape, "auto", plan) == QUERY_RING
         assert choose_backward(shape, "auto") == QUERY_RING
     assert "steps=" in plan.table() and "rows sent" in plan.table()
 
@@ -160,6 +169,11 @@ def test_a_rank_plan_is_its_share_of_every_rank_plan(world_size, seq_len, layout
     for rank in range(world_size):
         mine = build_plan(world_size, layout, seq_len, causal, rank=rank, **kwargs)
         assert mine.last_step == every.last_step and mine.travel_rows == every.travel_rows
+        assert mine.route == every.route, "every rank takes the same route"
+        for role, step, r in itertools.product((KV, QUERY), range(1, world_size), range(world_size)):
+            assert mine.holds(role, step, r) == every.holds(role, step, r)
+            if every.holds(role, step, r):
+                assert mine.held_rows(role, step, r) == every.held_rows(role, step, r)
         for q_rank, k_rank in itertools.product(range(world_size), repeat=2):
             want, got = every.pair(q_rank, k_rank), mine.pair(q_rank, k_rank)
             if rank in (q_rank, k_rank) or not mask.structured:  # without a structured mask pairs cost nothing

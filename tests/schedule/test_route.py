@@ -1,9 +1,11 @@
-"""Routes (flat ring, double ring) and the plans built on them for every schedule: every rank meets
+"""Routes (flat ring, double ring, direct) and the plans built on them for every schedule: every rank meets
 every chunk once, chunks cross the inter-node link as often as the schedule promises, plans are
-exact (dense and masked, brute force), their row counts give the predicted bytes per link, and the
-backward's partial sums travel in chains that end at the chunk's owner."""
+exact (dense and masked, brute force), their row counts give the predicted bytes per link, the
+backward's partial sums travel in chains that end at the chunk's owner, and a window under zigzag
+sends each neighbour its halo straight from the owner."""
 import itertools
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from burstc.schedule.cost import AttentionShape
 from burstc.schedule.layout import LAYOUTS, shard_positions
 from burstc.schedule.masks import AttentionMask, documents_from_cu_seqlens
 from burstc.schedule.plan import KV, QUERY, SCHEDULES, SKIPPED, build_plan
-from burstc.schedule.route import Route, double_ring_route, flat_route
+from burstc.schedule.route import Route, direct_route, double_ring_route, flat_route
 from burstc.schedule.topology import INTER, INTRA, Topology
 from tests.runtime.reference import dense_mask
 
@@ -90,6 +92,19 @@ def test_flat_route_is_the_plain_ring(order):
             assert list(route.deliveries(s, r)) == want
         holding = {succ[r]: c for r, c in holding.items()}
     assert route.order == tuple(order)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 1, 2, 3), (2, 0, 3, 1)])
+def test_direct_route_holds_as_the_ring_and_sends_everything_from_the_owner(order):
+    route, ring = direct_route(order), flat_route(order)
+    assert route.held == ring.held and route.order == tuple(order)
+    g = len(order)
+    for s, r, chunk, src, src_step in _every_delivery(route):
+        assert (src, src_step) == (chunk, 0)
+    for r in range(g):
+        assert sorted(route.deliveries(0, r)) == sorted((dst, s) for s in range(1, g) for dst in range(g)
+                                                        if route.held[s][dst] == r)
+        assert all(not route.deliveries(s, r) for s in range(1, g)), "nobody relays"
 
 
 def _tables(route):
@@ -352,3 +367,55 @@ def test_double_ring_accumulators_chain_home(world_size, node_size, layout, caus
                 assert len(home) == nodes, (role, chunk, home)
                 inter = sum(topo.link(r, chunk) == INTER for r, _ in home)
                 assert inter == nodes - 1, "every cycle but the owner's sends its sum home across nodes"
+
+
+# --- the direct route: a window under zigzag ---------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [3, 4, 5, 8])
+@pytest.mark.parametrize("left", [1, 6])
+def test_a_window_under_zigzag_sends_its_halos_straight_to_the_neighbours(world_size, left):
+    """Each zigzag segment needs the `left` rows before it; they sit on the ranks holding the neighbouring
+    segments, r - 1 and r + 1 (rank G - 1 holds two adjacent segments). The plan sends exactly those rows,
+    once each, keys forward and queries for the query ring alike; the relay would carry a chunk round the
+    ring."""
+    seq_len = 2 * world_size * 8
+    mask = AttentionMask(causal=True, window=(left, 0))
+    plan = build_plan(world_size, "zigzag", seq_len, True, mask=mask, tile=4)
+    plan.check(brute_force=True)
+    assert plan.route.name == "direct" and "route=direct" in plan.table()
+    _check_transfer_consistency(plan)
+    boundaries = 2 * world_size - 2  # segment boundaries between different ranks
+    for role in (KV, QUERY):
+        assert plan.rows_sent(role) == boundaries * left, role
+        assert plan.rows_sent(role, accumulators=True) == boundaries * left, role
+        assert all(abs(src - dst) == 1 for src, dst, _ in plan.messages(role)), "neighbours only"
+        for src, dst, rows in plan.messages(role):
+            assert rows == left
+    relayed = replace(plan, route=flat_route(plan.route.order))
+    relayed.check(brute_force=True)
+    assert relayed.rows_sent(KV) > plan.rows_sent(KV)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_direct_route_only_where_it_sends_less_and_holds_at_most_two_shards(layout):
+    """A plan never takes the direct route unless it sends fewer rows than the relay, with at most two
+    shards' rows received per rank (all posted at step 0); causal and full attention keep the ring."""
+    direct = 0
+    for world_size, causal, left in itertools.product((3, 4, 6), (True, False), (None, 2, 9, 40)):
+        seq_len = 12 * world_size
+        mask = AttentionMask(causal=causal, window=None if left is None else (left, left // 2))
+        plan = build_plan(world_size, layout, seq_len, causal, mask=mask, tile=4)
+        relayed = replace(plan, route=flat_route(plan.route.order))
+        if plan.route.name != "direct":
+            continue
+        direct += 1
+        sent = lambda p: sum(p.rows_sent(role, accumulators=acc) for role in (KV, QUERY) for acc in (False, True))  # noqa: E731
+        assert sent(plan) < sent(relayed), (world_size, layout, causal, left)
+        for role in (KV, QUERY):
+            received = Counter()
+            for _, dst, rows in plan.messages(role):
+                received[dst] += rows
+            assert max(received.values()) <= 2 * plan.local_len
+    assert direct, "some of these windows take the direct route"
+    for causal in (True, False):
+        assert build_plan(4, layout, 48, causal).route.name == "ring"
