@@ -3,7 +3,7 @@ variables (handy under torchrun) map onto its fields; options win over the envir
 
 | field     | env               | default  | meaning |
 |-----------|-------------------|----------|---------|
-| layout    | BURST_LAYOUT      | auto     | contiguous, zigzag or striped sequence layout of the ring; auto: zigzag, or contiguous when every attention has a sliding window (the ring becomes a halo exchange) |
+| layout    | BURST_LAYOUT      | auto     | contiguous, zigzag or striped sequence layout of the ring; auto: zigzag when some attention is causal or masked over the whole sequence, else contiguous (sliding windows become halo exchanges) |
 | backward  | BURST_BACKWARD    | auto     | auto, query_ring or kv_ring backward scheme (auto: fewer bytes) |
 | kernel    | BURST_KERNEL      | auto     | auto, cpu, reference or triton local kernel |
 | timeout_s | BURST_TIMEOUT_S   | 300      | seconds a rank waits for a ring transfer before raising |

@@ -175,12 +175,21 @@ def _dense_mask_problem(mask, q: torch.Tensor) -> Optional[str]:
 
 
 def resolved_layout(cfg: BurstConfig, sites: list[AttentionSite]) -> str:
-    """cfg.layout, with 'auto' made concrete for these sites: contiguous when every site has a bounded
-    sliding window (a short window is then a halo exchange), else zigzag (balances causal work)."""
+    """cfg.layout, with 'auto' made concrete for these sites: zigzag where some site's work needs its
+    balance (causal or masked attention over the whole sequence), else contiguous: every site is then a
+    bounded sliding window (a halo exchange to the neighbours, however it reaches both ways) or plain
+    full attention (every pair of chunks alike, in any layout)."""
     if cfg.layout != "auto":
         return cfg.layout
-    windowed = sites and all(window_is_bounded(s.window_left, s.window_right, s.is_causal is True) for s in sites)
-    return "contiguous" if windowed else "zigzag"
+    return "contiguous" if sites and all(map(_balanced_in_any_layout, sites)) else "zigzag"
+
+
+def _balanced_in_any_layout(site: AttentionSite) -> bool:
+    """A bounded window, or attention with no causal part and no mask at all."""
+    if window_is_bounded(site.window_left, site.window_right, site.is_causal is True):
+        return True
+    masks = (site.attn_mask, site.key_padding, site.document_ids, site.window_left, site.window_right)
+    return site.is_causal is False and all(m is None for m in masks) and not site.mask_mod and not site.proof
 
 
 def plan_sites(sites: list[AttentionSite], cfg: BurstConfig, world_size: int) -> list[SitePlan]:
