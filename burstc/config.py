@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
+from burstc.schedule.cost import BACKWARD_SCHEMES
 from burstc.schedule.plan import SCHEDULE_CHOICES
 from burstc.schedule.topology import INTER, INTRA, LinkSpec
 
@@ -100,7 +101,7 @@ class BurstConfig:
             options["exclude"] = tuple(options["exclude"])
         cfg = replace(cls.from_env(environ), **options)
         for name, allowed in (("inner", INNER_COMPILERS), ("parallel", PARALLEL_MODES), ("outputs", OUTPUT_MODES),
-                              ("schedule", SCHEDULE_CHOICES), ("checks", CHECK_MODES)):
+                              ("schedule", SCHEDULE_CHOICES), ("checks", CHECK_MODES), ("backward", BACKWARD_SCHEMES)):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
         return cfg

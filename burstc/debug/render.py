@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, forward_bytes, plan_backward_bytes
+from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, backward_for_plan, forward_bytes, plan_backward_bytes
 from burstc.schedule.plan import (DIAGONAL, FULL, KV, PARTIAL, SKIPPED, ULYSSES_RING, RingPlan, build_plan,
                                   markdown_table)
 from burstc.schedule.topology import ulysses_kv_heads
@@ -21,6 +21,9 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
     row_bytes = shape.batch * 2 * shape.heads_kv * shape.head_dim * shape.itemsize
     fwd = plan.rows_sent(KV) * row_bytes
     bwd = {k: plan_backward_bytes(shape, plan, k) for k in (QUERY_RING, KV_RING)}
+    requested, scheme = scheme, backward_for_plan(shape, plan, scheme)
+    why = ("auto: the smaller" if requested == "auto" else
+           "requested; the smaller" if bwd[scheme] == min(bwd.values()) else "requested explicitly")
     lines = [
         f"# {title}", "",
         f"- q: [B={shape.batch}, H_q={shape.heads_q}, N={plan.seq_len}, d={shape.head_dim}], "
@@ -32,7 +35,7 @@ def plan_report(plan: RingPlan, shape: AttentionShape, *, title: str, scale, sch
         f"- forward bytes sent, all ranks: {fwd} (K, V: 2*H_kv*d*e per row and hop; a dense ring would send "
         f"{plan.world_size * forward_bytes(shape)})",
         f"- backward scheme: **{scheme}**; bytes, all ranks: query ring {bwd[QUERY_RING]}, KV ring {bwd[KV_RING]} "
-        f"({'the smaller' if bwd[scheme] == min(bwd.values()) else 'requested explicitly'})",
+        f"({why})",
         f"- skipped (fully masked) pairs: {plan.skipped_pairs()} of {plan.world_size ** 2}",
     ]
     if plan.schedule == ULYSSES_RING:

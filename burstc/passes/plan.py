@@ -31,7 +31,7 @@ class SitePlan:
     scale: Optional[float] = None
     enable_gqa: bool = False
     layout: str = "zigzag"
-    backward: str = "auto"  # the scheme the cost model chose
+    backward: str = "auto"  # the requested scheme; auto: each call picks the cheaper on its plan
     seq_len: object = None  # int or sympy expression
     cost: dict = field(default_factory=dict)  # cost.describe() of the per-rank shape
     schedule: str = "auto"  # what the op is asked for: the option, or auto where the option cannot run here
@@ -117,7 +117,7 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                 local_rows=local_rows, world_size=world_size, dtype=q.dtype)
     plan = SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
-                    enable_gqa=enable_gqa, layout=cfg.layout, backward=cost.choose_backward(shape, cfg.backward),
+                    enable_gqa=enable_gqa, layout=cfg.layout, backward=cfg.backward,  # auto: each call decides on its plan
                     seq_len=seq_len, cost=cost.describe(shape))
     return _with_schedule(plan, cfg, shape, q.shape[2], world_size)
 

@@ -25,7 +25,7 @@ from burstc.runtime.validate import (BurstInputError, CallMeta, agree_across_ran
 from burstc.runtime.mask_args import MaskArgs
 from burstc.schedule import layout as layouts
 from burstc.schedule import predict
-from burstc.schedule.cost import KV_RING, AttentionShape, choose_backward
+from burstc.schedule.cost import KV_RING, AttentionShape, backward_for_plan
 from burstc.schedule.masks import AttentionMask
 from burstc.schedule.plan import ULYSSES_RING, RingPlan, build_plan
 from burstc.schedule.topology import Topology, topology_for, ulysses_kv_heads
@@ -177,11 +177,7 @@ def _plan_call(meta: CallMeta, seq_len: int, world_size: int, topology: Topology
         shape = replace(shape, heads_q=shape.heads_q // topology.node_size,
                         heads_kv=ulysses_kv_heads(shape.heads_q, shape.heads_kv, topology.node_size),
                         world_size=plan.world_size)
-    # the attn_mask rows of a query chunk live on its rank: only the KV ring can use them
-    requested = KV_RING if mask is not None and mask.dense_rows is not None else meta.backward
-    scheme = choose_backward(replace(shape, local_rows=plan.local_len), requested,
-                             plan if plan.mask is not None else None)
-    return plan, scheme
+    return plan, backward_for_plan(shape, plan, meta.backward)
 
 
 def _links_key(topology: Topology) -> tuple:

@@ -16,7 +16,7 @@ later needs (masks, padded tails, contiguous causal) sends `plan.rows_sent` rows
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import sympy
@@ -97,6 +97,14 @@ def choose_backward(s: AttentionShape, requested: str = "auto", plan=None) -> st
     else:
         q, kv = (backward_bytes_per_row(s, k) for k in (QUERY_RING, KV_RING))
     return QUERY_RING if q <= kv else KV_RING
+
+
+def backward_for_plan(s: AttentionShape, plan, requested: str) -> str:
+    """The scheme a call on `plan` runs: the KV ring for a materialised mask held as its queries' rows (they
+    stay with their queries), else `requested`, with 'auto' deciding on the plan's bytes when it has a mask."""
+    if plan.mask is not None and plan.mask.dense_rows is not None:
+        return KV_RING
+    return choose_backward(replace(s, local_rows=plan.local_len), requested, plan if plan.mask is not None else None)
 
 
 def describe(s: AttentionShape) -> dict:

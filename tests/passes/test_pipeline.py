@@ -55,7 +55,7 @@ def test_gpt_sites_become_burst_ops(fake_world):
     #  mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size, group, site_key,
     #  verify_site)
     assert call.args[3:7] == (None, None, None, [])
-    assert call.args[7:17] == (True, None, None, "", "", None, None, True, "zigzag", "kv_ring")
+    assert call.args[7:17] == (True, None, None, "", "", None, None, True, "zigzag", "auto")  # each call decides
 
 
 def test_the_schedule_option_reaches_the_op_or_falls_back_per_site(fake_world, caplog):
@@ -73,9 +73,9 @@ def test_the_schedule_option_reaches_the_op_or_falls_back_per_site(fake_world, c
     assert "schedule 'ulysses_ring' cannot run here" in caplog.text and "2 query heads" in caplog.text
 
 
-def test_mha_picks_the_query_ring_and_options_apply(fake_world):
+def test_options_apply(fake_world):
     model = TinyGPT(layers=1, heads=4, kv_heads=4).eval()
-    gm = rewritten_graph(model, torch.randint(0, 50, (1, 16)), layout="striped", verify=True)
+    gm = rewritten_graph(model, torch.randint(0, 50, (1, 16)), layout="striped", backward="query_ring", verify=True)
     call = next(n for n in gm.graph.nodes if n.target == torch.ops.burst.attention.default)
     assert call.args[15:17] == ("striped", "query_ring")
     assert re.fullmatch(r"g\d+/y", call.args[22])  # verify is on: the site is named <graph id>/<node name>
@@ -135,3 +135,5 @@ def test_excluded_sites_stay(fake_world):
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="unknown burst option"):
         burst_backend(torch.fx.symbolic_trace(lambda x: x), [], options={"layuot": "zigzag"})
+    with pytest.raises(ValueError, match="unknown backward 'kv': choose one of auto, query_ring, kv_ring"):
+        burst_backend(torch.fx.symbolic_trace(lambda x: x), [], options={"backward": "kv"})
