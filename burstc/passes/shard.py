@@ -35,9 +35,10 @@ from burstc.passes.find_attention import find_attention_sites, rebind, source_li
 from burstc.passes.plan import SitePlan, plan_sites
 from burstc.passes.shard_rules import (RESIZED, Factory, LocalGroups, LocalRows, SeqDim, WindowMap, arg,
                                        factory_source, is_tensor, mutated_input, op_name, reduced_dims, rule_for,
-                                       fixed_bins, set_local_size, shape, tensor_index, tensor_inputs, value)
+                                       fixed_bins, sequence_slice, set_local_size, shape, tensor_index, tensor_inputs,
+                                       value)
 from burstc.passes.windows import fuse_windows
-from burstc.runtime import halo, sequence_ops
+from burstc.runtime import halo, sequence_ops, sequence_rows  # noqa: F401 (registers burst::seq_gather_rows)
 from burstc.runtime.fsdp import FsdpScales
 from burstc.schedule.layout import chunk_count, local_length
 
@@ -363,6 +364,8 @@ class _Sharder:
                                 f"{source_line(node) or node.name} has no sharded form")
         if need is None:
             self.place[node] = None
+            if sharded and target is None and self._gather_slice(node, sharded):
+                return
             if sharded:
                 self._gather_inputs(node, sharded, f"{op_name(node)} writes the replicated {target.name}"
                                     if target is not None else f"{op_name(node)} mixes tokens along the sequence")
@@ -608,6 +611,38 @@ class _Sharder:
                 log.warning("burst: sequence mode gathers %s (%d bytes per rank) before %s: %s%s", a.name, full,
                             consumer.name, reason, f" (at {src})" if src else "")
         return self.entered[key]
+
+    def _gather_slice(self, node: fx.Node, sharded) -> bool:
+        """x[..., a:b, ...] taking a run of at most half the tokens of a sharded x (HF's sliding-window cache
+        keeps the last window - 1 keys so): the run's rows alone are gathered (burst::seq_gather_rows), and the
+        rest of the index applies to them. False (nothing done) for any other node, and for longer runs, which
+        share x's one full gather with its other slices (`x[:, 1:] - x[:, :-1]`)."""
+        if node.target is not operator.getitem or len(sharded) != 1 or sharded[0][0] is not node.args[0]:
+            return False
+        src, spec = sharded[0]
+        if not isinstance(spec, SeqDim) or (spec.outer, spec.inner) != (1, 1):
+            return False
+        cut = sequence_slice(shape(src), node.args[1], spec.dim, self.seq_len)
+        if cut is None or 2 * (cut[1] - cut[0]) > self.seq_len:
+            return False
+        start, stop, index = cut
+        with self.graph.inserting_after(self._anchor(src, node)):
+            rows = self.graph.call_function(torch.ops.burst.seq_gather_rows.default,
+                                            (src, spec.dim, self.seq_len, self.layout, self.group_name, start, stop))
+        rows.meta.update({k: v for k, v in src.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        rows.meta["example_value"] = value(src).narrow(spec.dim, start, stop - start)
+        node.args = (rows, index)
+        self.place[rows] = None
+        nbytes = _nbytes(rows)
+        reason = f"a slice of the sequence ({start}:{stop}): only its rows are gathered"
+        src_line = source_line(node)
+        self._record("gather", src, spec, nbytes, reason, src_line)
+        counters["burst"]["seq_gathers"] += 1
+        if (src_line, reason) not in _logged:
+            _logged.add((src_line, reason))
+            log.info("burst: sequence mode gathers rows %d:%d of %s (%d bytes per rank) for %s%s", start, stop,
+                     src.name, nbytes, node.name, f" (at {src_line})" if src_line else "")
+        return True
 
     def _gather_inputs(self, node: fx.Node, sharded, reason: str) -> None:
         for a, spec in sharded:

@@ -407,6 +407,43 @@ def _index_map(in_shape, index, out_shape) -> Optional[dict[int, int]]:
     return m
 
 
+def _basic_index(ndim: int, index) -> Optional[list]:
+    """A basic index (ints, slices with constant bounds, None, Ellipsis) as one entry per input dim or None,
+    in order, with Ellipsis expanded and the missing trailing dims made whole; None for anything else."""
+    index = index if isinstance(index, tuple) else (index,)
+    for i in index:
+        if isinstance(i, bool) or not (i is None or i is Ellipsis or isinstance(i, int) or isinstance(i, slice)
+                                       and all(b is None or isinstance(b, int) for b in (i.start, i.stop, i.step))):
+            return None
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: list = []
+    for i in index:
+        expanded.extend([slice(None)] * (ndim - used) if i is Ellipsis else [i])
+    return expanded + [slice(None)] * (ndim - sum(1 for i in expanded if i is not None))
+
+
+def sequence_slice(in_shape, index, dim: int, seq_len: int) -> Optional[tuple[int, int, tuple]]:
+    """For x[index] with x's dim `dim` the whole sequence: when the index is basic and takes a contiguous run
+    of tokens [start, stop) on that dim, not all of them (a slice of step 1), (start, stop, the index with that
+    entry made whole, to apply to those rows alone); None otherwise."""
+    expanded = _basic_index(len(in_shape), index)
+    if expanded is None or in_shape[dim] != seq_len:
+        return None
+    in_d = 0
+    for k, i in enumerate(expanded):
+        if i is None:
+            continue
+        if in_d == dim:
+            if not isinstance(i, slice) or i.step not in (None, 1):
+                return None
+            start, stop, _ = i.indices(seq_len)
+            if stop <= start or stop - start == seq_len:
+                return None
+            return start, stop, tuple(expanded[:k]) + (slice(None),) + tuple(expanded[k + 1:])
+        in_d += 1
+    return None
+
+
 def _getitem(node: fx.Node, out_shape) -> Optional[DimMap]:
     src, index = node.args
     if isinstance(value(src), (tuple, list)):  # an element of a split/unbind: same dims as the tuple

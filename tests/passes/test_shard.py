@@ -75,6 +75,47 @@ def test_a_token_mixing_op_is_gathered_with_its_source_line(fake_world, caplog):
     assert len(boundaries(plan, "shard")) == 3  # ids, positions, and the conv's output re-entering
 
 
+def test_a_short_run_of_tokens_gathers_only_its_rows(fake_world):
+    """HF's sliding-window cache keeps k[:, :, -(window - 1):]: those rows are gathered, not the sequence; a
+    run longer than half the sequence, or two runs of one tensor (a difference of shifts), share the full
+    gather."""
+    def f(q):
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return y.sum(), y[:, :, -5:].clone(), y[..., 3:7, 1:]
+
+    plan, gm = sharding(f, torch.randn(2, 3, 32, 8))
+    assert not boundaries(plan, "output_gather") or all(b.tensor != "y" for b in boundaries(plan, "output_gather"))
+    rows = [n for n in gm.graph.nodes if n.target == torch.ops.burst.seq_gather_rows.default]
+    assert sorted(n.args[-2:] for n in rows) == [(3, 7), (27, 32)]
+    gathers = boundaries(plan, "gather")
+    assert sorted(b.bytes_per_rank for b in gathers) == [2 * 3 * 4 * 8 * 4, 2 * 3 * 5 * 8 * 4]
+    assert all("only its rows are gathered" in b.reason for b in gathers)
+
+    def g(q):
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return y[:, :, 1:] - y[:, :, :-1]
+
+    plan, gm = sharding(g, torch.randn(2, 3, 32, 8))
+    assert not any(n.target == torch.ops.burst.seq_gather_rows.default for n in gm.graph.nodes)
+    (gather,) = boundaries(plan, "gather")
+    assert gather.bytes_per_rank == 2 * 3 * 32 * 8 * 4
+
+
+def test_sequence_slice_reads_basic_indices():
+    from burstc.passes.shard_rules import sequence_slice
+    shape = (2, 3, 32, 8)
+    assert sequence_slice(shape, (slice(None), slice(None), slice(-5, None)), 2, 32) == \
+        (27, 32, (slice(None), slice(None), slice(None), slice(None)))
+    assert sequence_slice(shape, (Ellipsis, slice(3, 7), 0), 2, 32) == (3, 7, (slice(None),) * 3 + (0,))
+    assert sequence_slice(shape, (0, None, slice(None), slice(1, 4)), 2, 32) == \
+        (1, 4, (0, None, slice(None), slice(None), slice(None)))
+    assert sequence_slice(shape, (slice(None), slice(None), slice(0, 8, 2)), 2, 32) is None  # strided
+    assert sequence_slice(shape, (slice(None), slice(None), 5), 2, 32) is None  # one token: not a run
+    assert sequence_slice(shape, (slice(None), slice(None), slice(9, 9)), 2, 32) is None  # empty
+    assert sequence_slice(shape, (slice(None), slice(None), torch.tensor([1, 2])), 2, 32) is None
+    assert sequence_slice(shape, (slice(None), slice(1, 2)), 2, 32) is None  # the sequence left whole
+
+
 def test_reductions_over_the_sequence_become_local_plus_all_reduce(fake_world):
     def f(q):
         y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
