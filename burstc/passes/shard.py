@@ -247,6 +247,8 @@ class _Sharder:
             return True
         if self._is_seq_reduction(user, spec) and user.args[0] is node:
             return True
+        if self._short_run(user, node, spec) is not None:
+            return True  # it gathers only the run's rows (_gather_slice)
         rule = self.rule(user)
         if rule is None:
             return False
@@ -612,18 +614,25 @@ class _Sharder:
                             consumer.name, reason, f" (at {src})" if src else "")
         return self.entered[key]
 
+    def _short_run(self, node: fx.Node, src: fx.Node, spec) -> Optional[tuple[int, int, tuple]]:
+        """node = src[index] taking a run of at most half the tokens of src sharded as spec: (start, stop, the
+        rest of the index); None for any other node."""
+        if node.target is not operator.getitem or node.args[0] is not src or not isinstance(spec, SeqDim) \
+                or (spec.outer, spec.inner) != (1, 1):
+            return None
+        cut = sequence_slice(shape(src), node.args[1], spec.dim, self.seq_len)
+        return cut if cut is not None and 2 * (cut[1] - cut[0]) <= self.seq_len else None
+
     def _gather_slice(self, node: fx.Node, sharded) -> bool:
         """x[..., a:b, ...] taking a run of at most half the tokens of a sharded x (HF's sliding-window cache
         keeps the last window - 1 keys so): the run's rows alone are gathered (burst::seq_gather_rows), and the
         rest of the index applies to them. False (nothing done) for any other node, and for longer runs, which
         share x's one full gather with its other slices (`x[:, 1:] - x[:, :-1]`)."""
-        if node.target is not operator.getitem or len(sharded) != 1 or sharded[0][0] is not node.args[0]:
+        if len(sharded) != 1:
             return False
         src, spec = sharded[0]
-        if not isinstance(spec, SeqDim) or (spec.outer, spec.inner) != (1, 1):
-            return False
-        cut = sequence_slice(shape(src), node.args[1], spec.dim, self.seq_len)
-        if cut is None or 2 * (cut[1] - cut[0]) > self.seq_len:
+        cut = self._short_run(node, src, spec)
+        if cut is None:
             return False
         start, stop, index = cut
         with self.graph.inserting_after(self._anchor(src, node)):

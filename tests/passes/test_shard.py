@@ -101,6 +101,19 @@ def test_a_short_run_of_tokens_gathers_only_its_rows(fake_world):
     assert gather.bytes_per_rank == 2 * 3 * 32 * 8 * 4
 
 
+def test_a_tensor_sliced_for_a_cache_is_still_computed_on_this_ranks_tokens(fake_world):
+    """k feeds the attention and a cache slice: the slice must not stop k's sharding (k computed whole on
+    every rank, then sharded for the attention)."""
+    def f(x, w):
+        k = (x @ w).view(2, 32, 2, 4).transpose(1, 2)
+        y = F.scaled_dot_product_attention(k, k, k, is_causal=True)
+        return y.sum(), k[:, :, -3:]
+
+    plan, gm = sharding(f, torch.randn(2, 32, 8), torch.randn(8, 8))
+    assert [b.spec for b in boundaries(plan, "shard")] == ["seq@1"]  # x, and nothing computed from it
+    assert [b.bytes_per_rank for b in boundaries(plan, "gather")] == [2 * 2 * 3 * 4 * 4]
+
+
 def test_sequence_slice_reads_basic_indices():
     from burstc.passes.shard_rules import sequence_slice
     shape = (2, 3, 32, 8)
