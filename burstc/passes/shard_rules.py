@@ -658,6 +658,9 @@ def set_local_size(node: fx.Node, out: SeqDim, global_size: int, local_size: int
     first = 1 if node.op == "call_method" or name == "reshape" else 0
     if name == "unflatten":
         first, index = 2, out.dim - _dim(node.args[1], len(shape(node.args[0])))
+        unflattened = node.args[2] if len(node.args) > 2 else node.kwargs.get("sizes", ())
+        if not 0 <= index < len(unflattened):
+            return True  # the sequence is not the dim it unflattens: no size of it to rewrite
     else:
         index = out.dim
     packed = (len(node.args) == first + 1 or name in ("full", "new_full")) and len(node.args) > first and \

@@ -114,6 +114,15 @@ def test_a_tensor_sliced_for_a_cache_is_still_computed_on_this_ranks_tokens(fake
     assert [b.bytes_per_rank for b in boundaries(plan, "gather")] == [2 * 2 * 3 * 4 * 4]
 
 
+def test_unflatten_of_another_dim_keeps_the_sequence_sharded(fake_world):
+    def f(x, w):
+        k = (x @ w).unflatten(-1, (2, 4)).transpose(1, 2)
+        return F.scaled_dot_product_attention(k, k, k, is_causal=True).sum()
+
+    plan, _ = sharding(f, torch.randn(2, 32, 8), torch.randn(8, 8))
+    assert [b.tensor for b in boundaries(plan, "shard")] == ["l_x_"] and not boundaries(plan, "gather")
+
+
 def test_sequence_slice_reads_basic_indices():
     from burstc.passes.shard_rules import sequence_slice
     shape = (2, 3, 32, 8)
