@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 from burstc.config import BurstConfig
 from burstc.passes.find_attention import find_attention_sites, rebind, source_line
 from burstc.passes.plan import SitePlan, plan_sites
-from burstc.passes.shard_rules import (RESIZED, Factory, LocalGroups, LocalRows, SeqDim, WindowMap, arg,
+from burstc.passes.shard_rules import (RESIZED, DimMap, Factory, LocalGroups, LocalRows, SeqDim, WindowMap, arg,
                                        factory_source, is_tensor, mutated_input, op_name, reduced_dims, rule_for,
                                        fixed_bins, sequence_slice, set_local_size, shape, tensor_index, tensor_inputs,
                                        value)
@@ -252,8 +252,8 @@ class _Sharder:
         rule = self.rule(user)
         if rule is None:
             return False
-        if isinstance(rule, Factory):
-            return True  # it reads only the dtype and device of its source, sharded or not
+        if isinstance(rule, Factory) or isinstance(rule, DimMap) and node not in rule.maps:
+            return True  # it reads only node's dtype and device (a factory's source, type_as's other tensor)
         if user in self.want:
             need = rule.inputs_for(self.want[user])
             return need is not None and need.get(node) == spec

@@ -123,6 +123,18 @@ def test_unflatten_of_another_dim_keeps_the_sequence_sharded(fake_world):
     assert [b.tensor for b in boundaries(plan, "shard")] == ["l_x_"] and not boundaries(plan, "gather")
 
 
+def test_a_tensor_that_only_lends_its_dtype_does_not_stop_sharding(fake_world):
+    """Gemma's RMSNorm casts back with `.type_as(inputs_embeds)`: reading only its dtype, that use must not
+    keep the embeddings replicated (computed on every token of every rank)."""
+    def f(x, w):
+        e = x * 2.0
+        k = (e @ w).float().type_as(e).view(2, 32, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(k, k, k, is_causal=True).sum()
+
+    plan, _ = sharding(f, torch.randn(2, 32, 8), torch.randn(8, 8))
+    assert [b.tensor for b in boundaries(plan, "shard")] == ["l_x_"] and not boundaries(plan, "gather")
+
+
 def test_sequence_slice_reads_basic_indices():
     from burstc.passes.shard_rules import sequence_slice
     shape = (2, 3, 32, 8)
