@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, backward_for_plan, forward_bytes, plan_backward_bytes
+from burstc.schedule.masks import AttentionMask
+from burstc.schedule.route import DIRECT
 from burstc.schedule.plan import (DIAGONAL, FULL, KV, PARTIAL, SKIPPED, ULYSSES_RING, RingPlan, build_plan,
                                   markdown_table)
 from burstc.schedule.topology import ulysses_kv_heads
@@ -109,17 +111,22 @@ def _route_line(plan: RingPlan) -> str:
         order = list(plan.order + plan.order[:1] if plan.world_size > 1 else plan.order)
         if len(order) > 17:
             order = [*order[:8], "...", *order[-3:]]
-        return f"schedule: {plan.schedule}, ring order: {' -> '.join(map(str, order))}"
+        direct = ", route: direct (each chunk from its owner straight to the ranks that read it)" \
+            if plan.route.name == DIRECT else ""
+        return f"schedule: {plan.schedule}, ring order: {' -> '.join(map(str, order))}{direct}"
     return plan.describe_route().replace("=", ": ", 1)
 
 
 def site_ring(plan, world_size: int, seq_len: int, batch: int) -> tuple[RingPlan, AttentionShape]:
     """The ring plan a converted site (a passes.plan.SitePlan) runs at seq_len on world_size ranks,
-    with the schedule the cost model picked, and the per-rank shape of what its ring carries."""
+    with the schedule the cost model picked, and the per-rank shape of what its ring carries. A window the
+    graph states as constants is in the plan; masks made of run-time data (padding, documents) are not."""
     site = plan.site
     q, k = site.tensor("query"), site.tensor("key")
     schedule = plan.predicted or "ring"
-    ring = build_plan(world_size, plan.layout, seq_len, plan.causal, schedule=schedule,
+    window = (site.window_left, site.window_right)
+    mask = AttentionMask(causal=bool(plan.causal), window=window) if window != (None, None) else None
+    ring = build_plan(world_size, plan.layout, seq_len, bool(plan.causal), mask=mask, schedule=schedule,
                       node_size=plan.node_size or world_size)
     heads_q, heads_kv = int(q.shape[1]), int(k.shape[1])
     if schedule == ULYSSES_RING:

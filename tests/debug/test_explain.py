@@ -1,8 +1,9 @@
-"""python -m burstc explain on the nanoGPT and HF LLaMA examples."""
+"""python -m burstc explain on the nanoGPT, HF LLaMA and Gemma 3 models."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from burstc.config import BurstConfig
 from burstc.debug.explain import explain
@@ -84,3 +85,22 @@ def test_explain_sees_attention_inside_checkpoint_regions():
         model.blocks[i] = Checkpointed(block)
     plans = trace_plans(model, (torch.randint(0, 50, (1, 64)),), BurstConfig(), world_size=2)
     assert len(plans) == 2 and all(p.converts for p in plans)
+
+
+def test_explain_shows_a_sliding_layer_of_a_mixed_model_sending_its_halos_directly():
+    """Gemma 3's sliding and full layers share zigzag (the full causal layers need it); the sliding site's
+    window is a compile-time constant, so its plan shows the window and the direct route's halo bytes."""
+    pytest.importorskip("transformers")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    model = Gemma3ForCausalLM(config)
+    text = explain(model, (torch.randint(0, 64, (1, 256)),), world_size=4, seq_len=256, cfg=BurstConfig())
+    assert "layout zigzag" in text and text.count(": converted") == 2
+    sliding = next(part for part in text.split("# site ")[1:] if "window=(15, None)" in part)
+    assert "route: direct" in sliding
+    # K/V halos: 6 segment boundaries between ranks x 15 rows x (k, v) x 2 heads (repeated by HF) x 16 x fp32
+    assert f"forward bytes sent, all ranks: {6 * 15 * 2 * 2 * 16 * 4} " in sliding
