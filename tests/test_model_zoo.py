@@ -2,7 +2,7 @@
 path users run): Llama 4 (chunked attention, now recognised as document ids of fixed-length chunks; an MoE
 that adds its experts in place), GPT-OSS (attention sinks), Gemma 2 (soft-capped scores), GPT-2 with a padded
 batch (compiled twice, the second time from Inductor's warm caches), DeepSeek-V3 (MLA, MoE) with and
-without masks. Each against single-device eager on the same weights and batch: the loss, the logits and
+without masks, Gemma 3 (a sliding layer beside a full one: halos only). Each against single-device eager on the same weights and batch: the loss, the logits and
 every parameter gradient."""
 import copy
 import os
@@ -73,7 +73,18 @@ def _gemma2():
     return Gemma2ForCausalLM(config)
 
 
-_MODELS = {"llama4": _llama4, "gpt2": _gpt2, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss, "gemma2": _gemma2}
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128)
+    config._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(config)
+
+
+_MODELS = {"llama4": _llama4, "gpt2": _gpt2, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss, "gemma2": _gemma2,
+           "gemma3": _gemma3}
 
 
 def _case(name, mask):
@@ -175,6 +186,38 @@ def test_llama4_on_three_ranks_with_uneven_shards():
         _check(rank_results, sequence=True)
         for r in rank_results:  # the chunked layer's mask became document ids (proven on the first call)
             assert not r["counters"].get("masks_materialised") and r["counters"].get("mask_proofs", 0) >= 2, r
+
+
+def _ring_bytes(rank, world_size, name):
+    """_compare's one case, and the bytes its compiled step's rings sent (comm_stats)."""
+    import burstc
+
+    with burstc.comm_stats() as stats:
+        (result,) = _compare(rank, world_size, [(name, "none")])
+    return result, stats.forward_bytes, stats.gathered_bytes
+
+
+def test_a_mixed_models_sliding_layer_sends_only_its_halos():
+    """Gemma 3 (a sliding layer, window 8, beside a full one) on 3 ranks: the full causal layer keeps the graph
+    zigzag, and the sliding layer's keys and values go straight to the two neighbours, the 7 rows before each
+    boundary between two ranks' segments, not round the ring. Exact against eager; the ring bytes of the step
+    are the full layer's plan plus those halos; the cache's slice of the last 7 keys and values is gathered
+    as those rows."""
+    from burstc.schedule.masks import AttentionMask
+    from burstc.schedule.plan import KV, build_plan
+
+    world, heads, head_dim, batch = 3, 2, 16, 2
+    per_rank = run_ranks(world, _ring_bytes, "gemma3", timeout_s=900)
+    _check([result for result, _, _ in per_rank], sequence=True)
+    full = build_plan(world, "zigzag", N, True)
+    sliding = build_plan(world, "zigzag", N, True, mask=AttentionMask(causal=True, window=(7, 0)))
+    assert sliding.route.name == "direct" and sliding.rows_sent(KV) == (2 * world - 2) * 7
+    row = batch * 2 * heads * head_dim * 4  # k and v rows, fp32
+    assert sum(fwd for _, fwd, _ in per_rank) == (full.rows_sent(KV) + sliding.rows_sent(KV)) * row
+    # the cache keeps the last window - 1 = 7 keys and values of the sliding layer: gathered as those rows;
+    # and the comparison reads the logits, a lazy output, whole
+    logits = batch * N * 128 * 4
+    assert all(gathered == 2 * batch * heads * 7 * head_dim * 4 + logits for _, _, gathered in per_rank)
 
 
 def _t5_compare(rank, world_size):
