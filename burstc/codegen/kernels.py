@@ -33,6 +33,12 @@ order) and runs its loops over that range only: leading and trailing tiles the m
 branches (which would keep Triton from pipelining their K/V loads); a hidden tile inside the range
 is computed with P = 0. A query row that sees no visible key of an item leaves its running state as
 it was (m = -inf and l = 0 while empty); its backward lse is -inf and it gets zero gradients.
+
+SOFTCAP (the same three kernels) soft-caps the scores, S' = softcap * tanh(S / softcap) with S = scale *
+q.k (Gemma 2), before any mask and before the online softmax's maximum: the loops take qk_scale = scale /
+softcap to the tanh argument and scale its tanh by softcap in base 2 (`_soft_cap`). The backward kernels
+recompute P = exp(S' - lse) and multiply dS by dS'/dS = 1 - tanh(S / softcap)^2. The cap is the runtime
+float `softcap`; without SOFTCAP it is None and the kernels compile to the code they had before.
 """
 import triton
 import triton.language as tl
@@ -99,6 +105,16 @@ def _base2_lse(lse_base, rows, n_rows, stride_l):
     """The natural-log lse of rows in base-2 units; +inf for padding rows and rows that saw no key, so P = 0 there."""
     lse = tl.load(lse_base + rows * stride_l, mask=rows < n_rows, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _soft_cap(x, softcap):
+    """(softcap * tanh(x) in base-2 units, tanh(x)) of x = S / softcap; tanh from exp2(-2|x|), which neither
+    overflows nor loses precision for large |x|."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0.0, -t, t)
+    return t * (softcap * LOG2E), t
 
 
 @triton.jit
@@ -256,12 +272,12 @@ def _visible_range(mask, fixed, n_fixed, n_scan, BLOCK: tl.constexpr, MASK: tl.c
 
 @triton.jit
 def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                    k_len, lo, hi, qk_scale, mask, q_len,
+                    k_len, lo, hi, qk_scale, softcap, mask, q_len,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
-                    PAD: tl.constexpr, PRECISION: tl.constexpr):
+                    PAD: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of q over key tiles [lo, hi): the updated (acc, m, l); MASKED: bounds and causal mask;
-    MASK: the item mask (_item_mask, q_len)."""
+    MASK: the item mask (_item_mask, q_len); SOFTCAP: scores capped by softcap (qk_scale = scale / softcap)."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -270,6 +286,8 @@ def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd
         if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
             user = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            s, _ = _soft_cap(s, softcap)
         if MASK != "none":
             if MASK == "bias":
                 s = s + user.to(tl.float32) * LOG2E
@@ -295,12 +313,12 @@ def _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd
 
 @triton.jit
 def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                  k_len, lo, hi, qk_scale, mask, q_len,
+                  k_len, lo, hi, qk_scale, softcap, mask, q_len,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
-                  PAD: tl.constexpr, PRECISION: tl.constexpr):
+                  PAD: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """dq += dS K over key tiles [lo, hi) (unscaled), dS = P * (dO V^T - D); MASKED applies bounds and causal mask,
-    MASK the item mask."""
+    MASK the item mask, SOFTCAP the cap (P of the capped scores, dS times 1 - tanh^2)."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -309,6 +327,8 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
         if MASK != "none":  # loaded ahead of the dot (fewer registers than after it)
             user = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, False)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            s, t = _soft_cap(s, softcap)
         if MASK != "none":
             # hidden entries get P = 0, also in rows with lse2 = +inf (rows that saw no key)
             if MASK == "bias":
@@ -324,6 +344,8 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
@@ -331,12 +353,12 @@ def _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, strid
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                       stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                      q_len, lo, hi, qk_scale, mask, k_len,
+                      q_len, lo, hi, qk_scale, softcap, mask, k_len,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                       MASKED: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """dv += P^T dO, dk += dS^T Q (unscaled) over query tiles [lo, hi) of one head; MASKED: causal mask;
-    MASK: the item mask of that head (_item_mask)."""
+    MASK: the item mask of that head (_item_mask); SOFTCAP: as in _dq_key_tiles."""
     cols = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -347,6 +369,8 @@ def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         if MASK != "none":  # the mask tile transposed: [keys, rows], loaded ahead of the dot
             user_t = _mask_tile(mask, rows, keys, q_len, k_len, MASK, DOCS, PAD, True)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            s_t, t_t = _soft_cap(s_t, softcap)
         if MASK != "none":
             if MASK == "bias":
                 p_t = tl.math.exp2(s_t + user_t.to(tl.float32) * LOG2E - lse2[None, :])
@@ -359,6 +383,8 @@ def _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -375,13 +401,13 @@ def forward_step_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ab, stride_ah, stride_al, stride_ad,
     stride_sb, stride_sh, stride_sl,
-    n_heads, q_len, k_len, scale,
+    n_heads, q_len, k_len, scale, softcap,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     q_pos_ptr, k_pos_ptr, window_left, window_right,
     q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward step: attend one item and merge it into its rows' running fp32 state (acc, m in base 2, l)."""
     row_block = tl.program_id(0)
@@ -405,6 +431,8 @@ def forward_step_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     qk_scale = scale * LOG2E
+    if SOFTCAP:  # the loops take S / softcap to the tanh
+        qk_scale = scale / softcap
     mask = _item_mask(b, h, (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk),
                       (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr, k_doc_ptr, stride_qdocb,
                        stride_kdocb, k_valid_ptr, stride_kvb), MASK, DOCS, PAD)
@@ -415,11 +443,11 @@ def forward_step_kernel(
         clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
         end = tl.minimum(end, hi)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
-                                    stride_vl, stride_vd, k_len, lo, clean_end, qk_scale, mask, q_len,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, PRECISION)
+                                    stride_vl, stride_vd, k_len, lo, clean_end, qk_scale, softcap, mask, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, SOFTCAP, PRECISION)
     acc, m_i, l_i = _fold_key_tiles(acc, m_i, l_i, q, rows, k_base, v_base, stride_kl, stride_kd,
-                                    stride_vl, stride_vd, k_len, clean_end, end, qk_scale, mask, q_len,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, PRECISION)
+                                    stride_vl, stride_vd, k_len, clean_end, end, qk_scale, softcap, mask, q_len,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, SOFTCAP, PRECISION)
 
     # the cross-step merge: fold this item's partial state into the stored state of earlier steps
     # (loaded only now, so it does not occupy registers during the loop)
@@ -502,13 +530,13 @@ def backward_dkdv_kernel(
     stride_db, stride_dh, stride_dl,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
-    n_kv_heads, q_len, k_len, scale,
+    n_kv_heads, q_len, k_len, scale, softcap,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     q_pos_ptr, k_pos_ptr, window_left, window_right,
     q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """KV-stationary backward: one K/V tile gets dK += scale dS^T Q, dV += P^T dO over its GQA heads' item rows."""
     col_block = tl.program_id(0)
@@ -535,6 +563,8 @@ def backward_dkdv_kernel(
         lo = 0
         clean_start = 0
     qk_scale = scale * LOG2E
+    if SOFTCAP:  # the loops take S / softcap to the tanh
+        qk_scale = scale / softcap
     for g in range(GROUP):
         h = kv_h * GROUP + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -547,18 +577,18 @@ def backward_dkdv_kernel(
         if MASK == "none":
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, lo, clean_start, qk_scale, mask, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, MASK, DOCS, PAD, PRECISION)
+                                       q_len, lo, clean_start, qk_scale, softcap, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, True, MASK, DOCS, PAD, SOFTCAP, PRECISION)
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, clean_start, q_len, qk_scale, mask, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, PRECISION)
+                                       q_len, clean_start, q_len, qk_scale, softcap, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, SOFTCAP, PRECISION)
         else:  # (never CAUSAL) the query tiles from the first to the last the head's mask shows this key tile to
             q_lo, q_hi = _visible_range(mask, keys, k_len, q_len, BLOCK_M, MASK, DOCS, PAD, True)
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base,
                                        stride_ql, stride_qd, stride_dol, stride_dod, stride_ll, stride_dl,
-                                       q_len, q_lo, q_hi, qk_scale, mask, k_len,
-                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, PRECISION)
+                                       q_len, q_lo, q_hi, qk_scale, softcap, mask, k_len,
+                                       HEAD_DIM, BLOCK_D, BLOCK_M, False, MASK, DOCS, PAD, SOFTCAP, PRECISION)
 
     _add_into_tile(dk_ptr + b * stride_dkb + kv_h * stride_dkh, dk * scale, keys, cols, k_len,
                    stride_dkl, stride_dkd, HEAD_DIM)
@@ -576,13 +606,13 @@ def backward_dq_kernel(
     stride_lb, stride_lh, stride_ll,
     stride_db, stride_dh, stride_dl,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
-    n_heads, q_len, k_len, scale,
+    n_heads, q_len, k_len, scale, softcap,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     q_pos_ptr, k_pos_ptr, window_left, window_right,
     q_doc_ptr, k_doc_ptr, stride_qdocb, stride_kdocb, k_valid_ptr, stride_kvb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr, PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ backward: one Q tile gets dQ += scale dS K over the item's keys, dS = P * (dO V^T - D), P = exp(S - lse)."""
     row_block = tl.program_id(0)
@@ -605,6 +635,8 @@ def backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     qk_scale = scale * LOG2E
+    if SOFTCAP:  # the loops take S / softcap to the tanh
+        qk_scale = scale / softcap
     mask = _item_mask(b, h, (mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk),
                       (q_pos_ptr, k_pos_ptr, window_left, window_right, q_doc_ptr, k_doc_ptr, stride_qdocb,
                        stride_kdocb, k_valid_ptr, stride_kvb), MASK, DOCS, PAD)
@@ -615,11 +647,11 @@ def backward_dq_kernel(
         clean_end = tl.maximum(tl.minimum(clean_end, hi), lo)
         end = tl.minimum(end, hi)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, lo, clean_end, qk_scale, mask, q_len,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, PRECISION)
+                       k_len, lo, clean_end, qk_scale, softcap, mask, q_len,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False, MASK, DOCS, PAD, SOFTCAP, PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, rows, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                       k_len, clean_end, end, qk_scale, mask, q_len,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, PRECISION)
+                       k_len, clean_end, end, qk_scale, softcap, mask, q_len,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True, MASK, DOCS, PAD, SOFTCAP, PRECISION)
 
     _add_into_tile(dq_ptr + b * stride_dqb + h * stride_dqh, dq * scale, rows, cols, q_len,
                    stride_dql, stride_dqd, HEAD_DIM)

@@ -1,9 +1,9 @@
 """Static resource report of every kernel variant, compiled ahead of time for sm_90 and sm_80 (no GPU).
 
     python -m burstc.codegen.report [--json PATH] [--arch sm_90] [--kind forward_step] [--dtype bf16]
-                                    [--head-dim 128] [--mask bool]
+                                    [--head-dim 128] [--mask bool] [--softcap on]
 
-Each variant (kind x head dim x dtype x mask class x arch, GQA group 1: the group only changes index
+Each variant (kind x head dim x dtype x mask class x soft-cap x arch, GQA group 1: the group only changes index
 arithmetic) is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` with
 the launch parameters of the spec's table row. The cubin is read with the `cuobjdump` shipped in
 Triton's package: registers per thread, spill bytes per thread (STACK + LOCAL: Triton kernels make
@@ -16,6 +16,7 @@ The mask classes of a step's kernels are full, causal, the generic tile masks bo
 [B, H, q_len, k_len] mask read with a unit key stride and row/batch/head strides with no divisibility
 to promise; a boolean mask as uint8, a bias in the inputs' dtype) and the positions mask computed in
 the kernel: "pos" (positions and a window), with "+docs" (document ids) and "+pad" (key padding).
+Each comes without and with soft-capped scores (SOFTCAP, the cap an fp32 argument).
 """
 from __future__ import annotations
 
@@ -69,15 +70,17 @@ POSITION_POINTERS = {"q_pos_ptr": "*i32", "k_pos_ptr": "*i32", "q_doc_ptr": "*i3
 ALIGNED_POSITION_POINTERS = {"q_doc_ptr", "k_doc_ptr", "k_valid_ptr"}
 
 
-def spec_of(kind: str, head_dim: int, dtype: str, arch: str, mask_class: str = "full") -> KernelSpec:
-    """The GQA-group-1 spec of a mask class (MASK_CLASSES)."""
+def spec_of(kind: str, head_dim: int, dtype: str, arch: str, mask_class: str = "full",
+            softcap: bool = False) -> KernelSpec:
+    """The GQA-group-1 spec of a mask class (MASK_CLASSES), soft-capped or not."""
     if mask_class not in MASK_CLASSES:
         raise ValueError(f"unknown mask class {mask_class!r}; one of {MASK_CLASSES}")
     if mask_class in POSITION_CLASSES:
         parts = mask_class.split("+")
-        return KernelSpec(kind, head_dim, dtype, 1, False, arch, "positions", "docs" in parts, "pad" in parts)
+        return KernelSpec(kind, head_dim, dtype, 1, False, arch, "positions", "docs" in parts, "pad" in parts,
+                          softcap)
     mask = mask_class if mask_class in TILE_MASKS else "none"
-    return KernelSpec(kind, head_dim, dtype, 1, mask_class == "causal", arch, mask)
+    return KernelSpec(kind, head_dim, dtype, 1, mask_class == "causal", arch, mask, softcap=softcap)
 
 
 def _passed_position_args(spec: KernelSpec) -> set:
@@ -89,18 +92,20 @@ def _passed_position_args(spec: KernelSpec) -> set:
 
 
 def variants(archs=("sm_90", "sm_80"), kinds=KINDS, dtypes=DTYPES, head_dims=HEAD_DIMS,
-             masks=MASK_CLASSES) -> list[KernelSpec]:
-    """Every (arch, kind, dtype, head dim, mask class) combination; mask classes other than full only
-    for masked kinds (kernels without a mask appear once, when `masks` holds full)."""
+             masks=MASK_CLASSES, softcaps=(False, True)) -> list[KernelSpec]:
+    """Every (arch, kind, dtype, head dim, mask class, soft-cap) combination; mask classes other than full and
+    soft-capped variants only for masked kinds (kernels without a mask appear once, when `masks` holds full
+    and `softcaps` False)."""
     specs = []
     for arch in archs:
         for kind in kinds:
             classes = [m for m in masks if m in MASK_CLASSES] if kind in MASKED_KINDS else \
                 [m for m in masks if m == "full"]
+            caps = softcaps if kind in MASKED_KINDS else [c for c in softcaps if not c]
             for dtype in dtypes:
                 for head_dim in head_dims:
                     for mask_class in classes:
-                        specs.append(spec_of(kind, head_dim, dtype, arch, mask_class))
+                        specs += [spec_of(kind, head_dim, dtype, arch, mask_class, cap) for cap in caps]
     return specs
 
 
@@ -136,6 +141,10 @@ def ast_source(spec: KernelSpec) -> ASTSource:
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name == "scale":
             signature[name] = "fp32"
+        elif name == "softcap":
+            signature[name] = "fp32" if spec.softcap else "constexpr"
+            if not spec.softcap:
+                constants[name] = None  # the launch passes None
         elif name in UNIT_STRIDES:
             signature[name] = "constexpr"
             constants[name] = 1
@@ -191,7 +200,7 @@ def report_row(spec: KernelSpec) -> dict:
     shared = compiled.metadata.shared + usage["static_shared"]
     return {
         "kernel": spec.kind, "arch": spec.arch, "dtype": spec.dtype, "head_dim": spec.head_dim,
-        "causal": spec.causal, "mask": spec.mask_class, **asdict(spec.config),
+        "causal": spec.causal, "mask": spec.mask_class, "softcap": spec.softcap, **asdict(spec.config),
         "registers": usage["registers"], "spill_bytes": usage["spill_bytes"], "shared_bytes": shared,
         "shared_limit": SHARED_LIMIT[spec.arch], "tensor_core": bool(usage["tensor_core_op"]),
         "tensor_core_op": usage["tensor_core_op"],
@@ -203,13 +212,14 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for kind in dict.fromkeys(row["kernel"] for row in rows):
         lines += [f"\n### {kind}\n",
-                  "| arch | dtype | d | mask | tile (M x N, warps, stages) | regs | spill B | smem B | tensor core |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | dtype | d | mask | softcap | tile (M x N, warps, stages) | regs | spill B | smem B | "
+                  "tensor core |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (row for row in rows if row["kernel"] == kind):
-            mask = r["mask"]
+            mask, softcap = r["mask"], "yes" if r["softcap"] else "-"
             tile = f"{r['block_m']} x {r['block_n']}, {r['num_warps']}, {r['num_stages']}"
-            lines.append(f"| {r['arch']} | {r['dtype']} | {r['head_dim']} | {mask} | {tile} | {r['registers']} | "
-                         f"{r['spill_bytes']} | {r['shared_bytes']} | {r['tensor_core_op'] or '-'} |")
+            lines.append(f"| {r['arch']} | {r['dtype']} | {r['head_dim']} | {mask} | {softcap} | {tile} | "
+                         f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['tensor_core_op'] or '-'} |")
     return "\n".join(lines)
 
 
@@ -222,10 +232,13 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append")
     parser.add_argument("--mask", choices=MASK_CLASSES, action="append",
                         help="mask classes of the step kernels (default: all; finalize/delta only with full)")
+    parser.add_argument("--softcap", choices=("off", "on"), action="append",
+                        help="the step kernels without / with soft-capped scores (default: both; finalize/delta: off)")
     args = parser.parse_args(argv)
     specs = variants(archs=args.arch or ("sm_90", "sm_80"), kinds=args.kind or KINDS,
                      dtypes=args.dtype or DTYPES, head_dims=args.head_dim or HEAD_DIMS,
-                     masks=args.mask or MASK_CLASSES)
+                     masks=args.mask or MASK_CLASSES,
+                     softcaps=[cap == "on" for cap in args.softcap or ("off", "on")])
     rows = []
     for number, spec in enumerate(specs, 1):
         print(f"[{number}/{len(specs)}] {spec}", file=sys.stderr, flush=True)
@@ -235,7 +248,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
     problems = [r for r in rows if r["spill_bytes"] or r["shared_bytes"] > r["shared_limit"]]
     for r in problems:
-        print(f"problem: {r['kernel']} {r['arch']} {r['dtype']} d={r['head_dim']} {r['mask']}: "
+        print(f"problem: {r['kernel']} {r['arch']} {r['dtype']} d={r['head_dim']} {r['mask']}"
+              f"{' softcap' if r['softcap'] else ''}: "
               f"spills {r['spill_bytes']} B, shared {r['shared_bytes']} of {r['shared_limit']} B", file=sys.stderr)
     return 1 if problems else 0
 

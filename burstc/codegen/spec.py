@@ -48,8 +48,9 @@ class KernelSpec:
     """One kernel variant. `group` is H_q // H_kv; `causal` is the WorkItem's mask class (top-left
     causal inside its rectangle, else full); `mask` is the item's generic mask ("none", "bool",
     "bias", "positions"; one of MASKS), never together with `causal` (a given mask holds the causal
-    part); `documents` and `key_padding` say what a "positions" mask holds besides its window.
-    Kernels without a mask (finalize, delta) ignore group, causal and mask."""
+    part); `documents` and `key_padding` say what a "positions" mask holds besides its window;
+    `softcap`: the scores are soft-capped (softcap * tanh(S / softcap) before any mask, the cap a runtime
+    argument). Kernels without a mask (finalize, delta) ignore group, causal and mask, and take no softcap."""
 
     kind: str
     head_dim: int
@@ -60,6 +61,7 @@ class KernelSpec:
     mask: str = "none"
     documents: bool = False
     key_padding: bool = False
+    softcap: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -80,6 +82,8 @@ class KernelSpec:
             raise ValueError(f"{self.kind} kernels take no mask")
         if (self.documents or self.key_padding) and self.mask != "positions":
             raise ValueError("documents and key_padding are parts of a positions mask: set mask='positions'")
+        if self.softcap and self.kind not in MASKED_KINDS:
+            raise ValueError(f"{self.kind} kernels take no softcap")
 
     @property
     def mask_class(self) -> str:
@@ -117,7 +121,8 @@ class KernelSpec:
         values = {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": cfg.block_m}
         if self.kind in MASKED_KINDS:
             values.update(BLOCK_N=cfg.block_n, GROUP=self.group, CAUSAL=self.causal, MASK=self.mask,
-                          DOCS=self.documents, PAD=self.key_padding, PRECISION=self.dot_precision)
+                          DOCS=self.documents, PAD=self.key_padding, SOFTCAP=self.softcap,
+                          PRECISION=self.dot_precision)
         return values
 
 
@@ -189,6 +194,21 @@ _POSITION_MASK_TABLE = {
     ("sm_80", BACKWARD_DKDV, "fp32"): {64: _T(16, 64, 8, 1)},
     ("sm_80", BACKWARD_DQ, "fp32"): {64: _T(64, 16, 8, 1), 128: _T(32, 16, 8, 1)},
 }
+# Rows of soft-capped variants (SOFTCAP, any mask class) where their mask class's row spills: the tanh's
+# operands take registers (and in the backward the tanh stays live until dS); chosen like _POSITION_MASK_TABLE's
+# rows, by compiling the spilling row's tile and its halvings largest first (fewer stages before a smaller tile)
+# and keeping the first with no spill, shared memory in budget and (16-bit) tensor cores for all eight mask
+# classes soft-capped, fp16 and bf16 alike, head dims 80, 96 and 128 for the BLOCK_D 128 rows. Every other
+# soft-capped variant runs its mask class's row.
+_SOFTCAP_TABLE = {
+    ("sm_90", FORWARD_STEP, "16bit"): {128: _T(128, 32, 8, 3), 256: _T(64, 32, 8, 2)},
+    ("sm_90", BACKWARD_DQ, "16bit"): {256: _T(64, 16, 8, 2)},
+    ("sm_90", FORWARD_STEP, "fp32"): {64: _T(64, 16, 8, 1)},
+    ("sm_90", BACKWARD_DQ, "fp32"): {256: _T(16, 16, 8, 1)},
+    ("sm_80", BACKWARD_DKDV, "16bit"): {64: _T(32, 128, 8, 1)},
+    ("sm_80", BACKWARD_DKDV, "fp32"): {64: _T(16, 32, 8, 1), 128: _T(32, 16, 8, 1)},
+    ("sm_80", BACKWARD_DQ, "fp32"): {128: _T(16, 32, 8, 1), 256: _T(16, 16, 8, 1)},
+}
 # The interpreter runs one numpy program per tile: small tiles keep the tests' lengths short while
 # crossing several tiles, and block_m != block_n exercises the causal tile arithmetic.
 _INTERPRETER = {
@@ -204,9 +224,12 @@ def select_config(spec: KernelSpec) -> TileConfig:
     table = _FP32_TABLE if spec.dtype == "fp32" and (spec.arch, spec.kind) in _FP32_TABLE else _TABLE
     rows = table[(spec.arch, spec.kind)]
     block_d = min(bd for bd in rows if bd >= spec.block_d)
+    precision = "fp32" if spec.dtype == "fp32" else "16bit"
+    if spec.softcap and block_d in _SOFTCAP_TABLE.get((spec.arch, spec.kind, precision), {}):
+        return _SOFTCAP_TABLE[(spec.arch, spec.kind, precision)][block_d]
     if spec.mask != "none":
         table = _MASKED_TABLE if spec.mask in TILE_MASKS else _POSITION_MASK_TABLE
-        masked = table.get((spec.arch, spec.kind, "fp32" if spec.dtype == "fp32" else "16bit"), {})
+        masked = table.get((spec.arch, spec.kind, precision), {})
         if block_d in masked:
             return masked[block_d]
     return rows[block_d]

@@ -265,7 +265,8 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         ring's result from the global log-sum-exp; differentiable, its gradient summed over this
         rank's rows (sum it over the ranks like any replicated parameter's).
     softcap: the scores are soft-capped as softcap * tanh(S / softcap) before the mask (Gemma 2); runs
-        on the reference kernel for now (kernel='auto' or 'reference').
+        on the triton kernel (kernel='triton', or 'auto' on CUDA) and the reference kernel ('auto' on CPU,
+        or 'reference'); not on the cpu kernel, nor with a learned attn_mask's gradient (reference only).
 
     schedule: how chunks travel when the group spans several nodes: 'ring' (one flat ring),
         'double_ring' (an inner ring per node, an outer ring across nodes: a chunk crosses the
@@ -291,19 +292,27 @@ def burst_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 def _choose_kernel(name: str, q: torch.Tensor, softcap: Optional[float], bias_grad: bool) -> LocalKernel:
-    """The local kernel. Soft-capped scores and a learned bias's gradient run on the reference kernel for
-    now (torch math; each work item's scores are materialised): the cpu and triton kernels have neither."""
+    """The local kernel. Soft-capped scores run on the triton kernel where the kernel resolves to it
+    (kernel='triton', or 'auto' on CUDA), else on the reference kernel (torch math; each work item's scores
+    are materialised), as does a learned bias's gradient: the cpu kernel has neither, triton no bias gradient."""
     if softcap is None and not bias_grad:
         return select_kernel(name, q)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap!r}: a soft-cap is a positive number")
-    need = "soft-capped scores" if softcap is not None else "a learned attn_mask's gradient"
+    if not bias_grad and (name == "triton" or (name == "auto" and q.device.type == "cuda")):
+        if select_kernel(name, q).name == "triton":  # (raises if kernel='triton' cannot run these inputs)
+            from burstc.runtime.kernels.triton import TritonKernel
+            return TritonKernel(softcap=softcap)
+    need = "a learned attn_mask's gradient" if bias_grad else "soft-capped scores"
     if name not in ("auto", "reference"):
-        raise ValueError(f"kernel={name!r} does not compute {need} yet: use kernel='auto' (the reference kernel)")
+        fix = "kernel='auto' (the reference kernel)" if bias_grad else \
+            "kernel='triton' (CUDA, or TRITON_INTERPRET=1) or kernel='auto'"
+        raise ValueError(f"kernel={name!r} does not compute {need}: use {fix}")
     if name == "auto" and need not in _logged_choices:
         _logged_choices.add(need)
         log.warning("burst: the reference kernel computes %s (torch math, each work item's scores materialised); "
-                    "the cpu and triton kernels have no such path yet", need)
+                    "the cpu kernel has no such path%s", need,
+                    "" if bias_grad else " (soft-caps run on the triton kernel on CUDA)")
     return ReferenceKernel(softcap=softcap)
 
 

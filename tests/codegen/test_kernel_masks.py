@@ -71,12 +71,14 @@ def global_bias(items_and_bias):
     return total
 
 
-def reference(q, k, v, dout, bias, scale):
-    """float64 (out, lse, dq, dk, dv) by autograd; rows that see nothing: out 0, lse -inf, no gradient."""
+def reference(q, k, v, dout, bias, scale, cap=None):
+    """float64 (out, lse, dq, dk, dv) by autograd of softmax(S + bias) v, S = scale q k^T (cap: soft-capped,
+    cap * tanh(S / cap)); rows that see nothing: out 0, lse -inf, no gradient."""
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ ke.transpose(-1, -2)) * scale + bias
+    s = (q @ ke.transpose(-1, -2)) * scale
+    s = (s if cap is None else cap * torch.tanh(s / cap)) + bias
     dead = (s == -math.inf).all(-1, keepdim=True)
     s = s.masked_fill(dead, 0.0)
     out = (torch.softmax(s, -1) * ~dead) @ ve

@@ -82,17 +82,17 @@ def bias_of(visible):
     return bias.expand(B, H, *visible.shape[-2:])
 
 
-def run(q, k, v, dout, items, scale, grads):
-    """(out, lse, dq, dk, dv - their starting values) of the Triton kernels on items (item, mask)."""
-    state = KERNEL.forward_init(q)
+def run(kernel, q, k, v, dout, items, scale, grads):
+    """(out, lse, dq, dk, dv - their starting values) of a Triton kernel on items (item, mask)."""
+    state = kernel.forward_init(q)
     for item, mask in items:
-        KERNEL.forward_step(state, q, k, v, item, scale, mask=mask)
+        kernel.forward_step(state, q, k, v, item, scale, mask=mask)
     assert not (state.m.isnan().any() or state.l.isnan().any() or state.acc.isnan().any())
-    out, lse = KERNEL.forward_finalize(state)
+    out, lse = kernel.forward_finalize(state)
     bundle = QueryBundle(q=q, dout=dout, lse=grads["lse"], delta=grads["delta"])
     dq, dk, dv = (grads[name].clone() for name in ("dq", "dk", "dv"))
     for item, mask in items:
-        KERNEL.backward_step(bundle, k, v, item, scale, dq, dk, dv, mask=mask)
+        kernel.backward_step(bundle, k, v, item, scale, dq, dk, dv, mask=mask)
     return out, lse, dq - grads["dq"], dk - grads["dk"], dv - grads["dv"]
 
 
@@ -128,7 +128,7 @@ def test_position_mask_forward_and_backward(case, dtype, before, head_dim):
                  dq=random(*q.shape, generator=gen), dk=random(*k.shape, generator=gen),
                  dv=random(*k.shape, generator=gen))
 
-    got = run(q, k, v, dout, before_items + [(MASKED, described)], scale, grads)
+    got = run(KERNEL, q, k, v, dout, before_items + [(MASKED, described)], scale, grads)
     out, lse, dq, dk, dv = got
     assert_close(out, out_ref, ATOL[dtype], "out")
     assert_close(lse, lse_ref, ATOL[dtype] if dtype == torch.float32 else 1e-4, "lse")
@@ -139,7 +139,7 @@ def test_position_mask_forward_and_backward(case, dtype, before, head_dim):
     assert torch.all(dq[dead] == 0)  # rows that saw nothing get exactly nothing
 
     # the same tiles in the same order as the "bool" kernels on the materialised mask: the same numbers
-    as_bool = run(q, k, v, dout, before_items + [(MASKED, described.materialize())], scale, grads)
+    as_bool = run(KERNEL, q, k, v, dout, before_items + [(MASKED, described.materialize())], scale, grads)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, as_bool):
         assert torch.equal(a, b), name
 

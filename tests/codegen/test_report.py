@@ -2,8 +2,8 @@
 
 A representative subset: both archs, the three kernels of a step and one elementwise kernel, every
 dtype, padded and large head dims, every mask class (full, causal, the generic tile masks bool and bias,
-and the in-kernel positions mask with and without documents and key padding). `python -m
-burstc.codegen.report` compiles all variants."""
+and the in-kernel positions mask with and without documents and key padding), and soft-capped scores.
+`python -m burstc.codegen.report` compiles all variants."""
 import json
 
 import pytest
@@ -32,11 +32,20 @@ SUBSET = [
 ]
 
 
+SOFTCAP_SUBSET = [
+    ("forward_step", 128, "bf16", "causal"),
+    ("backward_dkdv", 128, "fp16", "causal"),
+    ("backward_dq", 256, "bf16", "pos"),
+    ("forward_step", 64, "fp32", "bias"),
+]
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("kind,head_dim,dtype,mask", SUBSET)
-def test_compiled_kernel_resources(arch, kind, head_dim, dtype, mask):
-    row = report.report_row(report.spec_of(kind, head_dim, dtype, arch, mask))
-    assert row["mask"] == mask
+@pytest.mark.parametrize("kind,head_dim,dtype,mask,softcap",
+                         [case + (False,) for case in SUBSET] + [case + (True,) for case in SOFTCAP_SUBSET])
+def test_compiled_kernel_resources(arch, kind, head_dim, dtype, mask, softcap):
+    row = report.report_row(report.spec_of(kind, head_dim, dtype, arch, mask, softcap))
+    assert row["mask"] == mask and row["softcap"] == softcap
     assert row["spill_bytes"] == 0, row
     assert 0 < row["registers"] <= 255, row
     assert row["shared_bytes"] <= SHARED_LIMIT[arch], row
@@ -62,8 +71,14 @@ def test_variants_cover_the_mask_classes():
         assert {c for k, c in classes if k == kind} == {"full", "causal", "bool", "bias", "pos", "pos+docs",
                                                         "pos+pad", "pos+docs+pad"}
     assert {c for k, c in classes if k in ("finalize", "delta")} == {"full"}
-    masked_only = report.variants(archs=("sm_80",), dtypes=("bf16",), head_dims=(128,), masks=("bool", "bias"))
+    step_kinds = ("forward_step", "backward_dkdv", "backward_dq")
+    assert {(spec.kind, spec.softcap) for spec in specs} == \
+        {(kind, cap) for kind in step_kinds for cap in (False, True)} | {("finalize", False), ("delta", False)}
+    masked_only = report.variants(archs=("sm_80",), dtypes=("bf16",), head_dims=(128,), masks=("bool", "bias"),
+                                  softcaps=(False,))
     assert len(masked_only) == 6 and all(spec.mask in ("bool", "bias") for spec in masked_only)
+    capped = report.variants(archs=("sm_80",), dtypes=("bf16",), head_dims=(128,), softcaps=(True,))
+    assert len(capped) == 3 * 8 and all(spec.softcap for spec in capped)
 
 
 def test_masked_arguments_compile_as_a_launch_passes_them():
@@ -97,3 +112,16 @@ def test_position_mask_arguments_compile_as_a_launch_passes_them():
     for mask_class in ("full", "bool"):
         source = report.ast_source(report.spec_of("forward_step", 64, "fp16", "sm_90", mask_class))
         assert all(source.signature[name] == "constexpr" for name in ("q_pos_ptr", "window_right", "k_valid_ptr"))
+
+
+def test_softcap_argument_compiles_as_a_launch_passes_it():
+    """Without a soft-cap the cap argument is constexpr None and SOFTCAP False (the un-capped binary); with one,
+    an fp32 argument and SOFTCAP True."""
+    for kind in ("forward_step", "backward_dkdv", "backward_dq"):
+        plain = report.ast_source(report.spec_of(kind, 64, "fp16", "sm_90", "causal"))
+        assert plain.signature["softcap"] == "constexpr" and plain.signature["SOFTCAP"] == "constexpr"
+        assert plain.constants[(plain.fn.arg_names.index("softcap"),)] is None
+        assert plain.constants[(plain.fn.arg_names.index("SOFTCAP"),)] is False
+        capped = report.ast_source(report.spec_of(kind, 64, "fp16", "sm_90", "causal", softcap=True))
+        assert capped.signature["softcap"] == "fp32"
+        assert capped.constants[(capped.fn.arg_names.index("SOFTCAP"),)] is True

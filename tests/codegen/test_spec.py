@@ -66,6 +66,21 @@ def test_position_mask_specs():
     assert narrowed.block_n < KernelSpec("forward_step", 64, "fp16", arch="sm_90").config.block_n
 
 
+def test_softcap_specs():
+    plain, capped = (KernelSpec("backward_dq", 64, "fp16", causal=True, softcap=c) for c in (False, True))
+    assert plain.constexprs()["SOFTCAP"] is False and capped.constexprs()["SOFTCAP"] is True
+    assert plain != capped  # distinct binaries, distinct cache keys
+    with pytest.raises(ValueError, match="take no softcap"):
+        KernelSpec("finalize", 64, "fp16", softcap=True)
+    # soft-capped variants have their own rows where their mask class's row spills, for every mask class
+    for mask in ("none", "bool", "positions"):
+        spilling, capped = (KernelSpec("backward_dkdv", 64, "fp32", arch="sm_80", mask=mask, softcap=c).config
+                            for c in (False, True))
+        assert capped.block_m * capped.block_n < spilling.block_m * spilling.block_n
+    assert KernelSpec("backward_dq", 128, "bf16", arch="sm_90", softcap=True).config == \
+        KernelSpec("backward_dq", 128, "bf16", arch="sm_90").config
+
+
 @pytest.mark.parametrize("fields", [
     dict(kind="attention"), dict(dtype="fp64"), dict(arch="sm_70"), dict(head_dim=512), dict(group=0),
     dict(mask="int"), dict(mask="bool", causal=True), dict(kind="finalize", mask="bias"),

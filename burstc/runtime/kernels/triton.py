@@ -7,6 +7,8 @@ item's mask tile ([B|1, H_q|1, q_len, k_len], bool or an additive floating bias)
 head dims are read with stride 0, a boolean mask through a uint8 view of its bytes. An item's
 PositionMask (tile_mask.py) runs as MASK "positions": the kernels read its position vectors, window
 bounds, document ids and key validity (O(q_len + k_len)) and compute each tile's visibility.
+`TritonKernel(softcap=c)` soft-caps the scores as c * tanh(S / c) before any mask (Gemma 2): the kernels'
+SOFTCAP variants, with the cap passed to every launch.
 """
 from __future__ import annotations
 
@@ -139,6 +141,12 @@ class TritonKernel:
     name = "triton"
     takes_position_masks = True  # the ring hands it PositionMasks where the mask allows (MASK "positions")
 
+    def __init__(self, softcap: Optional[float] = None):
+        """softcap: the scores are soft-capped as softcap * tanh(S / softcap) before any mask (Gemma 2)."""
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap={softcap!r}: a soft-cap is a positive number")
+        self.softcap = None if softcap is None else float(softcap)
+
     def supports(self, q: torch.Tensor) -> Optional[str]:
         if q.dtype == torch.float64:
             return "float64 is not supported: the Triton kernels accumulate in float32 (use kernel='reference')"
@@ -185,7 +193,7 @@ class TritonKernel:
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, qs, ks, vs, acc, m, l,
                      *qs.stride(), *ks.stride(), *vs.stride(), *acc.stride(), *m.stride(),
-                     heads, item.q_len, item.k_len, scale, *item_mask.args)
+                     heads, item.q_len, item.k_len, scale, self.softcap, *item_mask.args)
 
     def forward_finalize(self, state: TritonState) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, length, d = state.acc.shape
@@ -238,12 +246,12 @@ class TritonKernel:
         spec = self._spec(BACKWARD_DKDV, bundle.q, k, item.causal, item_mask)
         grid = (triton.cdiv(item.k_len, spec.config.block_n), batch * kv_heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dks, dvs, *common, *dks.stride(), *dvs.stride(),
-                     kv_heads, item.q_len, item.k_len, scale, *item_mask.args)
+                     kv_heads, item.q_len, item.k_len, scale, self.softcap, *item_mask.args)
 
         spec = self._spec(BACKWARD_DQ, bundle.q, k, item.causal, item_mask)
         grid = (triton.cdiv(item.q_len, spec.config.block_m), batch * heads)
         self._launch(spec, grid, q, ks, vs, do, lse, delta, dqs, *common, *dqs.stride(),
-                     heads, item.q_len, item.k_len, scale, *item_mask.args)
+                     heads, item.q_len, item.k_len, scale, self.softcap, *item_mask.args)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -253,14 +261,16 @@ class TritonKernel:
             raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
         if k.dtype != q.dtype:
             raise TypeError(f"q is {q.dtype} but k/v are {k.dtype}")
-        return self._spec_for(kind, q.shape[-1], q.dtype, q.device, heads // kv_heads, causal, mask)
+        return self._spec_for(kind, q.shape[-1], q.dtype, q.device, heads // kv_heads, causal, mask,
+                              self.softcap is not None)
 
     @staticmethod
     def _spec_for(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device,
-                  group: int = 1, causal: bool = False, mask: _MaskArgs = _MaskArgs()) -> KernelSpec:
+                  group: int = 1, causal: bool = False, mask: _MaskArgs = _MaskArgs(),
+                  softcap: bool = False) -> KernelSpec:
         arch = "interpreter" if cache.interpreting() else arch_of(device)
         return KernelSpec(kind, head_dim, TORCH_DTYPES[dtype], group, causal, arch, mask.kind, mask.documents,
-                          mask.key_padding)
+                          mask.key_padding, softcap)
 
     @staticmethod
     def _launch(spec: KernelSpec, grid: tuple, *args) -> None:
