@@ -17,7 +17,8 @@ def sources_for_sites(plans) -> dict[str, str]:
         if not plan.converts:
             continue
         q, k = plan.site.tensor("query"), plan.site.tensor("key")
-        for spec in site_specs(q.dtype, int(q.shape[3]), int(q.shape[1]) // int(k.shape[1]), plan.causal):
+        group = int(q.shape[1]) // int(k.shape[1])
+        for spec in site_specs(q.dtype, int(q.shape[3]), group, plan.causal, softcap=plan.site.softcap is not None):
             sources.setdefault(variant_name(spec), kernel_source(spec))
     return sources
 

@@ -24,7 +24,8 @@ def _functions() -> dict[str, tuple[str, set[str]]]:
 
 def variant_name(spec: KernelSpec) -> str:
     mask = "_causal" if spec.causal else ""
-    return f"{spec.kind}_{spec.dtype}_d{spec.head_dim}_g{spec.group}{mask}_{spec.arch}"
+    cap = "_softcap" if spec.softcap else ""
+    return f"{spec.kind}_{spec.dtype}_d{spec.head_dim}_g{spec.group}{mask}{cap}_{spec.arch}"
 
 
 def kernel_source(spec: KernelSpec) -> str:
@@ -45,13 +46,14 @@ def kernel_source(spec: KernelSpec) -> str:
     return "\n".join(header) + "\n\n".join(functions[n][0] for n in order) + "\n"
 
 
-def site_specs(dtype, head_dim: int, group: int, causal: bool, arch: str = "sm_90") -> list[KernelSpec]:
+def site_specs(dtype, head_dim: int, group: int, causal: bool, arch: str = "sm_90",
+               softcap: bool = False) -> list[KernelSpec]:
     """The kernel variants one attention site runs on GPU (both mask classes where causal: the
-    diagonal pairs need the causal variant, the off-diagonal ones the full one)."""
+    diagonal pairs need the causal variant, the off-diagonal ones the full one; softcap: soft-capped)."""
     name = TORCH_DTYPES.get(dtype)
     if name is None:
         return []
     masks = (False, True) if causal else (False,)
-    specs = [KernelSpec(kind, head_dim, name, group, mask, arch)
+    specs = [KernelSpec(kind, head_dim, name, group, mask, arch, softcap=softcap)
              for kind in (FORWARD_STEP, BACKWARD_DKDV, BACKWARD_DQ) for mask in masks]
     return specs + [KernelSpec(FINALIZE, head_dim, name, 1, False, arch), KernelSpec(DELTA, head_dim, name, 1, False, arch)]

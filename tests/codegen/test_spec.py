@@ -1,5 +1,6 @@
 """KernelSpec validation and the launch-parameter table."""
 import pytest
+import torch
 
 from burstc.codegen.spec import (ARCHS, DTYPES, HEAD_DIMS, KINDS, MASKED_KINDS, MASKS, KernelSpec, TileConfig,
                                  select_config)
@@ -95,3 +96,13 @@ def test_invalid_specs_are_refused(fields):
 def test_specs_are_hashable_cache_keys():
     assert len({KernelSpec("forward_step", 64, "fp16"), KernelSpec("forward_step", 64, "fp16")}) == 1
     assert len({KernelSpec("forward_step", 64, "fp16", mask=m) for m in MASKS}) == len(MASKS)
+
+
+def test_dumps_name_a_soft_capped_sites_variants():
+    from burstc.codegen.source import kernel_source, site_specs, variant_name
+
+    specs = site_specs(torch.float16, 64, 2, True, softcap=True)
+    steps = [s for s in specs if s.kind in ("forward_step", "backward_dkdv", "backward_dq")]
+    assert len(steps) == 6 and all(s.softcap and variant_name(s).endswith("_softcap_sm_90") for s in steps)
+    assert "'SOFTCAP': True" in kernel_source(steps[0])
+    assert not any(s.softcap for s in site_specs(torch.float16, 64, 2, True))
