@@ -16,15 +16,18 @@ from burstc.passes.attention_spellings import (
 
 
 def classify_mask(scores: Scores, x: fx.Node, ctx):
-    """-> (kind, attn_mask node, negate it?, mask nodes that become dead if causal). ctx.real_tensor(node)
-    gives the value of a buffer or input when it is known (the canonicalize pass's context)."""
+    """-> (kind, attn_mask node (several additive masks: a tuple of nodes, to be summed), negate it?, mask nodes
+    that become dead if causal). ctx.real_tensor(node) gives the value of a buffer or input when it is known
+    (the canonicalize pass's context)."""
     if scores.mask_op is None:
         return "none", None, False, []
     m = scores.mask
     if (rank_of(m) or 0) < 2:
         raise Skip("the mask has fewer than 2 dims (SDPA rejects such an attn_mask)")
     if scores.mask_op == "add":
-        return "additive", m, False, []
+        if any((rank_of(more) or 0) < 2 for more in scores.more_masks):
+            raise Skip("an additive mask has fewer than 2 dims (SDPA rejects such an attn_mask)")
+        return "additive", (m, *scores.more_masks) if scores.more_masks else m, False, []
     if dtype_of(m) != torch.bool:
         raise Skip("masked_fill with a non-boolean mask")
     seen: list[fx.Node] = []

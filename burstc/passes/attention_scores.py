@@ -1,6 +1,7 @@
 """attention_scores: the chain from Q·Kᵀ up to the softmax, walked upwards from the softmax input: the Q·Kᵀ
 spellings (matmul, einsum, baddbmm), the transpose of K, scalar scales (constant or symbolic) and at most one
-mask op (masked_fill, where, an additive mask), each accepted only where SDPA computes the same."""
+mask op (masked_fill, where, one or more additive masks: T5 adds its position bias, then its padding mask),
+each accepted only where SDPA computes the same."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class Scores:
     factors: tuple = ()           # _Scales met so far (they act after what lies above)
     mask_op: str | None = None    # "masked_fill" | "add" | "where"
     mask: fx.Node | None = None
+    more_masks: tuple = ()        # further additive masks below the first: SDPA gets their sum
     finite_fill: bool = False     # the masked value is a huge finite negative, not -inf
     softcap: Scale | None = None  # cap of a soft-capped chain cap * tanh(...); factors then count below tanh
     qk: QK | None = None
@@ -105,16 +107,16 @@ def walk_additive_mask(node: fx.Node, acc: Scores) -> Scores:
         if not same_shape(scores, node) or dtype_of(mask) != dtype_of(node) or dtype_of(scores) != dtype_of(node):
             errors.append(f"{node.name}: the mask changes the scores' shape or dtype")
             continue
+        masks = dict(mask=mask) if acc.mask_op is None else dict(more_masks=acc.more_masks + (mask,))
         try:
-            return walk_scores(scores, dataclasses.replace(
-                acc, nodes=acc.nodes + (node,), mask_op="add", mask=mask))
+            return walk_scores(scores, dataclasses.replace(acc, nodes=acc.nodes + (node,), mask_op="add", **masks))
         except Skip as e:
             errors.append(str(e))
     raise Skip(errors[0])
 
 
 def check_mask_position(acc: Scores, op: str) -> None:
-    if acc.mask_op is not None:
+    if acc.mask_op is not None and not (acc.mask_op == op == "add"):  # additive masks sum: (S + a) + b = S + (a + b)
         raise Skip("more than one mask on the scores")
     if acc.softcap is not None:
         raise Skip("a mask inside the soft-cap's tanh (tanh(-inf) = -1 hides nothing)")

@@ -380,6 +380,9 @@ def _rewrite(graph: fx.Graph, site: _Site) -> CanonicalizedSite:
         if k is None:
             k = new_node(graph, "call_method", "transpose", (site.kt, -2, -1), {}, site.softmax)
         mask = site.mask
+        if isinstance(mask, tuple):  # several additive masks: SDPA takes their sum
+            mask = functools.reduce(
+                lambda a, b: new_node(graph, "call_function", operator.add, (a, b), {}, site.softmax), mask)
         if site.negate_mask:
             mask = new_node(graph, "call_function", torch.logical_not, (mask,), {}, site.softmax)
         scale = _scale_argument(graph, site.scale, site.softmax)

@@ -2,6 +2,7 @@
 right mask/scale kwargs and the compiled model equals eager (outputs and gradients); anything not
 provably attention, or not exactly rewritable, is left as it is."""
 import math
+import operator
 
 import pytest
 import torch
@@ -195,6 +196,28 @@ class AdditiveMaskAttention(QKVBlock):
         att = (q @ k.permute(0, 1, 3, 2)) * (1.0 / math.sqrt(D)) + mask
         att = F.softmax(att, dim=-1, dtype=None)
         return self.merge(att @ v)
+
+
+class BiasThenMaskAttention(QKVBlock):
+    """T5's order: a learned position bias [1, H, T, T] added to the scores, then a padding mask [B, 1, 1, T]."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, H, T, T))
+
+    def forward(self, x, padding):
+        q, k, v = self.qkv(x)
+        att = (q @ k.transpose(2, 3)) * D ** -0.5
+        att = att + self.bias
+        att = att + padding
+        return self.merge(F.softmax(att, dim=-1) @ v)
+
+
+class MaskedFillThenAddAttention(QKVBlock):
+    def forward(self, x, hidden, bias):
+        q, k, v = self.qkv(x)
+        att = (q @ k.transpose(2, 3)).masked_fill(hidden, float("-inf")) + bias
+        return self.merge(F.softmax(att, dim=-1) @ v)
 
 
 class BoolMaskGQAAttention(QKVBlock):
@@ -424,6 +447,25 @@ def test_additive_float_mask_input():
     graph = assert_converted(captured, 1, is_causal=False, scale=1 / math.sqrt(D))
     attn_mask = graph.sdpa_nodes()[0].kwargs["attn_mask"]
     assert attn_mask.op == "placeholder" and graph.result.converted[0].mask == "additive"
+
+
+def test_two_additive_masks_become_their_sum():
+    """(S + bias) + padding = S + (bias + padding): one attn_mask, the bias's gradient through the sum."""
+    model = BiasThenMaskAttention()
+    compiled, captured = compile_with_pass(model)
+    padding = torch.zeros(B, 1, 1, T).masked_fill(torch.rand(B, 1, 1, T) < 0.3, float("-inf"))
+    padding[:, :, :, 0] = 0.0  # every query sees a key
+    assert_same_as_eager(model, compiled, x_input() + (padding,))
+    graph = assert_converted(captured, 1, is_causal=False, scale=D ** -0.5)
+    attn_mask = graph.sdpa_nodes()[0].kwargs["attn_mask"]
+    assert attn_mask.target is operator.add and graph.result.converted[0].mask == "additive"
+
+
+def test_a_mask_op_beside_an_additive_mask_stays():
+    model = MaskedFillThenAddAttention()
+    compiled, captured = compile_with_pass(model)
+    compiled(*x_input(), torch.rand(T, T) < 0.2, torch.randn(B, 1, T, T))
+    assert_untouched(captured, reason="more than one mask on the scores")
 
 
 def test_boolean_mask_and_repeated_kv_heads_become_gqa():
