@@ -91,7 +91,8 @@ class CompilationDump:
                                      scheme=plan.backward, notes=notes, predictions=plan.predictions)
                 self.files[f"site_{site.name}.md"] = report
                 self.pictures.append((f"site_{site.name}.png", ring))
-                entry.update(layout=plan.layout, backward=backward_for_plan(shape, ring, plan.backward), schedule=ring.schedule,
+                entry.update(layout=plan.layout, backward=backward_for_plan(shape, ring, plan.backward),
+                             schedule=ring.schedule,
                              node_size=plan.node_size or self.world_size,
                              predicted_ms={name: None if p.total_s is None else float(p.total_s) * 1e3
                                            for name, p in plan.predictions.items()},

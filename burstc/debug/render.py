@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from burstc.schedule.cost import KV_RING, QUERY_RING, AttentionShape, backward_for_plan, forward_bytes, plan_backward_bytes
+from burstc.schedule.cost import (KV_RING, QUERY_RING, AttentionShape, backward_for_plan, forward_bytes,
+                                  plan_backward_bytes)
 from burstc.schedule.masks import AttentionMask
 from burstc.schedule.route import DIRECT
 from burstc.schedule.plan import (DIAGONAL, FULL, KV, PARTIAL, SKIPPED, ULYSSES_RING, RingPlan, build_plan,

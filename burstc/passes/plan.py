@@ -117,7 +117,7 @@ def plan_site(site: AttentionSite, cfg: BurstConfig, world_size: int) -> SitePla
     shape = cost.AttentionShape(batch=_expr(q.shape[0]), heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                 local_rows=local_rows, world_size=world_size, dtype=q.dtype)
     plan = SitePlan(site, causal=site.is_causal, scale=None if scale is None else float(scale),
-                    enable_gqa=enable_gqa, layout=cfg.layout, backward=cfg.backward,  # auto: each call decides on its plan
+                    enable_gqa=enable_gqa, layout=cfg.layout, backward=cfg.backward,  # auto: each call decides
                     seq_len=seq_len, cost=cost.describe(shape))
     return _with_schedule(plan, cfg, shape, q.shape[2], world_size)
 

@@ -80,7 +80,8 @@ class _Inbox:
                 by_step.setdefault(dst_step, ([], [], []))[0].append((r, dst, tensors, _payload_tag(dst_step)))
             for src, dst_step in plan.arrivals(role, step, r):
                 entry = by_step.setdefault(dst_step, ([], [], []))
-                entry[1].append((src, r, _rows_like(plan.held_rows(role, dst_step, r), like[r]), _payload_tag(dst_step)))
+                rows = plan.held_rows(role, dst_step, r)
+                entry[1].append((src, r, _rows_like(rows, like[r]), _payload_tag(dst_step)))
                 entry[2].append(r)
         for dst_step, (sends, recvs, receivers) in by_step.items():
             pending = transport.exchange(sends, recvs)

@@ -19,7 +19,8 @@ from burstc.runtime.sharding import pad_shard
 from burstc.schedule import layout as layouts
 
 
-def _picked(seq_len: int, layout: str, world: int, rank: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _picked(seq_len: int, layout: str, world: int, rank: int, start: int,
+            stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(local rows of rank's shard whose positions lie in [start, stop), their rows in the slice)."""
     positions = layouts.shard_positions(seq_len, layout, world, rank)
     local = ((positions >= start) & (positions < stop)).nonzero().flatten()
