@@ -357,7 +357,7 @@ def test_a_graph_without_attention_is_left_alone():
     assert torch.equal(out, Mlp()(x)) and not counters["burst"].get("seq_graphs")
 
 
-def _verify_sequence_fault(rank, world_size, inject, parallel):
+def _verify_sequence_fault(rank, world_size, inject, parallel, model_name="tiny"):
     import burstc.runtime.op as op
 
     if inject == "forward":  # a broken ring: every step computed without the causal mask
@@ -367,11 +367,17 @@ def _verify_sequence_fault(rank, world_size, inject, parallel):
     if inject == "backward":  # a broken backward: dk off by 1 % (the forward is right)
         original_grads = op._grads
         op._grads = lambda *args: (lambda dq, dk, dv, dbias: (dq, dk * 1.01, dv, dbias))(*original_grads(*args))
-    model, _ = _tiny(0, 16)
+    if model_name == "sinks":  # GPT-OSS's attention: the lse is used after the op, so its gradient enters it
+        from tests.passes.test_canonicalize import SinkAttention, x_input
+        torch.manual_seed(0)
+        model, inputs = SinkAttention(causal=True), x_input()
+    else:
+        model, _ = _tiny(0, 16)
+        inputs = (torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0)),)
     compiled = torch.compile(model, backend="burst", options={"inner": "eager", "verify": True,
                                                               "parallel": parallel})
     try:
-        compiled(torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0))).sum().backward()
+        compiled(*inputs).sum().backward()
     except op.BurstVerificationError as e:
         return str(e)
     return None
@@ -386,6 +392,17 @@ def test_verify_checks_forward_and_backward(inject, parallel):
         else:
             assert message is not None and "differs from F.scaled_dot_product_attention" in message, message
             assert ("its output" if inject == "forward" else "its dk") in message and "exclude" in message
+
+
+@pytest.mark.parametrize("inject", ["backward", None], ids=["broken_backward", "correct"])
+def test_verify_checks_the_backward_of_a_site_with_sinks(inject):
+    """A site whose lse is used (attention sinks) gets the lse's gradient too: its backward is checked against
+    the formula with that gradient, so a broken dk is caught there as well."""
+    for message in run_ranks(2, _verify_sequence_fault, inject, "sequence", "sinks"):
+        if inject is None:
+            assert message is None
+        else:
+            assert message is not None and "its dk" in message, message
 
 
 def _dynamic_lengths(rank, world_size):

@@ -137,8 +137,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
                group_name, site_key, full_sequence=True, bias_grad=bias_grad)
     grads = _grads(run, dout, q, k, v, out, lse, dlse, bias_grad)
-    if verify_site and verify_site not in _verified_backward and dlse is None:  # SDPA knows no lse gradient
-        _verify_grads(verify_site, q, k, v, dout, grads[:3], run.plan.mask, causal, scale, softcap, enable_gqa)
+    if verify_site and verify_site not in _verified_backward:
+        _verify_grads(verify_site, q, k, v, dout, dlse, grads[:3], run.plan.mask, causal, scale, softcap)
         _verified_backward.add(verify_site)
     return grads
 
@@ -203,19 +203,21 @@ def _verify(site, q, k, v, out, mask, causal, scale, softcap, enable_gqa) -> Non
     _compare(site, "output", out, _sdpa(q, k, v, mask, causal, scale, softcap, enable_gqa))
 
 
-def _verify_grads(site, q, k, v, dout, grads, mask, causal, scale, softcap, enable_gqa) -> None:
-    """The first backward of a site against SDPA's gradients on the same inputs, from the textbook
-    formulas in float64 (autograd is not available inside an op's implementation)."""
-    want = _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap)
+def _verify_grads(site, q, k, v, dout, dlse, grads, mask, causal, scale, softcap) -> None:
+    """The first backward of a site against SDPA's gradients on the same inputs (and, where the lse is used
+    downstream, as attention sinks use it, its gradient dlse), from the textbook formulas in float64
+    (autograd is not available inside an op's implementation)."""
+    want = _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap, dlse)
     for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
         _compare(site, name, got, expected.to(got.dtype))
 
 
-def _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap=None) -> tuple[torch.Tensor, ...]:
+def _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap=None, dlse=None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) of softmax(q k^T * scale [+ mask]) v: P = softmax(S), dV = P^T dO, dP = dO V^T,
     dS = P * (dP - rowsum(dP * P)), dQ = dS K * scale, dK = dS^T Q * scale; K/V heads repeated for
     grouped-query attention and their gradients summed back. A soft-cap c scores c * tanh(S / c) and
-    multiplies dS by 1 - tanh(S / c)^2."""
+    multiplies dS by 1 - tanh(S / c)^2. dlse, the gradient of the row's log-sum-exp: dS = P * (dP - rowsum(dP *
+    P) + dlse)."""
     n, group = q.shape[2], q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qd, kd, vd, do = (t.double() for t in (q, k, v, dout))
@@ -230,7 +232,7 @@ def _sdpa_grads(q, k, v, dout, mask, causal, scale, softcap=None) -> tuple[torch
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))  # rows with no key: 0
     dp = torch.matmul(do, vd.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True) + (0.0 if dlse is None else dlse.double().unsqueeze(-1)))
     if softcap is not None:
         ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = torch.matmul(ds, kd) * scale
@@ -306,12 +308,13 @@ def attention_local_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                mask_mod, mask_proof, scale, softcap, enable_gqa, layout, backward, kernel, schedule, node_size,
                group_name, site_key, full_sequence=False, bias_grad=bias_grad)
     grads = _grads(run, dout, q, k, v, out, lse, dlse, bias_grad)
-    if verify_site and verify_site not in _verified_backward and dlse is None:
+    if verify_site and verify_site not in _verified_backward:
         gather = lambda t: unshard_sequence(t.contiguous(), dim=2, layout=layout, group=run.group)  # noqa: E731
         full = [gather(t) for t in (q, k, v, dout)]
         mask = _full_mask(attn_mask, key_padding, document_ids, mask_buffers, causal, window_left, window_right,
                           mask_mod, mask_proof, run, full[0], layout)
-        _verify_grads(verify_site, *full, [gather(g) for g in grads[:3]], mask, causal, scale, softcap, enable_gqa)
+        _verify_grads(verify_site, *full, None if dlse is None else gather(dlse), [gather(g) for g in grads[:3]],
+                      mask, causal, scale, softcap)
         _verified_backward.add(verify_site)
     return grads
 
