@@ -238,7 +238,29 @@ class RingPlan:
 
     def rows_sent(self, role: str = KV, rank: Optional[int] = None, accumulators: bool = False) -> int:
         """Sequence rows that `rank` (all ranks if None) sends in one ring of `role` (see messages)."""
-        return sum(rows for src, _, rows in self.messages(role, accumulators) if rank is None or src == rank)
+        by_rank = self._rows_by_rank(role, accumulators)[0]
+        return sum(by_rank) if rank is None else by_rank[rank]
+
+    def rows_received(self, role: str = KV, rank: Optional[int] = None) -> int:
+        """Sequence rows of travelling chunks that `rank` (all ranks if None) receives in one ring of `role`."""
+        by_rank = self._rows_by_rank(role, False)[1]
+        return sum(by_rank) if rank is None else by_rank[rank]
+
+    @functools.cached_property
+    def _row_tables(self) -> dict:
+        return {}
+
+    def _rows_by_rank(self, role: str, accumulators: bool) -> tuple[list[int], list[int]]:
+        """(rows sent, rows received) per rank in one ring of `role`, from one pass over its messages, kept
+        (a call's backward-scheme choice reads them on every call of a cached plan)."""
+        key = (role, accumulators)
+        if key not in self._row_tables:
+            sent, received = [0] * self.world_size, [0] * self.world_size
+            for src, dst, rows in self.messages(role, accumulators):
+                sent[src] += rows
+                received[dst] += rows
+            self._row_tables[key] = (sent, received)
+        return self._row_tables[key]
 
     def rows_by_link(self, link, role: str = KV, accumulators: bool = False) -> dict[str, int]:
         """Rows all ranks send per link class; link(src, dst) names the class of a message between
@@ -470,17 +492,9 @@ def _direct_if_cheaper(plan: RingPlan) -> RingPlan:
     if plan.world_size < 3:
         return plan  # two ranks: the ring is the direct route
     direct = replace(plan, route=direct_route(plan.route.order))
-    for role in (KV, QUERY):
-        for r in range(plan.world_size):
-            rows = 0
-            for step in range(1, plan.world_size):
-                if direct.holds(role, step, r):
-                    lo, hi = direct.held_rows(role, step, r)
-                    rows += hi - lo
-            if rows > 2 * plan.local_len:
-                return plan
-    sent = lambda p: sum(rows for role in (KV, QUERY) for acc in (False, True)  # noqa: E731
-                         for _, _, rows in p.messages(role, acc))
+    if any(direct.rows_received(role, r) > 2 * plan.local_len for role in (KV, QUERY) for r in range(plan.world_size)):
+        return plan
+    sent = lambda p: sum(p.rows_sent(role, accumulators=acc) for role in (KV, QUERY) for acc in (False, True))  # noqa: E731
     return direct if sent(direct) < sent(plan) else plan
 
 
