@@ -22,11 +22,9 @@ def classify_mask(scores: Scores, x: fx.Node, ctx):
     if scores.mask_op is None:
         return "none", None, False, []
     m = scores.mask
-    if (rank_of(m) or 0) < 2:
+    if any((rank_of(mask) or 0) < 2 for mask in (m, *scores.more_masks)):
         raise Skip("the mask has fewer than 2 dims (SDPA rejects such an attn_mask)")
     if scores.mask_op == "add":
-        if any((rank_of(more) or 0) < 2 for more in scores.more_masks):
-            raise Skip("an additive mask has fewer than 2 dims (SDPA rejects such an attn_mask)")
         return "additive", (m, *scores.more_masks) if scores.more_masks else m, False, []
     if dtype_of(m) != torch.bool:
         raise Skip("masked_fill with a non-boolean mask")

@@ -604,15 +604,19 @@ class _Sharder:
             self.entered[key] = g
             _same_value(g, a)
             self.place[g] = None
-            full = _nbytes(a)  # example values are still the global ones during the sweep
-            src = source_line(consumer)
-            self._record("gather", a, spec, full, reason, src)
-            counters["burst"]["seq_gathers"] += 1
-            if (src, reason) not in _logged:
-                _logged.add((src, reason))
-                log.warning("burst: sequence mode gathers %s (%d bytes per rank) before %s: %s%s", a.name, full,
-                            consumer.name, reason, f" (at {src})" if src else "")
+            self._count_gather(a, spec, _nbytes(a), reason, consumer)  # example values are still the global ones
         return self.entered[key]
+
+    def _count_gather(self, a: fx.Node, spec: SeqDim, nbytes: int, reason: str, consumer: fx.Node,
+                      level: int = logging.WARNING) -> None:
+        """A gather of a for consumer: its boundary, the counter, and one log line per source line and reason."""
+        src = source_line(consumer)
+        self._record("gather", a, spec, nbytes, reason, src)
+        counters["burst"]["seq_gathers"] += 1
+        if (src, reason) not in _logged:
+            _logged.add((src, reason))
+            log.log(level, "burst: sequence mode gathers %s (%d bytes per rank) before %s: %s%s", a.name, nbytes,
+                    consumer.name, reason, f" (at {src})" if src else "")
 
     def _short_run(self, node: fx.Node, src: fx.Node, spec) -> Optional[tuple[int, int, tuple]]:
         """node = src[index] taking a run of at most half the tokens of src sharded as spec: (start, stop, the
@@ -642,15 +646,8 @@ class _Sharder:
         rows.meta["example_value"] = value(src).narrow(spec.dim, start, stop - start)
         node.args = (rows, index)
         self.place[rows] = None
-        nbytes = _nbytes(rows)
-        reason = f"a slice of the sequence ({start}:{stop}): only its rows are gathered"
-        src_line = source_line(node)
-        self._record("gather", src, spec, nbytes, reason, src_line)
-        counters["burst"]["seq_gathers"] += 1
-        if (src_line, reason) not in _logged:
-            _logged.add((src_line, reason))
-            log.info("burst: sequence mode gathers rows %d:%d of %s (%d bytes per rank) for %s%s", start, stop,
-                     src.name, nbytes, node.name, f" (at {src_line})" if src_line else "")
+        self._count_gather(src, spec, _nbytes(rows), f"a slice of the sequence ({start}:{stop}): only its rows are "
+                           "gathered", node, logging.INFO)
         return True
 
     def _gather_inputs(self, node: fx.Node, sharded, reason: str) -> None:

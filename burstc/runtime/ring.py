@@ -75,8 +75,14 @@ class _Inbox:
         only then."""
         by_step: dict[int, tuple[list, list, list]] = {}
         for r in transport.ranks:
+            trimmed: dict = {}  # rows -> the owner's chunk cut to them (once, however many receivers hold them)
             for dst, dst_step in plan.deliveries(role, step, r):  # none unless r holds the chunk at step
-                tensors = _trim(plan.held_rows(role, dst_step, dst), held[r]) if step == 0 else held[r]
+                tensors = held[r]
+                if step == 0:
+                    rows = plan.held_rows(role, dst_step, dst)
+                    if rows not in trimmed:
+                        trimmed[rows] = _trim(rows, held[r])
+                    tensors = trimmed[rows]
                 by_step.setdefault(dst_step, ([], [], []))[0].append((r, dst, tensors, _payload_tag(dst_step)))
             for src, dst_step in plan.arrivals(role, step, r):
                 entry = by_step.setdefault(dst_step, ([], [], []))

@@ -9,29 +9,26 @@ values so (`full_key_states[:, :, -window + 1:]`): a step gathers those rows, no
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 from burstc.runtime import stats
 from burstc.runtime.ordering import program_order
-from burstc.runtime.sequence_ops import _group, _world
+from burstc.runtime.sequence_ops import _group, _with_rows, _world
 from burstc.runtime.sharding import pad_shard
 from burstc.schedule import layout as layouts
 
 
+@functools.lru_cache(maxsize=256)
 def _picked(seq_len: int, layout: str, world: int, rank: int, start: int,
             stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local rows of rank's shard whose positions lie in [start, stop), their rows in the slice)."""
+    """(local rows of rank's shard whose positions lie in [start, stop), their rows in the slice); cached: a
+    model slices the same run at every layer and step."""
     positions = layouts.shard_positions(seq_len, layout, world, rank)
     local = ((positions >= start) & (positions < stop)).nonzero().flatten()
     return local, positions[local] - start
-
-
-def _with_dim(x: torch.Tensor, dim: int, size) -> torch.Tensor:
-    """An empty tensor like x whose dim holds `size` rows."""
-    shape = list(x.shape)
-    shape[dim] = size
-    return x.new_empty(shape)
 
 
 @torch.library.custom_op("burst::seq_gather_rows", mutates_args=())
@@ -48,7 +45,7 @@ def seq_gather_rows(x: torch.Tensor, dim: int, seq_len: int, layout: str, group_
     received = [torch.empty_like(sent) for _ in range(world)]
     dist.all_gather(received, sent, group=_group(group_name))
     stats.count_collective("gather")
-    out = _with_dim(x, dim, stop - start)
+    out = _with_rows(x, dim, 1, stop - start, 1)
     for (local, rows), piece in zip(picks, received):
         out.index_copy_(dim, rows.to(x.device), piece.narrow(dim, 0, len(local)))
     stats.count("gathered_bytes", out.numel() * out.element_size())
@@ -57,7 +54,7 @@ def seq_gather_rows(x: torch.Tensor, dim: int, seq_len: int, layout: str, group_
 
 @seq_gather_rows.register_fake
 def _(x, dim, seq_len, layout, group_name, start, stop):
-    return _with_dim(x, dim, stop - start)
+    return _with_rows(x, dim, 1, stop - start, 1)
 
 
 @torch.library.custom_op("burst::seq_gather_rows_grad", mutates_args=())
@@ -66,7 +63,7 @@ def seq_gather_rows_grad(grad: torch.Tensor, rows: int, dim: int, seq_len: int, 
     """This rank's part of the gradient of seq_gather_rows (the slice's gradient is the same on every rank): a
     tensor of `rows` local rows, the gradient at those the slice took, zero elsewhere."""
     world, rank = _world(group_name)
-    out = torch.zeros_like(_with_dim(grad, dim, rows))
+    out = torch.zeros_like(_with_rows(grad, dim, 1, rows, 1))
     if world == 1:
         out.narrow(dim, start, stop - start).copy_(grad)
         return out
@@ -77,7 +74,7 @@ def seq_gather_rows_grad(grad: torch.Tensor, rows: int, dim: int, seq_len: int, 
 
 @seq_gather_rows_grad.register_fake
 def _(grad, rows, dim, seq_len, layout, group_name, start, stop):
-    return _with_dim(grad, dim, rows)
+    return _with_rows(grad, dim, 1, rows, 1)
 
 
 def _setup(ctx, inputs, output):
